@@ -1,0 +1,318 @@
+"""One typed config tree for every command, loaded and validated in one place.
+
+A recipe is a YAML file in ``configs/`` plus ``key=value`` overrides (OmegaConf
+dotlist). :func:`load_config` merges them onto the dataclass schema below, so an
+unknown key or a wrong type is caught by OmegaConf, and a value out of range by
+:func:`validate`; both surface as one :class:`ConfigError` naming the key and file.
+
+Every field carries a one-line doc (``metadata["doc"]``); ``dist-diffusion config``
+prints the resolved tree, and ``--docs`` prints the docs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key, the source and the fix."""
+
+
+def _f(default: Any, doc: str, *, choices: Sequence[Any] | None = None,
+       ge: float | None = None, le: float | None = None, gt: float | None = None,
+       lt: float | None = None):
+    """A dataclass field with its doc and the range :func:`validate` enforces."""
+    meta = {"doc": doc, "choices": choices, "ge": ge, "le": le, "gt": gt, "lt": lt}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# UNet sizes. "base" is the ~35M-parameter UNet of the reference report (32x32x4 latents).
+UNET_PRESETS = {
+    "tiny": dict(block_out_channels=[32, 64], layers_per_block=1, attention_levels=[False, True],
+                 norm_num_groups=8, attention_head_dim=8),
+    "small": dict(block_out_channels=[64, 128, 128], layers_per_block=1,
+                  attention_levels=[False, True, True], norm_num_groups=16, attention_head_dim=16),
+    "base": dict(block_out_channels=[128, 256, 256, 256], layers_per_block=2,
+                 attention_levels=[False, True, True, False], norm_num_groups=32,
+                 attention_head_dim=32),
+}
+
+
+@dataclass
+class ModelConfig:
+    """The class-conditional UNet (diffusers ``UNet2DModel``)."""
+
+    preset: str = _f("tiny", "UNet size; the fields below left empty take the preset's value",
+                     choices=sorted(UNET_PRESETS))
+    num_classes: int = _f(10, "number of real classes; the null (CFG) label is num_classes", ge=1)
+    block_out_channels: List[int] = _f([], "channels per resolution level (empty: from preset)")
+    layers_per_block: Optional[int] = _f(None, "ResNet blocks per level (null: from preset)", ge=1)
+    attention_levels: List[bool] = _f([], "self-attention on/off per level (empty: from preset)")
+    norm_num_groups: Optional[int] = _f(None, "GroupNorm groups (null: from preset)", ge=1)
+    attention_head_dim: Optional[int] = _f(None, "channels per attention head (null: from preset)",
+                                           ge=1)
+    dropout: float = _f(0.0, "dropout inside ResNet blocks", ge=0.0, lt=1.0)
+
+
+@dataclass
+class VAEConfig:
+    """The autoencoder mapping images to latents (diffusers ``AutoencoderKL``)."""
+
+    enabled: bool = _f(True, "train in latent space; false trains the UNet on pixels")
+    pretrained: str = _f("", "local directory of a diffusers AutoencoderKL (e.g. an SD-VAE); "
+                             "empty builds the small VAE below")
+    latent_channels: int = _f(4, "channels of the latent", ge=1)
+    block_out_channels: List[int] = _f([32, 64], "encoder channels per level; each level after "
+                                                 "the first halves the resolution")
+    layers_per_block: int = _f(1, "ResNet blocks per level", ge=1)
+    norm_num_groups: int = _f(8, "GroupNorm groups", ge=1)
+    scaling_factor: float = _f(1.0, "latents are multiplied by this so they have about unit "
+                                    "variance (SD-VAE: 0.18215)", gt=0.0)
+    sample_posterior: bool = _f(True, "encode by sampling the posterior (false: its mean)")
+
+
+@dataclass
+class DiffusionConfig:
+    """Forward process and training objective."""
+
+    num_train_timesteps: int = _f(1000, "T, the number of diffusion steps", ge=2)
+    schedule: str = _f("linear", "beta schedule", choices=["linear", "scaled_linear", "cosine"])
+    beta_start: Optional[float] = _f(None, "first beta (null: 1e-4 linear, 0.00085 scaled_linear)",
+                                     gt=0.0, lt=1.0)
+    beta_end: Optional[float] = _f(None, "last beta (null: 0.02 linear, 0.012 scaled_linear)",
+                                   gt=0.0, lt=1.0)
+    prediction: str = _f("epsilon", "what the UNet predicts", choices=["epsilon", "v"])
+    min_snr_gamma: float = _f(0.0, "min-SNR-gamma loss weighting (Hang et al. 2023); 0 is off",
+                              ge=0.0)
+    label_dropout: float = _f(0.1, "probability a label is replaced by the null label (CFG)",
+                              ge=0.0, le=1.0)
+
+
+@dataclass
+class DataConfig:
+    """Where the training images come from and their shape."""
+
+    resolution: int = _f(32, "image side in pixels (square)", ge=8)
+    image_channels: int = _f(3, "channels of the images", ge=1)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    max_steps: int = _f(1000, "optimizer steps to train for", ge=1)
+    batch_size: int = _f(64, "global batch size (all processes, all accumulation steps)", ge=1)
+    lr: float = _f(2e-4, "peak AdamW learning rate", gt=0.0)
+    warmup_steps: int = _f(100, "linear LR warm-up steps", ge=0)
+    lr_schedule: str = _f("constant", "LR after warm-up", choices=["constant", "cosine"])
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0)
+    grad_clip: float = _f(1.0, "gradient norm clip; 0 is off", ge=0.0)
+    ema_decay: float = _f(0.9999, "EMA decay per step (used when ema_half_life_steps is 0)",
+                          ge=0.0, le=1.0)
+    ema_half_life_steps: float = _f(0.0, "EMA half-life in steps; overrides ema_decay when > 0",
+                                    ge=0.0)
+    ema_warmup: bool = _f(True, "ramp the EMA decay up as (1+step)/(10+step) early in training")
+    seed: int = _f(0, "seed of every training random draw")
+    log_every: int = _f(10, "steps between log lines", ge=1)
+    run_dir: str = _f("runs/default", "directory for logs, grids and checkpoints")
+
+
+@dataclass
+class RuntimeConfig:
+    """How processes and numerics are set up."""
+
+    precision: str = _f("bf16", "training precision", choices=["bf16", "fp32"])
+    zero_stage: int = _f(2, "DeepSpeed ZeRO stage", ge=0, le=3)
+    device: str = _f("auto", "auto picks cuda when available", choices=["auto", "cpu", "cuda"])
+
+
+@dataclass
+class SampleConfig:
+    """Generation: sampler, guidance and seeds."""
+
+    sampler: str = _f("ddim", "sampling algorithm", choices=["ddpm", "ddim", "dpm_solver_2m"])
+    steps: int = _f(50, "sampling steps (ddpm always uses all T)", ge=1)
+    eta: float = _f(0.0, "DDIM stochasticity: 0 deterministic, 1 DDPM-like", ge=0.0, le=1.0)
+    spacing: str = _f("leading", "how DDIM/DPM-Solver pick timesteps from 0..T-1",
+                      choices=["leading", "trailing", "linspace"])
+    cfg_scale: float = _f(3.0, "classifier-free guidance scale s: eps_u + s (eps_c - eps_u)",
+                          ge=0.0)
+    guidance_interval: List[int] = _f([], "[lo, hi]: guide only for lo <= t <= hi "
+                                          "(empty: every step)")
+    clip_x0: bool = _f(False, "clip the predicted x0 to [-1, 1] (pixel space only)")
+    num_samples: int = _f(16, "images to generate", ge=1)
+    batch_size: int = _f(16, "images per forward pass", ge=1)
+    seed: int = _f(0, "base seed; sample i draws all its noise from seed (base, i)")
+
+
+@dataclass
+class Config:
+    """The whole tree; one of these drives every command."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Schema <- YAML file <- ``key=value`` overrides, then :func:`validate`.
+
+    Raises :class:`ConfigError` (never an OmegaConf trace) naming key and source.
+    """
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        merged = _merge(merged, _read_yaml(Path(path)), str(path))
+    if overrides:
+        merged = _merge(merged, _parse_overrides(overrides), "command-line override")
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    _apply_presets(cfg)
+    validate(cfg, source=str(path) if path else "defaults")
+    return cfg
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML recipe such as "
+                          f"configs/tiny.yaml")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors come in several types
+        raise ConfigError(f"{path}: not valid YAML ({err}); fix the syntax") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
+    return loaded
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.max_steps=20)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"command-line override: {err}") from None
+
+
+def _merge(base: DictConfig, extra: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, extra)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        reason = str(getattr(err, "msg", err)).splitlines()[0]
+        hint = " (unknown key: check the spelling against `dist-diffusion config --docs`)" \
+            if "not in" in reason or "Key" in reason else ""
+        raise ConfigError(f"{source}: {key}: {reason}{hint}") from None
+
+
+def _apply_presets(cfg: Config) -> None:
+    """Fill the UNet fields left empty from ``model.preset``."""
+    preset = UNET_PRESETS.get(cfg.model.preset)
+    if preset is None:
+        return  # validate() reports the bad preset name
+    for name, value in preset.items():
+        if getattr(cfg.model, name) in (None, []):
+            setattr(cfg.model, name, list(value) if isinstance(value, list) else value)
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Check every range and choice, then the rules that span sections."""
+    problems = list(_field_problems(cfg, prefix=""))
+    problems += _cross_problems(cfg)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def _field_problems(node: Any, prefix: str):
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _field_problems(value, prefix=f"{key}.")
+            continue
+        problem = _check_value(value, f.metadata)
+        if problem:
+            yield f"{key}={value!r} {problem}"
+
+
+def _check_value(value: Any, meta: dict) -> str | None:
+    if value is None:
+        return None
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        return f"is not one of {list(meta['choices'])}"
+    bounds = [("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")]
+    for name, ok, sign in bounds:
+        bound = meta.get(name)
+        if bound is not None and not ok(value, bound):
+            return f"must be {sign} {bound}"
+    return None
+
+
+def _cross_problems(cfg: Config) -> List[str]:
+    problems = []
+    m, d, s = cfg.model, cfg.diffusion, cfg.sample
+    if len(m.attention_levels) != len(m.block_out_channels):
+        problems.append(f"model.attention_levels has {len(m.attention_levels)} entries but "
+                        f"model.block_out_channels has {len(m.block_out_channels)}; give one per level")
+    for ch in m.block_out_channels:
+        if m.norm_num_groups and ch % m.norm_num_groups:
+            problems.append(f"model.block_out_channels entry {ch} is not divisible by "
+                            f"model.norm_num_groups={m.norm_num_groups}")
+    if s.steps > d.num_train_timesteps:
+        problems.append(f"sample.steps={s.steps} must be <= diffusion.num_train_timesteps="
+                        f"{d.num_train_timesteps}")
+    problems += _interval_problems(s.guidance_interval, d.num_train_timesteps)
+    # A pretrained VAE's factor is only known once loaded; core.vae checks it then.
+    if not cfg.vae.pretrained and cfg.data.resolution % latent_downsample(cfg):
+        problems.append(f"data.resolution={cfg.data.resolution} must be divisible by the VAE "
+                        f"downsampling factor {latent_downsample(cfg)}")
+    return problems
+
+
+def _interval_problems(interval: List[int], num_timesteps: int) -> List[str]:
+    if not interval:
+        return []
+    if len(interval) != 2 or not 0 <= interval[0] <= interval[1] < num_timesteps:
+        return [f"sample.guidance_interval={list(interval)} must be [lo, hi] with "
+                f"0 <= lo <= hi < T={num_timesteps}"]
+    return []
+
+
+def latent_downsample(cfg: Config) -> int:
+    """Spatial factor between images and latents (1 without a VAE)."""
+    if not cfg.vae.enabled:
+        return 1
+    return 2 ** (len(cfg.vae.block_out_channels) - 1)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved tree as YAML (stored with checkpoints and printed by the CLI)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def field_docs(node: Any = Config, prefix: str = "") -> List[tuple[str, str]]:
+    """``(dotted key, doc)`` for every leaf field, for ``dist-diffusion config --docs``."""
+    rows = []
+    for f in dataclasses.fields(node):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
+            rows += field_docs(_section_type(node, f.name), prefix=f"{key}.")
+        else:
+            rows.append((key, f.metadata.get("doc", "")))
+    return rows
+
+
+def _section_type(node: Any, name: str):
+    instance = node() if isinstance(node, type) else node
+    return type(getattr(instance, name))

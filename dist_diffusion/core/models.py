@@ -1,0 +1,93 @@
+"""The networks, built from the config tree only: a class-conditional diffusers
+``UNet2DModel`` and an ``AutoencoderKL`` (built small, or loaded from a local directory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DModel
+
+from ..config import Config, ConfigError, latent_downsample
+from .losses import Denoiser
+
+
+def unet_input_shape(cfg: Config) -> tuple[int, int, int]:
+    """(C, H, W) the UNet sees: VAE latents, or the images themselves in pixel space."""
+    side = cfg.data.resolution // latent_downsample(cfg)
+    channels = cfg.vae.latent_channels if cfg.vae.enabled else cfg.data.image_channels
+    return channels, side, side
+
+
+def build_unet(cfg: Config) -> UNet2DModel:
+    """UNet with a learned class embedding of num_classes + 1 rows; the last row is the
+    null label that classifier-free guidance trains and samples with."""
+    m = cfg.model
+    channels, side, _ = unet_input_shape(cfg)
+    down = ["AttnDownBlock2D" if attn else "DownBlock2D" for attn in m.attention_levels]
+    up = ["AttnUpBlock2D" if attn else "UpBlock2D" for attn in reversed(m.attention_levels)]
+    return UNet2DModel(
+        sample_size=side, in_channels=channels, out_channels=channels,
+        block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
+        down_block_types=tuple(down), up_block_types=tuple(up),
+        norm_num_groups=m.norm_num_groups, attention_head_dim=m.attention_head_dim,
+        num_class_embeds=m.num_classes + 1, dropout=m.dropout,
+    )
+
+
+def null_label(cfg: Config) -> int:
+    return cfg.model.num_classes
+
+
+def as_denoiser(unet: torch.nn.Module) -> Denoiser:
+    """Adapt a UNet2DModel (or a DeepSpeed engine wrapping one) to (x_t, t, labels) -> out."""
+    def denoise(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return unet(x, t, class_labels=labels).sample
+    return denoise
+
+
+def build_vae(cfg: Config) -> AutoencoderKL:
+    """The configured VAE: ``vae.pretrained`` (a diffusers directory) or a fresh small one."""
+    v = cfg.vae
+    if v.pretrained:
+        return _load_pretrained_vae(Path(v.pretrained), cfg)
+    levels = len(v.block_out_channels)
+    return AutoencoderKL(
+        in_channels=cfg.data.image_channels, out_channels=cfg.data.image_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(v.block_out_channels), layers_per_block=v.layers_per_block,
+        latent_channels=v.latent_channels, norm_num_groups=v.norm_num_groups,
+        sample_size=cfg.data.resolution, scaling_factor=v.scaling_factor,
+    )
+
+
+def _load_pretrained_vae(path: Path, cfg: Config) -> AutoencoderKL:
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"vae.pretrained={path}: no diffusers config.json there; point it at a "
+                          f"directory saved by AutoencoderKL.save_pretrained (e.g. an SD-VAE)")
+    vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
+    if vae.config.latent_channels != cfg.vae.latent_channels:
+        raise ConfigError(f"vae.latent_channels={cfg.vae.latent_channels} but the VAE in {path} has "
+                          f"{vae.config.latent_channels}; set vae.latent_channels to match")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if cfg.data.resolution % factor:
+        raise ConfigError(f"data.resolution={cfg.data.resolution} is not divisible by the VAE's "
+                          f"downsampling factor {factor}")
+    return vae
+
+
+def encode_images(vae: AutoencoderKL, images: torch.Tensor, sample: bool = True,
+                  generator: torch.Generator | list | None = None) -> torch.Tensor:
+    """Images in [-1, 1] (B,3,H,W) -> scaled latents (B,c,H/f,W/f) of about unit variance."""
+    posterior = vae.encode(images).latent_dist
+    z = posterior.sample(generator=generator) if sample else posterior.mean
+    return z * vae.config.scaling_factor
+
+
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> images in about [-1, 1]."""
+    return vae.decode(latents / vae.config.scaling_factor).sample
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,190 @@
+"""Reverse-process samplers: DDPM ancestral, DDIM and DPM-Solver++(2M).
+
+Each sampler is a pure function of (model, schedule, timesteps, initial noise, labels,
+guidance, per-sample generators). There is no global RNG: every fresh Gaussian draw of
+sample i comes from ``generators[i]``, so sample i comes out the same alone or in any
+batch, on any number of processes. Tensors are (B, C, H, W) float32 unless noted.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .guidance import Guidance, guided_output
+from .losses import Denoiser
+from .schedule import NoiseSchedule, split_prediction
+
+SAMPLERS = ("ddpm", "ddim", "dpm_solver_2m")
+SPACINGS = ("leading", "trailing", "linspace")
+Progress = Callable[[Iterable], Iterable]
+
+
+def sample_generators(base_seed: int, indices: Sequence[int],
+                      device: str | torch.device = "cpu") -> List[torch.Generator]:
+    """One generator per sample, seeded from (base_seed, sample index) through numpy's
+    SeedSequence so neighbouring indices get unrelated streams."""
+    gens = []
+    for i in indices:
+        seed = int(np.random.SeedSequence([int(base_seed), int(i)]).generate_state(1, np.uint64)[0])
+        gens.append(torch.Generator(device=device).manual_seed(seed))
+    return gens
+
+
+def per_sample_randn(generators: Sequence[torch.Generator], shape: Sequence[int],
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """(len(generators), *shape) standard normal, row i drawn from generators[i]."""
+    rows = [torch.randn(tuple(shape), generator=g, device=g.device) for g in generators]
+    return torch.stack(rows).to(device)
+
+
+def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading") -> torch.Tensor:
+    """Descending integer timesteps for a ``steps``-step sampler (Lin et al. 2024, table 2).
+
+    leading:  0, k, 2k, ... with k = T // steps            (DDIM paper, diffusers default)
+    trailing: T-1, T-1-k', ... with k' = T / steps         (reaches t = T-1, zero-SNR friendly)
+    linspace: round(linspace(0, T-1, steps))
+    After the last timestep every sampler steps to the clean image (alpha_bar = 1).
+    """
+    T = num_train_timesteps
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {list(SPACINGS)}")
+    if not 1 <= steps <= T:
+        raise ValueError(f"sampling steps={steps} must be between 1 and T={T}")
+    if spacing == "leading":
+        ts = np.arange(0, steps) * (T // steps)
+    elif spacing == "trailing":
+        ts = (np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1)[:steps]
+    else:
+        ts = np.linspace(0, T - 1, steps).round()
+    return torch.from_numpy(np.sort(ts.astype(np.int64))[::-1].copy())
+
+
+def _check_inputs(schedule: NoiseSchedule, noise: torch.Tensor, labels: torch.Tensor,
+                  generators: Optional[Sequence[torch.Generator]], needs_generators: bool) -> None:
+    if labels.shape[0] != noise.shape[0]:
+        raise ValueError(f"{labels.shape[0]} labels for {noise.shape[0]} noise images")
+    if needs_generators and (generators is None or len(generators) != noise.shape[0]):
+        raise ValueError("a stochastic sampler needs one torch.Generator per sample")
+
+
+def _alpha_bars(schedule: NoiseSchedule, t: int, t_prev: int, device) -> tuple:
+    """(alpha_bar_t, alpha_bar_prev) as 0-d float32 tensors; t_prev = -1 is the clean image."""
+    a = schedule.alpha_bar(torch.tensor([t, t_prev]))
+    return a[0].to(device), a[1].to(device)
+
+
+def _iterate(timesteps: torch.Tensor, progress: Optional[Progress]):
+    pairs = list(zip(timesteps.tolist(), timesteps.tolist()[1:] + [-1]))
+    return progress(pairs) if progress else pairs
+
+
+def ddpm_sample(model: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor,
+                labels: torch.Tensor, guidance: Guidance, generators: Sequence[torch.Generator],
+                prediction: str = "epsilon", clip_x0: bool = False,
+                progress: Optional[Progress] = None) -> torch.Tensor:
+    """Ancestral sampling over all T steps (Ho et al. 2020, alg. 2) with the posterior
+    q(x_{t-1} | x_t, x0_hat) of eq. 6-7 and the 'fixed small' variance beta_tilde_t."""
+    _check_inputs(schedule, noise, labels, generators, needs_generators=True)
+    x = noise.float()
+    all_t = torch.arange(schedule.num_timesteps - 1, -1, -1)
+    for t, t_prev in _iterate(all_t, progress):
+        a_t, a_prev = _alpha_bars(schedule, t, t_prev, x.device)
+        out = guided_output(model, x, t, labels, guidance).float()
+        x0, _ = split_prediction(prediction, out, x, a_t)
+        x0 = x0.clamp(-1, 1) if clip_x0 else x0
+        alpha_t, beta_t = a_t / a_prev, 1 - a_t / a_prev
+        # eq. 7: mu_tilde = sqrt(a_prev) beta_t / (1-a_t) x0 + sqrt(alpha_t) (1-a_prev) / (1-a_t) x_t
+        mean = (a_prev.sqrt() * beta_t / (1 - a_t)) * x0 + (alpha_t.sqrt() * (1 - a_prev) / (1 - a_t)) * x
+        if t > 0:
+            var = ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)  # beta_tilde_t
+            mean = mean + var.sqrt() * per_sample_randn(generators, x.shape[1:], x.device)
+        x = mean
+    return x
+
+
+def ddim_sample(model: Denoiser, schedule: NoiseSchedule, timesteps: torch.Tensor,
+                noise: torch.Tensor, labels: torch.Tensor, guidance: Guidance,
+                eta: float = 0.0, generators: Optional[Sequence[torch.Generator]] = None,
+                prediction: str = "epsilon", clip_x0: bool = False,
+                progress: Optional[Progress] = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12): eta 0 is deterministic, eta 1 matches DDPM's variance."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"DDIM eta={eta} must be in [0, 1]")
+    _check_inputs(schedule, noise, labels, generators, needs_generators=eta > 0)
+    x = noise.float()
+    for t, t_prev in _iterate(timesteps, progress):
+        a_t, a_prev = _alpha_bars(schedule, t, t_prev, x.device)
+        out = guided_output(model, x, t, labels, guidance).float()
+        x0, eps = split_prediction(prediction, out, x, a_t)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()  # keep eps consistent with clipped x0
+        # eq. 16: sigma_t = eta sqrt((1-a_prev)/(1-a_t)) sqrt(1 - a_t/a_prev)
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        # eq. 12: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps
+        if eta > 0:
+            x = x + sigma * per_sample_randn(generators, x.shape[1:], x.device)
+    return x
+
+
+def dpm_solver_2m_sample(model: Denoiser, schedule: NoiseSchedule, timesteps: torch.Tensor,
+                         noise: torch.Tensor, labels: torch.Tensor, guidance: Guidance,
+                         prediction: str = "epsilon", clip_x0: bool = False,
+                         progress: Optional[Progress] = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, alg. 2), data-prediction multistep solver in
+    lambda = log(alpha/sigma). First-order on the first step and the final step to the
+    clean image (where sigma = 0), second-order (midpoint form) in between."""
+    _check_inputs(schedule, noise, labels, None, needs_generators=False)
+    x, prev = noise.float(), None  # prev: (x0_hat, lambda) of the previous step
+    for t, t_prev in _iterate(timesteps, progress):
+        a_t, a_next = _alpha_bars(schedule, t, t_prev, x.device)
+        out = guided_output(model, x, t, labels, guidance).float()
+        alpha_s, sigma_s = _alpha_sigma(a_t)
+        x0, _ = split_prediction(prediction, out, x, alpha_s ** 2)
+        x0 = x0.clamp(-1, 1) if clip_x0 else x0
+        if t_prev < 0:  # sigma_next = 0: the ODE solution is the data prediction itself
+            return x0
+        alpha_n, sigma_n = _alpha_sigma(a_next)
+        lam_s, h = _lambda(alpha_s, sigma_s), _lambda(alpha_n, sigma_n) - _lambda(alpha_s, sigma_s)
+        d = x0 if prev is None else x0 + 0.5 * (x0 - prev[0]) * h / (lam_s - prev[1])
+        # x_next = (sigma_n / sigma_s) x - alpha_n (e^{-h} - 1) D   (eq. 3.10 / alg. 2)
+        x = (sigma_n / sigma_s) * x - alpha_n * (torch.exp(-h) - 1.0) * d
+        prev = (x0, lam_s)
+    return x
+
+
+def _alpha_sigma(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, sigma) of x_t = alpha x0 + sigma eps, via the VE noise level
+    s = sqrt((1 - alpha_bar) / alpha_bar): alpha = 1 / sqrt(1 + s^2), sigma = s alpha.
+    Going through s (as diffusers does) keeps alpha accurate where alpha_bar is tiny."""
+    s = ((1 - alpha_bar) / alpha_bar).sqrt()
+    alpha = 1.0 / (s ** 2 + 1).sqrt()
+    return alpha, s * alpha
+
+
+def _lambda(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Half log-SNR, lambda = log(alpha / sigma)."""
+    return torch.log(alpha) - torch.log(sigma)
+
+
+def run_sampler(name: str, model: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor,
+                labels: torch.Tensor, guidance: Guidance, *, steps: int = 50,
+                spacing: str = "leading", eta: float = 0.0,
+                generators: Optional[Sequence[torch.Generator]] = None,
+                prediction: str = "epsilon", clip_x0: bool = False,
+                progress: Optional[Progress] = None) -> torch.Tensor:
+    """Dispatch by sampler name; bad names and step counts fail before any model call."""
+    common = dict(prediction=prediction, clip_x0=clip_x0, progress=progress)
+    if name == "ddpm":
+        return ddpm_sample(model, schedule, noise, labels, guidance, generators, **common)
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
+    timesteps = make_timesteps(schedule.num_timesteps, steps, spacing)
+    if name == "ddim":
+        return ddim_sample(model, schedule, timesteps, noise, labels, guidance, eta=eta,
+                           generators=generators, **common)
+    return dpm_solver_2m_sample(model, schedule, timesteps, noise, labels, guidance, **common)
