@@ -178,7 +178,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         merged = _merge(merged, _parse_overrides(overrides), "command-line override")
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     _apply_presets(cfg)
-    validate(cfg, source=str(path) if path else "defaults")
+    validate(cfg, source=str(path) if path else "config from overrides")
     return cfg
 
 

@@ -1,0 +1,101 @@
+from pathlib import Path
+
+import pytest
+
+from dist_diffusion.config import ConfigError, field_docs, load_config, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads_and_shortens(recipe):
+    cfg = load_config(recipe, ["train.max_steps=20"])
+    assert cfg.train.max_steps == 20
+    assert cfg.model.block_out_channels and len(cfg.model.attention_levels) == len(cfg.model.block_out_channels)
+
+
+def test_reference_recipe_matches_the_report():
+    cfg = load_config(ROOT / "configs/imagenet100_latent.yaml")
+    assert (cfg.data.resolution, cfg.train.batch_size, cfg.model.num_classes) == (128, 128, 100)
+    assert cfg.diffusion.label_dropout == 0.1 and cfg.diffusion.schedule in ("linear", "scaled_linear")
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    path = write(tmp_path, "train:\n  max_stepz: 10\n")
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: train\.max_stepz"):
+        load_config(path)
+
+
+def test_unknown_section_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="trainer"):
+        load_config(write(tmp_path, "trainer:\n  max_steps: 10\n"))
+
+
+def test_wrong_type_names_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.max_steps"):
+        load_config(write(tmp_path, "train:\n  max_steps: lots\n"))
+
+
+def test_wrong_type_in_override_names_key():
+    with pytest.raises(ConfigError, match=r"command-line override: train\.lr"):
+        load_config(None, ["train.lr=fast"])
+
+
+def test_out_of_range_names_key_and_bound():
+    with pytest.raises(ConfigError, match=r"sample\.eta=1\.5 must be <= 1"):
+        load_config(None, ["sample.eta=1.5"])
+    with pytest.raises(ConfigError, match=r"diffusion\.label_dropout=-0\.1 must be >= 0"):
+        load_config(None, ["diffusion.label_dropout=-0.1"])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("diffusion.schedule=quadratic", r"diffusion\.schedule='quadratic' is not one of"),
+    ("sample.steps=0", r"sample\.steps=0 must be >= 1"),
+    ("sample.steps=2000", r"sample\.steps=2000 must be <= diffusion\.num_train_timesteps=1000"),
+    ("sample.guidance_interval=[100,1000]", r"guidance_interval=\[100, 1000\] must be \[lo, hi\]"),
+    ("sample.guidance_interval=[500,100]", r"guidance_interval"),
+    ("sample.sampler=euler", r"sample\.sampler='euler' is not one of"),
+    ("model.preset=huge", r"model\.preset='huge' is not one of"),
+])
+def test_bad_values_get_one_clear_error(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config(None, ["train.max_steps"])
+
+
+def test_missing_file_names_path():
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+        load_config("nope.yaml")
+
+
+def test_yaml_syntax_error_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [unclosed\n"))
+
+
+def test_presets_fill_only_empty_fields():
+    cfg = load_config(None, ["model.preset=small", "model.layers_per_block=3"])
+    assert cfg.model.block_out_channels == [64, 128, 128] and cfg.model.layers_per_block == 3
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["sample.cfg_scale=5"])
+    path = write(tmp_path, to_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+def test_every_field_has_a_doc():
+    docs = field_docs()
+    assert len(docs) > 40
+    assert all(doc for _, doc in docs), [key for key, doc in docs if not doc]
