@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .config import ConfigError, field_docs, load_config, to_yaml
 
@@ -30,6 +31,41 @@ def _print_summary(cfg) -> None:
     print(f"# UNet: {params:.1f}M parameters on {space} inputs {shape}", file=sys.stderr)
 
 
+def _cmd_stack(args: argparse.Namespace) -> int:
+    from . import stack
+
+    root = Path(args.root)
+    if args.action == "up":
+        server = stack.stack_up(root)
+        print(f"S3 (SeaweedFS) on {server.endpoint}, pid {server.pid}, data in {server.root}")
+        print("# export these so every command and boto3 reach it:")
+        print(stack.export_lines(server))
+    elif args.action == "down":
+        print("stopped" if stack.stack_down(root) else "nothing was running")
+    else:
+        server = stack.stack_status(root)
+        print(f"S3 up on {server.endpoint} (pid {server.pid})" if server else "S3 down")
+        return 0 if server else 1
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import PrepareError, prepare
+    from .data.storage import StorageError
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = prepare(args.src, args.out, cfg.data)
+    except (PrepareError, StorageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for bad in result["skipped"]:
+        print(f"skipped unreadable image {bad['path']}: {bad['error']}", file=sys.stderr)
+    print(f"{result['num_samples']} samples in {len(result['shards'])} shards, "
+          f"{result['num_classes']} classes, {len(result['skipped'])} skipped -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dist-diffusion",
@@ -41,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", action="store_true", help="list every config key with its doc")
     p.add_argument("--summary", action="store_true", help="also print the model size (stderr)")
     p.set_defaults(func=_cmd_config)
+    p = sub.add_parser("stack", help="start/stop the embedded local S3 (SeaweedFS on 127.0.0.1)")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--root", default=".stack", help="where the stack keeps data and state")
+    p.set_defaults(func=_cmd_stack)
+    p = sub.add_parser("prepare", help="class-folder images -> WebDataset shards (local or s3://)")
+    p.add_argument("--src", required=True, help="root of SRC/<class>/<images>")
+    p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
+    p.add_argument("--config", help="YAML recipe whose data: section applies")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.resolution=128")
+    p.set_defaults(func=_cmd_prepare)
     return parser
 
 

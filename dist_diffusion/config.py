@@ -98,10 +98,17 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    """Where the training images come from and their shape."""
+    """Where the training images come from, their shape, and how shards are written."""
 
     resolution: int = _f(32, "image side in pixels (square)", ge=8)
     image_channels: int = _f(3, "channels of the images", ge=1)
+    image_format: str = _f("jpeg", "how prepare encodes images in shards", choices=["jpeg", "png"])
+    jpeg_quality: int = _f(95, "JPEG quality for prepare", ge=1, le=100)
+    samples_per_shard: int = _f(1000, "samples per WebDataset tar shard written by prepare", ge=1)
+    shard_prefix: str = _f("shard", "shard file names: <prefix>-000000.tar", )
+    prepare_workers: int = _f(2, "processes prepare uses to decode, resize and encode", ge=1)
+    shuffle_seed: int = _f(0, "seed of the file order prepare writes (mixes classes in shards)")
+    labels_file: str = _f("", "optional file of '<folder> <class name>' lines (ImageNet synsets)")
 
 
 @dataclass

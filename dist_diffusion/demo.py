@@ -28,7 +28,8 @@ from .imaging import save_grid
 
 DEMO_OVERRIDES = ["vae.enabled=false", "data.resolution=16", "model.num_classes=10",
                   "train.max_steps=600", "train.lr=2e-3", "train.warmup_steps=20",
-                  "train.ema_half_life_steps=50", "train.run_dir=runs/demo", "sample.steps=50"]
+                  "train.ema_half_life_steps=50", "train.run_dir=runs/demo", "sample.steps=50",
+                  "sample.clip_x0=true"]
 
 
 def load_digits_tensor(resolution: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,1 @@
+"""Shards: write (prepare), list and stream. Ranks and seeds arrive as arguments."""

@@ -1,0 +1,156 @@
+"""``dist-diffusion prepare``: a class-folder tree -> WebDataset image shards + manifest.
+
+``SRC/<class>/*.{jpg,jpeg,JPEG,png}`` (the ImageNet-100 layout). Files are ordered
+deterministically (sorted, then shuffled with ``data.shuffle_seed`` so every shard mixes
+classes), resized on the shorter side, center-cropped and re-encoded in several
+processes. A shard is complete once its sidecar exists, so a rerun skips finished
+shards; unreadable images are reported in the manifest and skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from ..config import DataConfig
+from . import shards, storage
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+class PrepareError(ValueError):
+    """Bad input to prepare; the message names the path and the fix."""
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str
+    path: str  # relative to the source root
+    label: int
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    index: int
+    items: tuple[Item, ...]
+    src: str
+    out: str
+    data: DataConfig
+
+
+def scan(src: Path, labels_file: str = "") -> tuple[list[str], list[Item]]:
+    """Class names (sorted folder names, or names from the labels file) and items with
+    stable keys: the index of the file in sorted order."""
+    if not src.is_dir():
+        raise PrepareError(f"--src {src} is not a directory; pass the root of a class-folder tree")
+    folders = sorted(p.name for p in src.iterdir() if p.is_dir())
+    if not folders:
+        raise PrepareError(f"--src {src} has no class folders; expected SRC/<class>/<image files>")
+    files = [(f, label) for label, name in enumerate(folders)
+             for f in sorted((src / name).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise PrepareError(f"--src {src}: no .jpg/.jpeg/.png files in its class folders")
+    items = [Item(f"s{i:08d}", str(f.relative_to(src)), label) for i, (f, label) in enumerate(files)]
+    return _class_names(folders, labels_file), items
+
+
+def _class_names(folders: list[str], labels_file: str) -> list[str]:
+    if not labels_file:
+        return folders
+    names = {}
+    for line in Path(labels_file).read_text().splitlines():
+        folder, _, name = line.strip().partition(" ")
+        if folder:
+            names[folder] = name.strip() or folder
+    return [names.get(folder, folder) for folder in folders]
+
+
+def plan_shards(items: list[Item], data: DataConfig, src: Path, out: str) -> list[ShardJob]:
+    order = list(items)
+    random.Random(data.shuffle_seed).shuffle(order)
+    n = data.samples_per_shard
+    return [ShardJob(i // n, tuple(order[i:i + n]), str(src), out, data) for i in range(0, len(order), n)]
+
+
+def load_square(path: Path, resolution: int) -> Image.Image:
+    """Resize the shorter side to ``resolution`` (bicubic, antialiased), then center-crop."""
+    with Image.open(path) as img:
+        img.load()  # decode now: truncated or corrupt files fail here, not later
+        img = img.convert("RGB")
+    scale = resolution / min(img.size)
+    size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
+    img = img.resize(size, Image.BICUBIC, reducing_gap=None)
+    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def encode(img: Image.Image, data: DataConfig) -> tuple[str, bytes]:
+    buf = io.BytesIO()
+    if data.image_format == "png":
+        img.save(buf, format="PNG", optimize=False)
+        return "png", buf.getvalue()
+    img.save(buf, format="JPEG", quality=data.jpeg_quality, subsampling=0 if data.jpeg_quality >= 90 else 2)
+    return "jpg", buf.getvalue()
+
+
+def write_shard(job: ShardJob) -> dict:
+    """Encode one shard and publish it; returns its manifest entry (plus skipped files).
+    Already complete (sidecar present) -> read the sidecar instead of redoing the work."""
+    out = storage.parse(job.out)
+    name = shards.shard_name(job.data.shard_prefix, job.index)
+    sidecar = out.join(shards.sidecar_name(name))
+    if storage.exists(sidecar):
+        import json
+        return {**json.loads(storage.read_bytes(sidecar)), "reused": True}
+    samples, skipped = [], []
+    for item in job.items:
+        try:
+            ext, payload = encode(load_square(Path(job.src) / item.path, job.data.resolution), job.data)
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+            skipped.append({"path": item.path, "error": f"{type(err).__name__}: {err}"})
+            continue
+        samples.append((item.key, {ext: payload, "cls": str(item.label).encode(),
+                                   "path.txt": item.path.encode()}))
+    with tempfile.TemporaryDirectory() as tmp:
+        info = shards.write_tar(Path(tmp) / name, samples)
+        storage.put_file(Path(tmp) / name, out.join(name))
+    entry = {"name": name, **info, "skipped": skipped}
+    storage.write_bytes(sidecar, shards.dumps(entry))  # last: marks the shard complete
+    return entry
+
+
+def prepare(src: str | Path, out: str, data: DataConfig, progress: bool = True) -> dict:
+    """Run the whole conversion; returns the manifest (also written to OUT/manifest.json)."""
+    src = Path(src)
+    classes, items = scan(src, data.labels_file)
+    storage.check_bucket(out)  # missing bucket / bad credentials: fail before any work
+    jobs = plan_shards(items, data, src, out)
+    entries = _run_jobs(jobs, data.prepare_workers, progress)
+    skipped = [s for e in entries for s in e.pop("skipped")]
+    for e in entries:
+        e.pop("reused", None)
+    result = shards.manifest("images", classes, entries, resolution=data.resolution,
+                             image_format=data.image_format, skipped=skipped,
+                             source_files=len(items))
+    storage.write_bytes(storage.parse(out).join(shards.MANIFEST), shards.dumps(result))
+    return result
+
+
+def _run_jobs(jobs: list[ShardJob], workers: int, progress: bool) -> list[dict]:
+    bar = tqdm(total=len(jobs), desc="prepare", unit="shard", disable=not progress)
+    results: dict[int, dict] = {}
+    # spawn, not fork: boto3 clients and their connection pools must not cross a fork
+    with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        for job, entry in zip(jobs, pool.imap(write_shard, jobs)):
+            results[job.index] = entry
+            bar.update(1)
+            bar.set_postfix(samples=sum(e["samples"] for e in results.values()))
+    bar.close()
+    return [results[i] for i in sorted(results)]

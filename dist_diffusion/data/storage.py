@@ -1,0 +1,165 @@
+"""Object storage behind one small API: a local directory or ``s3://bucket/prefix``.
+
+S3 goes through boto3 with the standard credential chain (env, profile, instance role)
+and ``AWS_ENDPOINT_URL`` for any S3 (SeaweedFS, MinIO). Uploads are multipart above
+8 MiB and verified against an ETag computed locally; local writes go to a temporary
+name and are renamed, so a reader never sees half an object.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PART_SIZE = 8 * 1024 * 1024
+
+
+class StorageError(RuntimeError):
+    """A storage problem a user can fix; the message names the URL and the fix."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URL: ``bucket`` is empty for a local path."""
+
+    bucket: str
+    key: str
+
+    @property
+    def is_s3(self) -> bool:
+        return bool(self.bucket)
+
+    def join(self, name: str) -> "Location":
+        key = f"{self.key.rstrip('/')}/{name}" if self.key else name
+        return Location(self.bucket, key)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}" if self.is_s3 else self.key
+
+
+def parse(url: str | os.PathLike) -> Location:
+    url = str(url)
+    if url.startswith("s3://"):
+        bucket, _, key = url[5:].partition("/")
+        if not bucket:
+            raise StorageError(f"{url}: no bucket in the URL; write s3://BUCKET/prefix")
+        return Location(bucket, key.rstrip("/"))
+    if "://" in url:
+        raise StorageError(f"{url}: only local paths and s3:// URLs are supported")
+    return Location("", url)
+
+
+@functools.lru_cache(maxsize=None)
+def s3_client():
+    """One client per process (boto3 clients are thread-safe, not fork-safe: call after fork)."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    config = BotoConfig(retries={"max_attempts": 10, "mode": "adaptive"},
+                        connect_timeout=10, read_timeout=60, max_pool_connections=32)
+    return boto3.client("s3", config=config)
+
+
+def explain(err: Exception, loc: Location) -> StorageError:
+    """Turn a botocore error into one sentence with the fix."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
+    if isinstance(err, NoCredentialsError):
+        return StorageError(f"{loc}: no S3 credentials found; export AWS_ACCESS_KEY_ID and "
+                            f"AWS_SECRET_ACCESS_KEY (for the local stack: `dist-diffusion stack up`)")
+    if isinstance(err, EndpointConnectionError):
+        return StorageError(f"{loc}: cannot reach S3 at {endpoint}; start it (`dist-diffusion stack "
+                            f"up`) or set AWS_ENDPOINT_URL")
+    if isinstance(err, ClientError):
+        code = err.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket"):
+            return StorageError(f"{loc}: bucket {loc.bucket!r} does not exist; create it "
+                                f"(`aws s3 mb s3://{loc.bucket}`) or fix the URL")
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return StorageError(f"{loc}: S3 refused the credentials ({code}); check "
+                                f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for {endpoint}")
+        return StorageError(f"{loc}: S3 error {code}: {err}")
+    return StorageError(f"{loc}: {err}")
+
+
+def check_bucket(url: str) -> Location:
+    """Fail early, with the fix, when the bucket is missing or the credentials are wrong."""
+    loc = parse(url)
+    if loc.is_s3:
+        try:
+            s3_client().head_bucket(Bucket=loc.bucket)
+        except Exception as err:  # botocore raises several unrelated types
+            raise explain(err, loc) from None
+    return loc
+
+
+def exists(loc: Location) -> bool:
+    if not loc.is_s3:
+        return Path(loc.key).exists()
+    from botocore.exceptions import ClientError
+
+    try:
+        s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
+        return True
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise explain(err, loc) from None
+
+
+def read_bytes(loc: Location) -> bytes:
+    if not loc.is_s3:
+        return Path(loc.key).read_bytes()
+    try:
+        return s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+    except Exception as err:
+        raise explain(err, loc) from None
+
+
+def write_bytes(loc: Location, data: bytes) -> None:
+    if not loc.is_s3:
+        _atomic_local_write(Path(loc.key), data)
+        return
+    try:
+        s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+    except Exception as err:
+        raise explain(err, loc) from None
+
+
+def put_file(local: Path, loc: Location) -> None:
+    """Copy a finished local file to ``loc``; for S3, verify the stored ETag."""
+    if not loc.is_s3:
+        _atomic_local_write(Path(loc.key), local.read_bytes())
+        return
+    from boto3.s3.transfer import TransferConfig
+
+    transfer = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE)
+    try:
+        s3_client().upload_file(str(local), loc.bucket, loc.key, Config=transfer)
+        etag = s3_client().head_object(Bucket=loc.bucket, Key=loc.key)["ETag"].strip('"')
+    except Exception as err:
+        raise explain(err, loc) from None
+    if etag != expected_etag(local, PART_SIZE):
+        raise StorageError(f"{loc}: upload checksum mismatch (ETag {etag}); the object was "
+                           f"corrupted in transit, rerun the command to upload it again")
+
+
+def expected_etag(path: Path, part_size: int) -> str:
+    """S3's ETag: md5 of the bytes, or for multipart md5(concat(part md5s))-N."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= part_size:
+            return hashlib.md5(f.read()).hexdigest()
+        digests = [hashlib.md5(chunk).digest() for chunk in iter(lambda: f.read(part_size), b"")]
+    return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
+
+
+def _atomic_local_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
