@@ -1,0 +1,239 @@
+"""Streaming reader: shards from S3 (or disk) -> batches, exactly resumable.
+
+The order of an epoch is a pure function of (seed, epoch): shards are permuted, and the
+samples inside each shard are permuted (the shuffle buffer is one shard). That global
+list is cut into equal contiguous spans, one per rank (the last ``N mod world`` samples
+of the epoch order are dropped, so every rank sees the same count; which ones changes
+every epoch). A rank's span is cut into one contiguous piece per dataloader worker,
+sized so that worker k owns the rank's batches k, k+K, k+2K... in round-robin order,
+which is the order a ``DataLoader`` returns them in. So the position of a rank is just
+(epoch, batches consumed); on restore each worker skips its consumed batches without
+downloading the shards they came from, and the workers are rotated so the DataLoader's
+round-robin resumes at the right one. Order depends on (seed, world, workers, batch).
+
+Downloads retry transient S3 faults and continue at the byte where they broke.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import shards, storage
+
+IMAGE_EXTS = ("jpg", "png", "jpeg")
+
+
+class DataError(RuntimeError):
+    """The stream cannot go on (too many corrupt samples, S3 unreachable after retries)."""
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything that fixes the order of samples, plus how to decode them."""
+
+    url: str
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 1
+    seed: int = 0
+    hflip: bool = True
+    max_corrupt_fraction: float = 0.01
+    cache_dir: str = ""
+    retries: int = 8
+
+
+@dataclass
+class Position:
+    """Where a rank is: ``epoch`` and ``batches`` consumed in it (stored in checkpoints)."""
+
+    epoch: int = 0
+    batches: int = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches}
+
+
+def load_manifest(url: str) -> dict:
+    loc = storage.check_bucket(url)
+    man_loc = loc.join(shards.MANIFEST)
+    if not storage.exists(man_loc):
+        raise storage.StorageError(f"{man_loc} not found; run `dist-diffusion prepare` into {url} first")
+    return json.loads(storage.read_bytes(man_loc))
+
+
+def epoch_order(manifest: dict, seed: int, epoch: int) -> list[tuple[int, int]]:
+    """(shard index, sample index inside the shard) for every sample, in epoch order."""
+    rng = random.Random(f"{seed}/{epoch}")
+    order = []
+    shard_ids = list(range(len(manifest["shards"])))
+    rng.shuffle(shard_ids)
+    for s in shard_ids:
+        inner = list(range(manifest["shards"][s]["samples"]))
+        rng.shuffle(inner)
+        order += [(s, j) for j in inner]
+    return order
+
+
+def worker_spans(num_samples: int, spec: StreamSpec) -> list[tuple[int, int]]:
+    """[start, end) inside the epoch order for each worker of this rank."""
+    per_rank = num_samples // spec.world_size
+    start = spec.rank * per_rank
+    n_batches = -(-per_rank // spec.batch_size)
+    spans, cursor = [], start
+    for k in range(spec.num_workers):
+        owned = len(range(k, n_batches, spec.num_workers))
+        size = owned * spec.batch_size
+        if n_batches and (n_batches - 1) % spec.num_workers == k:  # owns the short last batch
+            size -= n_batches * spec.batch_size - per_rank
+        spans.append((cursor, cursor + max(size, 0)))
+        cursor += max(size, 0)
+    return spans
+
+
+def batches_per_epoch(manifest: dict, spec: StreamSpec) -> int:
+    return -(-(manifest["num_samples"] // spec.world_size) // spec.batch_size)
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Yields dicts {image: (B,C,H,W) float in [-1,1], label: (B,), key: list} for one epoch
+    from ``position``; use with ``DataLoader(batch_size=None, num_workers=spec.num_workers)``."""
+
+    def __init__(self, spec: StreamSpec, position: Position | None = None, manifest: dict | None = None):
+        self.spec, self.position = spec, position or Position()
+        self.manifest = manifest or load_manifest(spec.url)
+        self.stats = {"corrupt": 0, "retries": 0}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        physical = info.id if info else 0
+        k = (physical + self.position.batches) % self.spec.num_workers  # rotation, see module doc
+        done = _consumed_by_worker(self.position.batches, k, self.spec.num_workers)
+        order = epoch_order(self.manifest, self.spec.seed, self.position.epoch)
+        start, end = worker_spans(len(order), self.spec)[k]
+        yield from self._batches(order, start + done * self.spec.batch_size, end)
+
+    def _batches(self, order, start: int, end: int) -> Iterator[dict]:
+        reader = _ShardReader(self.spec, self.manifest, self.stats)
+        for b in range(start, end, self.spec.batch_size):
+            picks = order[b:min(b + self.spec.batch_size, end)]
+            samples = [reader.sample(s, j) for s, j in picks]
+            decoded = [self._decode(x, s, j) for x, (s, j) in zip(samples, picks)]
+            yield _collate([d for d in decoded if d is not None])
+
+    def _decode(self, sample: dict, shard: int, index: int):
+        try:
+            ext = next(e for e in IMAGE_EXTS if e in sample)
+            img = np.asarray(Image.open(io.BytesIO(sample[ext])).convert("RGB"), dtype=np.float32)
+            label = int(sample["cls"])
+        except Exception:
+            self._count_corrupt()
+            return None
+        x = torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1.0
+        flip = np.random.default_rng([self.spec.seed, self.position.epoch, shard, index]).random() < 0.5
+        if self.spec.hflip and flip:
+            x = x.flip(-1)
+        return x, label, sample["__key__"]
+
+    def _count_corrupt(self) -> None:
+        self.stats["corrupt"] += 1
+        limit = self.spec.max_corrupt_fraction * self.manifest["num_samples"]
+        if self.stats["corrupt"] > limit:
+            raise DataError(f"{self.stats['corrupt']} corrupt samples in {self.spec.url}, more than "
+                            f"max_corrupt_fraction={self.spec.max_corrupt_fraction}; re-run prepare")
+
+
+def _consumed_by_worker(batches: int, k: int, workers: int) -> int:
+    """How many of the first ``batches`` round-robin batches came from worker k."""
+    return len(range(k, batches, workers))
+
+
+def _collate(items: list) -> dict:
+    if not items:
+        return {"image": torch.empty(0), "label": torch.empty(0, dtype=torch.long), "key": []}
+    return {"image": torch.stack([x for x, _, _ in items]),
+            "label": torch.tensor([y for _, y, _ in items], dtype=torch.long),
+            "key": [k for _, _, k in items]}
+
+
+class _ShardReader:
+    """Holds the current shard's samples (the shuffle buffer); fetches the next on demand."""
+
+    def __init__(self, spec: StreamSpec, manifest: dict, stats: dict):
+        self.spec, self.manifest, self.stats = spec, manifest, stats
+        self.current, self.samples = -1, []
+
+    def sample(self, shard: int, index: int) -> dict:
+        if shard != self.current:
+            entry = self.manifest["shards"][shard]
+            self.samples = parse_tar(fetch_shard(self.spec, entry, self.stats))
+            self.current = shard
+        return self.samples[index]
+
+
+def parse_tar(data: bytes) -> list[dict]:
+    """Samples of a shard in stored order: {'__key__': key, ext: bytes, ...}."""
+    import tarfile
+
+    samples: list[dict] = []
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar.getmembers():
+            key, _, ext = member.name.partition(".")
+            if not samples or samples[-1]["__key__"] != key:
+                samples.append({"__key__": key})
+            samples[-1][ext] = tar.extractfile(member).read()
+    return samples
+
+
+def fetch_shard(spec: StreamSpec, entry: dict, stats: dict) -> bytes:
+    """The shard's bytes, from the local cache when its sha256 matches, else downloaded."""
+    cached = Path(spec.cache_dir) / entry["sha256"] / entry["name"] if spec.cache_dir else None
+    if cached and cached.exists():
+        return cached.read_bytes()
+    loc = storage.parse(spec.url).join(entry["name"])
+    data = _download(loc, entry["bytes"], spec.retries, stats) if loc.is_s3 else Path(loc.key).read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise DataError(f"{loc}: sha256 does not match the manifest; the shard changed after "
+                        f"prepare, re-run prepare")
+    if cached:
+        storage.write_bytes(storage.parse(str(cached)), data)
+    return data
+
+
+def _download(loc: storage.Location, size: int, retries: int, stats: dict) -> bytes:
+    """GET with Range resume: a broken transfer continues at the byte it reached."""
+    buf, attempt = bytearray(), 0
+    while len(buf) < size:
+        try:
+            body = storage.s3_client().get_object(Bucket=loc.bucket, Key=loc.key,
+                                                  Range=f"bytes={len(buf)}-")["Body"]
+            for chunk in body.iter_chunks(1 << 20):
+                buf += chunk
+        except Exception as err:  # resets, timeouts, 5xx: botocore raises many types
+            attempt += 1
+            stats["retries"] += 1
+            if attempt > retries or _is_permanent(err):
+                raise DataError(f"{loc}: download failed after {attempt} attempts ({err})") from None
+            time.sleep(min(0.1 * 2 ** attempt, 5.0))
+    return bytes(buf)
+
+
+def _is_permanent(err: Exception) -> bool:
+    """4xx answers (missing key, refused credentials) will not heal by retrying."""
+    from botocore.exceptions import ClientError
+
+    if not isinstance(err, ClientError):
+        return False
+    status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+    return 400 <= status < 500 and status not in (408, 429)
