@@ -114,3 +114,36 @@ def test_missing_prefix_fails_at_start(s3_server, shards_url):
 
     with pytest.raises(StorageError, match="manifest.json not found"):
         ShardStream(spec("s3://stream-data/nothing-here"))
+
+
+def test_s3_faults_make_the_stream_slower_not_different(shards_url, s3_server, monkeypatch):
+    from faulty_proxy import FaultyProxy
+
+    from dist_diffusion.data import storage
+
+    s = spec(shards_url, num_workers=0)
+    clean = list(ShardStream(s))
+    port = int(s3_server.endpoint.rsplit(":", 1)[1])
+    with FaultyProxy(port, cut_every=1, cut_after=40_000, slowdown_every=5) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+        storage.s3_client.cache_clear()
+        try:
+            faulty_stream = ShardStream(s, manifest=load_manifest(shards_url))
+            faulty = list(faulty_stream)
+        finally:
+            monkeypatch.undo()
+            storage.s3_client.cache_clear()
+    assert proxy.cuts > 0 and proxy.slowdowns > 0 and faulty_stream.stats["retries"] > 0
+    assert [b["key"] for b in faulty] == [b["key"] for b in clean]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(faulty, clean))
+
+
+def test_local_shard_cache_serves_the_second_epoch(shards_url, tmp_path, monkeypatch):
+    from dist_diffusion.data import stream
+
+    s = spec(shards_url, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    first = [b["key"] for b in ShardStream(s)]
+    manifest = load_manifest(shards_url)
+    monkeypatch.setattr(stream.storage, "read_bytes", lambda *a, **k: pytest.fail("downloaded despite the cache"))
+    assert [b["key"] for b in ShardStream(s, manifest=manifest)] == first
+    assert len(list((tmp_path / "cache").rglob("*.tar"))) == 9

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,9 +53,22 @@ def parse(url: str | os.PathLike) -> Location:
     return Location("", url)
 
 
-@functools.lru_cache(maxsize=None)
 def s3_client():
-    """One client per process (boto3 clients are thread-safe, not fork-safe: call after fork)."""
+    """One client per process: boto3 clients are thread-safe but not fork-safe (a forked
+    dataloader worker would share its parent's sockets), so the cache is keyed by PID."""
+    return _client_for(os.getpid())
+
+
+def _clear_client_cache() -> None:
+    """Forget clients, e.g. after the AWS_* environment changed."""
+    _client_for.cache_clear()
+
+
+s3_client.cache_clear = _clear_client_cache  # type: ignore[attr-defined]
+
+
+@functools.lru_cache(maxsize=None)
+def _client_for(pid: int):
     import boto3
     from botocore.config import Config as BotoConfig
 
@@ -111,13 +125,43 @@ def exists(loc: Location) -> bool:
         raise explain(err, loc) from None
 
 
-def read_bytes(loc: Location) -> bytes:
+def read_bytes(loc: Location, retries: int = 8, stats: dict | None = None) -> bytes:
+    """The whole object. A transfer broken mid-way (reset, timeout, 5xx) is retried with
+    back-off and continues at the byte it reached (HTTP Range), so nothing is lost or
+    duplicated; ``stats["retries"]`` counts the retries."""
     if not loc.is_s3:
         return Path(loc.key).read_bytes()
-    try:
-        return s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
-    except Exception as err:
-        raise explain(err, loc) from None
+    buf, attempt, size = bytearray(), 0, None
+    while size is None or len(buf) < size:
+        try:
+            reply = s3_client().get_object(Bucket=loc.bucket, Key=loc.key, Range=f"bytes={len(buf)}-")
+            size = size if size is not None else _total_size(reply)
+            for chunk in reply["Body"].iter_chunks(1 << 20):
+                buf += chunk
+        except Exception as err:  # resets, timeouts, 5xx: botocore raises many types
+            attempt += 1
+            if stats is not None:
+                stats["retries"] = stats.get("retries", 0) + 1
+            if attempt > retries or _is_permanent(err):
+                raise explain(err, loc) from None
+            time.sleep(min(0.05 * 2 ** attempt, 5.0))
+    return bytes(buf)
+
+
+def _total_size(reply: dict) -> int:
+    """Object size from 'Content-Range: bytes 0-99/1234' (or Content-Length for a 200)."""
+    content_range = reply.get("ContentRange") or ""
+    return int(content_range.rsplit("/", 1)[1]) if "/" in content_range else int(reply["ContentLength"])
+
+
+def _is_permanent(err: Exception) -> bool:
+    """4xx answers (missing key, refused credentials) will not heal by retrying."""
+    from botocore.exceptions import ClientError
+
+    if not isinstance(err, ClientError):
+        return False
+    status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 def write_bytes(loc: Location, data: bytes) -> None:

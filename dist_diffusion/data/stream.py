@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -52,6 +51,11 @@ class StreamSpec:
     max_corrupt_fraction: float = 0.01
     cache_dir: str = ""
     retries: int = 8
+
+    @property
+    def slots(self) -> int:
+        """Readers per rank: the dataloader workers, or 1 when reading in-process."""
+        return max(1, self.num_workers)
 
 
 @dataclass
@@ -92,10 +96,10 @@ def worker_spans(num_samples: int, spec: StreamSpec) -> list[tuple[int, int]]:
     start = spec.rank * per_rank
     n_batches = -(-per_rank // spec.batch_size)
     spans, cursor = [], start
-    for k in range(spec.num_workers):
-        owned = len(range(k, n_batches, spec.num_workers))
+    for k in range(spec.slots):
+        owned = len(range(k, n_batches, spec.slots))
         size = owned * spec.batch_size
-        if n_batches and (n_batches - 1) % spec.num_workers == k:  # owns the short last batch
+        if n_batches and (n_batches - 1) % spec.slots == k:  # owns the short last batch
             size -= n_batches * spec.batch_size - per_rank
         spans.append((cursor, cursor + max(size, 0)))
         cursor += max(size, 0)
@@ -107,7 +111,8 @@ def batches_per_epoch(manifest: dict, spec: StreamSpec) -> int:
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Yields dicts {image: (B,C,H,W) float in [-1,1], label: (B,), key: list} for one epoch
+    """Yields dicts {image: (B,C,H,W) float in [-1,1], label: (B,), key: list, skipped: int}
+    for one epoch
     from ``position``; use with ``DataLoader(batch_size=None, num_workers=spec.num_workers)``."""
 
     def __init__(self, spec: StreamSpec, position: Position | None = None, manifest: dict | None = None):
@@ -118,8 +123,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         physical = info.id if info else 0
-        k = (physical + self.position.batches) % self.spec.num_workers  # rotation, see module doc
-        done = _consumed_by_worker(self.position.batches, k, self.spec.num_workers)
+        k = (physical + self.position.batches) % self.spec.slots  # rotation, see module doc
+        done = _consumed_by_worker(self.position.batches, k, self.spec.slots)
         order = epoch_order(self.manifest, self.spec.seed, self.position.epoch)
         start, end = worker_spans(len(order), self.spec)[k]
         yield from self._batches(order, start + done * self.spec.batch_size, end)
@@ -130,7 +135,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             picks = order[b:min(b + self.spec.batch_size, end)]
             samples = [reader.sample(s, j) for s, j in picks]
             decoded = [self._decode(x, s, j) for x, (s, j) in zip(samples, picks)]
-            yield _collate([d for d in decoded if d is not None])
+            batch = _collate([d for d in decoded if d is not None])
+            batch["skipped"] = len(picks) - len(batch["key"])  # corrupt samples, counted by the caller
+            yield batch
 
     def _decode(self, sample: dict, shard: int, index: int):
         try:
@@ -202,38 +209,10 @@ def fetch_shard(spec: StreamSpec, entry: dict, stats: dict) -> bytes:
     if cached and cached.exists():
         return cached.read_bytes()
     loc = storage.parse(spec.url).join(entry["name"])
-    data = _download(loc, entry["bytes"], spec.retries, stats) if loc.is_s3 else Path(loc.key).read_bytes()
+    data = storage.read_bytes(loc, retries=spec.retries, stats=stats)
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise DataError(f"{loc}: sha256 does not match the manifest; the shard changed after "
                         f"prepare, re-run prepare")
     if cached:
         storage.write_bytes(storage.parse(str(cached)), data)
     return data
-
-
-def _download(loc: storage.Location, size: int, retries: int, stats: dict) -> bytes:
-    """GET with Range resume: a broken transfer continues at the byte it reached."""
-    buf, attempt = bytearray(), 0
-    while len(buf) < size:
-        try:
-            body = storage.s3_client().get_object(Bucket=loc.bucket, Key=loc.key,
-                                                  Range=f"bytes={len(buf)}-")["Body"]
-            for chunk in body.iter_chunks(1 << 20):
-                buf += chunk
-        except Exception as err:  # resets, timeouts, 5xx: botocore raises many types
-            attempt += 1
-            stats["retries"] += 1
-            if attempt > retries or _is_permanent(err):
-                raise DataError(f"{loc}: download failed after {attempt} attempts ({err})") from None
-            time.sleep(min(0.1 * 2 ** attempt, 5.0))
-    return bytes(buf)
-
-
-def _is_permanent(err: Exception) -> bool:
-    """4xx answers (missing key, refused credentials) will not heal by retrying."""
-    from botocore.exceptions import ClientError
-
-    if not isinstance(err, ClientError):
-        return False
-    status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
-    return 400 <= status < 500 and status not in (408, 429)

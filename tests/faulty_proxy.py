@@ -1,0 +1,85 @@
+"""A fault-injecting TCP proxy on loopback, between a client and a real S3 server.
+
+Connection n (counting from 1) is treated by the schedule: every ``slowdown_every``-th
+gets an HTTP 503 SlowDown as its first answer and is closed; otherwise connections with
+n % cut_every == 1 are reset after ``cut_after`` bytes from the server (mid-transfer).
+Clients keep connections alive, so faults are per connection, not per request.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+SLOWDOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: 118\r\n"
+            b"Connection: close\r\n\r\n<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown"
+            b"</Code><Message>Please reduce your request rate.</Message></Error>")
+
+
+class FaultyProxy:
+    def __init__(self, upstream_port: int, cut_every: int = 3, cut_after: int = 30_000,
+                 slowdown_every: int = 4):
+        self.upstream_port = upstream_port
+        self.cut_every, self.cut_after, self.slowdown_every = cut_every, cut_after, slowdown_every
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.connections = self.cuts = self.slowdowns = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+
+    def __enter__(self) -> "FaultyProxy":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.server.close()
+        self._thread.join(timeout=5)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            n = self.connections
+            threading.Thread(target=self._serve, args=(client, n), daemon=True).start()
+
+    def _serve(self, client: socket.socket, n: int) -> None:
+        if self.slowdown_every and n % self.slowdown_every == 0:
+            client.recv(65536)  # the request line and headers
+            client.sendall(SLOWDOWN)
+            self.slowdowns += 1
+            client.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        limit = self.cut_after if self.cut_every and n % self.cut_every == 1 % self.cut_every else None
+        threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+        self._pump(upstream, client, limit)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while True:
+                data = src.recv(16384)
+                if not data:
+                    break
+                if limit is not None and sent + len(data) > limit:
+                    dst.sendall(data[: limit - sent])
+                    self.cuts += 1
+                    break  # the connection drops mid-transfer
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):  # shutdown wakes the other pump's recv; close alone would not
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                try:
+                    s.close()
+                except OSError:
+                    pass
