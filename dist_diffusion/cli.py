@@ -66,6 +66,27 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_encode(args: argparse.Namespace) -> int:
+    from .data.storage import StorageError
+    from .runtime.env import spawn_local
+
+    cfg = load_config(args.config, args.overrides)  # validate once, before spawning ranks
+    if args.nproc > 1:
+        argv = ["encode", "--shards", args.shards, "--out", args.out, *args.overrides]
+        return spawn_local(argv + (["--config", args.config] if args.config else []), args.nproc)
+    from .encode import encode_dataset
+
+    try:
+        result = encode_dataset(cfg, args.shards, args.out)
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if result:
+        shape = "x".join(map(str, result["latent_shape"]))
+        print(f"{result['num_samples']} latents {shape} in {len(result['shards'])} shards -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dist-diffusion",
@@ -87,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML recipe whose data: section applies")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.resolution=128")
     p.set_defaults(func=_cmd_prepare)
+    p = sub.add_parser("encode", help="image shards -> VAE latent shards (mean and std, float16)")
+    p.add_argument("--shards", required=True, help="image shards from prepare (dir or s3://)")
+    p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
+    p.add_argument("--config", help="YAML recipe; vae.pretrained names the VAE directory")
+    p.add_argument("--nproc", type=int, default=1, help="local processes to split shards over")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(func=_cmd_encode)
     return parser
 
 

@@ -111,13 +111,14 @@ def batches_per_epoch(manifest: dict, spec: StreamSpec) -> int:
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Yields dicts {image: (B,C,H,W) float in [-1,1], label: (B,), key: list, skipped: int}
-    for one epoch
+    """Yields dicts {image (B,3,H,W) in [-1,1] | latent (B,c,h,w): ..., label: (B,), key: list,
+    skipped: int} for one epoch
     from ``position``; use with ``DataLoader(batch_size=None, num_workers=spec.num_workers)``."""
 
     def __init__(self, spec: StreamSpec, position: Position | None = None, manifest: dict | None = None):
         self.spec, self.position = spec, position or Position()
         self.manifest = manifest or load_manifest(spec.url)
+        self.field = "latent" if self.manifest["kind"] == "latents" else "image"
         self.stats = {"corrupt": 0, "retries": 0}
 
     def __iter__(self) -> Iterator[dict]:
@@ -135,22 +136,25 @@ class ShardStream(torch.utils.data.IterableDataset):
             picks = order[b:min(b + self.spec.batch_size, end)]
             samples = [reader.sample(s, j) for s, j in picks]
             decoded = [self._decode(x, s, j) for x, (s, j) in zip(samples, picks)]
-            batch = _collate([d for d in decoded if d is not None])
+            batch = _collate([d for d in decoded if d is not None], self.field)
             batch["skipped"] = len(picks) - len(batch["key"])  # corrupt samples, counted by the caller
             yield batch
 
     def _decode(self, sample: dict, shard: int, index: int):
+        """(tensor, label, key), or None for a corrupt sample. Every random draw (flip,
+        posterior noise) comes from a generator seeded by (seed, epoch, shard, index)."""
+        rng = np.random.default_rng([self.spec.seed, self.position.epoch, shard, index])
         try:
-            ext = next(e for e in IMAGE_EXTS if e in sample)
-            img = np.asarray(Image.open(io.BytesIO(sample[ext])).convert("RGB"), dtype=np.float32)
             label = int(sample["cls"])
+            if self.manifest["kind"] == "latents":
+                x = decode_latent(sample, rng, self.manifest["scaling_factor"])
+            else:
+                x = decode_image(sample)
         except Exception:
             self._count_corrupt()
             return None
-        x = torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1.0
-        flip = np.random.default_rng([self.spec.seed, self.position.epoch, shard, index]).random() < 0.5
-        if self.spec.hflip and flip:
-            x = x.flip(-1)
+        if self.spec.hflip and rng.random() < 0.5:
+            x = x.flip(-1)  # for latents: the VAE is convolutional, so close to encoding the flip
         return x, label, sample["__key__"]
 
     def _count_corrupt(self) -> None:
@@ -161,15 +165,30 @@ class ShardStream(torch.utils.data.IterableDataset):
                             f"max_corrupt_fraction={self.spec.max_corrupt_fraction}; re-run prepare")
 
 
+def decode_image(sample: dict) -> torch.Tensor:
+    """The sample's image as (3, H, W) float32 in [-1, 1]."""
+    ext = next(e for e in IMAGE_EXTS if e in sample)
+    img = np.asarray(Image.open(io.BytesIO(sample[ext])).convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def decode_latent(sample: dict, rng: np.random.Generator, scaling_factor: float) -> torch.Tensor:
+    """A draw z = mean + std * eps from the stored VAE posterior, times the latent scale."""
+    mean = np.load(io.BytesIO(sample["mean.npy"])).astype(np.float32)
+    std = np.load(io.BytesIO(sample["std.npy"])).astype(np.float32)
+    z = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+    return torch.from_numpy(z * np.float32(scaling_factor))
+
+
 def _consumed_by_worker(batches: int, k: int, workers: int) -> int:
     """How many of the first ``batches`` round-robin batches came from worker k."""
     return len(range(k, batches, workers))
 
 
-def _collate(items: list) -> dict:
+def _collate(items: list, field: str) -> dict:
     if not items:
-        return {"image": torch.empty(0), "label": torch.empty(0, dtype=torch.long), "key": []}
-    return {"image": torch.stack([x for x, _, _ in items]),
+        return {field: torch.empty(0), "label": torch.empty(0, dtype=torch.long), "key": []}
+    return {field: torch.stack([x for x, _, _ in items]),
             "label": torch.tensor([y for _, y, _ in items], dtype=torch.long),
             "key": [k for _, _, k in items]}
 

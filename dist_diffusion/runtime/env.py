@@ -1,0 +1,57 @@
+"""Who am I: rank, world size and local rank from the launcher's environment.
+
+torchrun / env:// (RANK, WORLD_SIZE, LOCAL_RANK) wins, then SLURM (SLURM_PROCID,
+SLURM_NTASKS, SLURM_LOCALID); with neither, a single process. Reading the environment
+never imports torch.distributed, so data jobs can split work without a process group.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ProcessEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def process_env(environ: dict | None = None) -> ProcessEnv:
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return ProcessEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return ProcessEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                          int(env.get("SLURM_LOCALID", 0)))
+    return ProcessEnv()
+
+
+def spawn_local(argv: list[str], nproc: int) -> int:
+    """Run ``python -m dist_diffusion.cli ARGV`` as nproc local ranks; first failure wins."""
+    import subprocess
+    import sys
+
+    import time
+
+    procs = [subprocess.Popen([sys.executable, "-m", "dist_diffusion.cli", *argv],
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": str(nproc),
+                                   "LOCAL_RANK": str(r)})
+             for r in range(nproc)]
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+            if failed:  # one rank failed: the others would wait for it forever
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        codes = [p.wait() for p in procs]
+    return next((c for c in codes if c != 0), 0)
