@@ -91,7 +91,7 @@ def make_class_folders(root, classes=4, per_class=50, corrupt=(), seed=0):
         folder.mkdir(parents=True)
         for i in range(per_class):
             w, h = int(rng.integers(40, 90)), int(rng.integers(40, 90))
-            base = np.zeros((h, w, 3), np.uint8) + np.array([60 * c % 256, 30 + 40 * c, 200 - 40 * c], np.uint8)
+            base = np.zeros((h, w, 3), np.uint8) + np.array([60 * c % 256, (30 + 40 * c) % 256, (200 - 40 * c) % 256], np.uint8)
             noisy = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
             ext = "png" if i % 5 == 0 else "JPEG" if i % 7 == 0 else "jpg"
             Image.fromarray(noisy).save(folder / f"img_{i:04d}.{ext}",

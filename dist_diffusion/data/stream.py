@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -131,7 +132,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         yield from self._batches(order, start + done * self.spec.batch_size, end)
 
     def _batches(self, order, start: int, end: int) -> Iterator[dict]:
-        reader = _ShardReader(self.spec, self.manifest, self.stats)
+        upcoming = list(dict.fromkeys(s for s, _ in order[start:end]))  # this worker's shards, in order
+        reader = _ShardReader(self.spec, self.manifest, self.stats, upcoming)
         for b in range(start, end, self.spec.batch_size):
             picks = order[b:min(b + self.spec.batch_size, end)]
             samples = [reader.sample(s, j) for s, j in picks]
@@ -194,18 +196,34 @@ def _collate(items: list, field: str) -> dict:
 
 
 class _ShardReader:
-    """Holds the current shard's samples (the shuffle buffer); fetches the next on demand."""
+    """Holds the current shard's samples (the shuffle buffer) and downloads the next shard
+    in a background thread while this one is decoded."""
 
-    def __init__(self, spec: StreamSpec, manifest: dict, stats: dict):
+    def __init__(self, spec: StreamSpec, manifest: dict, stats: dict, upcoming: list[int]):
         self.spec, self.manifest, self.stats = spec, manifest, stats
-        self.current, self.samples = -1, []
+        self.upcoming, self.current, self.samples = upcoming, -1, []
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: dict[int, Future] = {}
+        self._prefetch(0)
 
     def sample(self, shard: int, index: int) -> dict:
         if shard != self.current:
-            entry = self.manifest["shards"][shard]
-            self.samples = parse_tar(fetch_shard(self.spec, entry, self.stats))
+            self.samples = parse_tar(self._take(shard))
             self.current = shard
+            self._prefetch(self.upcoming.index(shard) + 1)
         return self.samples[index]
+
+    def _prefetch(self, position: int) -> None:
+        if position < len(self.upcoming) and self.upcoming[position] not in self.pending:
+            shard = self.upcoming[position]
+            entry = self.manifest["shards"][shard]
+            self.pending[shard] = self.pool.submit(fetch_shard, self.spec, entry, self.stats)
+
+    def _take(self, shard: int) -> bytes:
+        future = self.pending.pop(shard, None)
+        if future is None:
+            return fetch_shard(self.spec, self.manifest["shards"][shard], self.stats)
+        return future.result()
 
 
 def parse_tar(data: bytes) -> list[dict]:
