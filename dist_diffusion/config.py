@@ -109,6 +109,7 @@ class DataConfig:
     prepare_workers: int = _f(2, "processes prepare uses to decode, resize and encode", ge=1)
     shuffle_seed: int = _f(0, "seed of the file order prepare writes (mixes classes in shards)")
     labels_file: str = _f("", "optional file of '<folder> <class name>' lines (ImageNet synsets)")
+    hflip: bool = _f(True, "random horizontal flip while streaming (off for digits and text)")
 
 
 @dataclass

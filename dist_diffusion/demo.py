@@ -34,7 +34,7 @@ from .data.stream import Position, ShardStream, StreamSpec
 from .imaging import save_grid
 from .stack import start_s3, stop_s3
 
-DEMO_OVERRIDES = ["vae.enabled=false", "data.resolution=16", "data.samples_per_shard=256",
+DEMO_OVERRIDES = ["vae.enabled=false", "data.resolution=16", "data.samples_per_shard=256", "data.hflip=false",
                   "model.num_classes=10",
                   "train.max_steps=600", "train.lr=2e-3", "train.warmup_steps=20",
                   "train.ema_half_life_steps=50", "train.run_dir=runs/demo", "sample.steps=50",
@@ -145,7 +145,8 @@ def _run_stages(cfg: Config, run_dir: Path, stages: dict) -> dict:
     storage.s3_client().create_bucket(Bucket="demo")
     manifest = _stage(stages, "prepare", lambda: prepare(run_dir / "digits", url, cfg.data))
     print(f"        {manifest['num_samples']} samples in {len(manifest['shards'])} shards at {url}")
-    spec = StreamSpec(url=url, batch_size=cfg.train.batch_size, num_workers=1, seed=cfg.train.seed)
+    spec = StreamSpec(url=url, batch_size=cfg.train.batch_size, num_workers=1, seed=cfg.train.seed,
+                      hflip=cfg.data.hflip)
     batches = endless_batches(spec)
     real, labels = next(batches)
     print(f"        streamed back: images {tuple(real.shape)}, labels {labels[:12].tolist()}...")

@@ -25,6 +25,15 @@ def test_core_never_imports_the_distributed_runtime():
     assert offenders == []
 
 
+def test_only_runtime_imports_torch_distributed_or_deepspeed():
+    package = ROOT / "dist_diffusion"
+    offenders = [(str(p.relative_to(package)), m) for p in package.rglob("*.py")
+                 if p.parent.name != "runtime"
+                 for m in imported_modules(p)
+                 if m.startswith(("torch.distributed", "deepspeed"))]
+    assert offenders == []
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "dist_diffusion.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
@@ -32,7 +41,9 @@ def run_cli(*args):
 
 def test_cli_help_lists_only_real_subcommands():
     out = run_cli("--help")
-    assert out.returncode == 0 and "config" in out.stdout
+    assert out.returncode == 0
+    for command in ("config", "stack", "prepare", "encode"):
+        assert command in out.stdout
 
 
 def test_cli_config_prints_resolved_tree():
