@@ -87,6 +87,25 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .data.storage import StorageError
+    from .runtime.env import spawn_local
+
+    cfg = load_config(args.config, args.overrides)  # validate once, before any worker starts
+    nproc = args.nproc or cfg.runtime.nproc
+    if nproc > 1:
+        return spawn_local(["train", "--config", args.config, "--nproc", "1", *args.overrides], nproc)
+    from .train import TrainingStopped, train
+
+    try:
+        summary = train(cfg)
+    except (StorageError, TrainingStopped) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3 if isinstance(err, TrainingStopped) else 2
+    print(f"trained to step {summary['step']} in {summary['run_dir']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dist-diffusion",
@@ -115,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="local processes to split shards over")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=_cmd_encode)
+    p = sub.add_parser("train", help="train the UNet with DeepSpeed (resumes from the run directory)")
+    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny.yaml")
+    p.add_argument("--nproc", type=int, default=0, help="local processes (default: runtime.nproc)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20")
+    p.set_defaults(func=_cmd_train)
     return parser
 
 

@@ -110,6 +110,12 @@ class DataConfig:
     shuffle_seed: int = _f(0, "seed of the file order prepare writes (mixes classes in shards)")
     labels_file: str = _f("", "optional file of '<folder> <class name>' lines (ImageNet synsets)")
     hflip: bool = _f(True, "random horizontal flip while streaming (off for digits and text)")
+    shards: str = _f("", "training shards (image or latent, from prepare/encode): a directory "
+                         "or s3://bucket/prefix")
+    num_workers: int = _f(1, "dataloader worker processes per rank (0: read in the main process)",
+                          ge=0)
+    max_corrupt_fraction: float = _f(0.01, "stop the run when more samples than this are corrupt",
+                                     ge=0.0, le=1.0)
 
 
 @dataclass
@@ -129,7 +135,17 @@ class TrainConfig:
                                     ge=0.0)
     ema_warmup: bool = _f(True, "ramp the EMA decay up as (1+step)/(10+step) early in training")
     seed: int = _f(0, "seed of every training random draw")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step", ge=1)
     log_every: int = _f(10, "steps between log lines", ge=1)
+    ckpt_every: int = _f(500, "steps between checkpoints (one is always written at the end)", ge=1)
+    keep_last: int = _f(2, "complete checkpoints kept; older ones are deleted", ge=1)
+    sample_every: int = _f(0, "steps between EMA sample grids (DDIM + CFG); 0 is off", ge=0)
+    nan_policy: str = _f("stop", "on a NaN/inf loss: stop cleanly, or skip the step and count it",
+                         choices=["stop", "skip"])
+    preempt_signals: List[str] = _f(["SIGTERM", "SIGUSR1"], "signals that save a checkpoint "
+                                                             "and exit with the requeue code")
+    wall_time_limit_s: float = _f(0.0, "save and exit (requeue code) before this many seconds "
+                                       "of run time; 0 is off", ge=0.0)
     run_dir: str = _f("runs/default", "directory for logs, grids and checkpoints")
 
 
@@ -140,6 +156,7 @@ class RuntimeConfig:
     precision: str = _f("bf16", "training precision", choices=["bf16", "fp32"])
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage", ge=0, le=3)
     device: str = _f("auto", "auto picks cuda when available", choices=["auto", "cpu", "cuda"])
+    nproc: int = _f(1, "processes `dist-diffusion train` starts on this machine", ge=1)
 
 
 @dataclass

@@ -23,14 +23,13 @@ from tqdm import tqdm
 
 from .config import Config, load_config, to_yaml
 from .core.ema import ema_decay, ema_update_
-from .core.guidance import Guidance
 from .core.losses import diffusion_loss, drop_labels
 from .core.models import as_denoiser, build_unet, null_label
-from .core.samplers import per_sample_randn, run_sampler, sample_generators
 from .core.schedule import make_schedule
 from .data import storage
 from .data.prepare import prepare
 from .data.stream import Position, ShardStream, StreamSpec
+from .generate import class_rows, generate
 from .imaging import save_grid
 from .stack import start_s3, stop_s3
 
@@ -104,18 +103,11 @@ def _train_step(cfg: Config, unet, schedule, opt, x0, labels, rng, step: int) ->
     return loss.item()
 
 
-@torch.no_grad()
 def sample_class_rows(cfg: Config, unet, per_class: int, cfg_scale: float) -> torch.Tensor:
     """per_class samples of every class, class-major; sample i seeded from (seed, i)."""
-    s = cfg.sample
-    labels = torch.arange(cfg.model.num_classes).repeat_interleave(per_class)
-    gens = sample_generators(s.seed, range(len(labels)))
-    noise = per_sample_randn(gens, (cfg.data.image_channels, cfg.data.resolution, cfg.data.resolution))
-    guidance = Guidance(null_label(cfg), cfg_scale, tuple(s.guidance_interval) or None)
-    return run_sampler(s.sampler, as_denoiser(unet), make_schedule(cfg.diffusion.schedule), noise, labels,
-                       guidance, steps=s.steps, spacing=s.spacing, eta=s.eta, generators=gens,
-                       prediction=cfg.diffusion.prediction, clip_x0=s.clip_x0,
-                       progress=lambda it: tqdm(it, desc=f"sample cfg={cfg_scale}", unit="step"))
+    labels = class_rows(cfg, per_class)
+    return generate(cfg, unet, labels, range(len(labels)), cfg_scale,
+                    progress=lambda it: tqdm(it, desc=f"sample cfg={cfg_scale}", unit="step"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,21 +33,24 @@ def process_env(environ: dict | None = None) -> ProcessEnv:
 
 
 def spawn_local(argv: list[str], nproc: int) -> int:
-    """Run ``python -m dist_diffusion.cli ARGV`` as nproc local ranks; first failure wins."""
+    """Run ``python -m dist_diffusion.cli ARGV`` as nproc local ranks with a loopback
+    rendezvous; the first failure stops the others and its exit code is returned."""
+    import socket
     import subprocess
     import sys
-
     import time
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, "WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     procs = [subprocess.Popen([sys.executable, "-m", "dist_diffusion.cli", *argv],
-                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": str(nproc),
-                                   "LOCAL_RANK": str(r)})
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(nproc)]
     try:
         while any(p.poll() is None for p in procs):
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-            if failed:  # one rank failed: the others would wait for it forever
-                break
+            if any(p.returncode not in (None, 0) for p in procs):
+                break  # one rank failed: the others would wait for it forever
             time.sleep(0.2)
     finally:
         for p in procs:

@@ -1,0 +1,79 @@
+"""Sharded checkpoints: DeepSpeed writes every rank's model/optimizer shard; beside them
+each rank writes its EMA (safetensors) and its state (step, data position). A checkpoint
+becomes usable only when rank 0 has written ``COMPLETE`` after every rank finished, and
+``latest`` is moved to it; so a crash mid-save leaves the previous one in charge.
+
+Layout: RUN/checkpoints/step00000040/{DeepSpeed files, ema_rank000.safetensors,
+state_rank000.json, ..., COMPLETE}, RUN/checkpoints/latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from .distributed import barrier
+
+COMPLETE = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def save(engine, ema, root: Path, step: int, state: dict, keep_last: int, meta: dict) -> Path:
+    rank = dist.get_rank()
+    tag = tag_for(step)
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    folder = root / tag
+    save_file(ema.state_dict(), str(folder / f"ema_rank{rank:03d}.safetensors"))
+    (folder / f"state_rank{rank:03d}.json").write_text(json.dumps(state))
+    barrier()  # every shard of every rank is on disk
+    if rank == 0:
+        (folder / COMPLETE).write_text(json.dumps({"step": step, **meta}, indent=2))
+        _atomic_write(root / "latest", tag)
+        _prune(root, keep_last)
+    barrier()
+    return folder
+
+
+def latest_complete(root: Path) -> str | None:
+    """The newest tag with a COMPLETE marker (incomplete, newer ones are ignored)."""
+    if not root.is_dir():
+        return None
+    tags = sorted((p.name for p in root.iterdir() if (p / COMPLETE).is_file()), reverse=True)
+    return tags[0] if tags else None
+
+
+def load(engine, ema, root: Path, tag: str, world_size: int) -> dict:
+    """Restore engine (weights, optimizer, LR schedule), EMA and this rank's state."""
+    meta = json.loads((root / tag / COMPLETE).read_text())
+    if meta.get("world_size") != world_size:
+        raise RuntimeError(f"checkpoint {root / tag} was written by {meta.get('world_size')} processes, "
+                           f"this run has {world_size}; resume with the same number of processes")
+    engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    rank = dist.get_rank()
+    ema.load_state_dict(load_file(str(root / tag / f"ema_rank{rank:03d}.safetensors")))
+    return json.loads((root / tag / f"state_rank{rank:03d}.json").read_text())
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Keep the newest keep_last complete checkpoints; drop older ones and the debris of
+    saves that never completed."""
+    tags = sorted((p for p in root.iterdir() if p.is_dir()), reverse=True)
+    complete = [p for p in tags if (p / COMPLETE).is_file()]
+    kept = complete[:keep_last]
+    for old in tags:
+        if old not in kept and old.name < kept[0].name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

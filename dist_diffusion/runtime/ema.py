@@ -1,0 +1,56 @@
+"""EMA of the weights, kept where the weights live.
+
+ZeRO-3: each rank keeps the EMA of its own fp32 master partition (the optimizer's copy;
+a bf16 partition is too coarse for decays near 1), so EMA memory per rank is ~1/world
+of the model and no step gathers anything. ZeRO 0-2: a full fp32 copy per rank, tracking
+the module's weights. The math is ``core.ema``; this file only picks the tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.ema import ema_update_
+from .distributed import all_gather_flat
+
+
+class EngineEMA:
+    def __init__(self, engine, zero_stage: int):
+        self.engine, self.sharded = engine, zero_stage == 3
+        named = list(engine.module.named_parameters())
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self.shadow = [t.detach().float().clone() for t in self._current()]
+
+    def _current(self) -> list[torch.Tensor]:
+        if self.sharded:
+            from deepspeed.utils import safe_get_local_fp32_param
+            return [safe_get_local_fp32_param(p) for p in self.params]
+        return [p.detach() for p in self.params]
+
+    def update(self, decay: float) -> None:
+        ema_update_(self.shadow, self._current(), decay)
+
+    def local_numel(self) -> int:
+        return sum(t.numel() for t in self.shadow)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's EMA tensors (partitions under ZeRO-3), for its checkpoint shard."""
+        return {n: t.contiguous() for n, t in zip(self.names, self.shadow)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise ValueError(f"the checkpoint's EMA lacks {len(missing)} parameters (e.g. {missing[0]}); "
+                             f"it was saved from a different model")
+        for name, shadow in zip(self.names, self.shadow):
+            if state[name].shape != shadow.shape:
+                raise ValueError(f"EMA tensor {name} has shape {tuple(state[name].shape)} in the checkpoint "
+                                 f"but {tuple(shadow.shape)} here; the model config or world size changed")
+            shadow.copy_(state[name])
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The whole EMA as a state dict (a collective under ZeRO-3: every rank calls it)."""
+        if not self.sharded:
+            return dict(zip(self.names, (t.clone() for t in self.shadow)))
+        return {n: all_gather_flat(t.flatten())[: p.ds_numel].view(p.ds_shape).clone()
+                for n, t, p in zip(self.names, self.shadow, self.params)}

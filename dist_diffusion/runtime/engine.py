@@ -1,0 +1,63 @@
+"""The DeepSpeed engine, built from the config tree. The DeepSpeed JSON is derived here,
+in one place, and written into the run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError
+
+
+def micro_batch_size(cfg: Config, world_size: int) -> int:
+    per_step = world_size * cfg.train.grad_accum
+    if cfg.train.batch_size % per_step:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by world size "
+                          f"{world_size} x train.grad_accum={cfg.train.grad_accum}; pick a multiple")
+    return cfg.train.batch_size // per_step
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON for this run (optimizer and schedule are passed as objects)."""
+    return {
+        "train_batch_size": cfg.train.batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.train.grad_clip,
+        "bf16": {"enabled": cfg.runtime.precision == "bf16"},
+        "zero_optimization": {"stage": cfg.runtime.zero_stage, "overlap_comm": False,
+                              "contiguous_gradients": True},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(cfg: Config):
+    """Linear warm-up, then constant or cosine decay to 0 at max_steps (multiplier of lr)."""
+    warmup, total = cfg.train.warmup_steps, cfg.train.max_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.train.lr_schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, run_dir: Path):
+    """deepspeed.initialize with AdamW + the LR schedule; writes run_dir/deepspeed.json."""
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, world_size)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return engine

@@ -1,0 +1,274 @@
+"""``train(cfg)``: the training job every launcher calls (local, torchrun, SLURM, Ray).
+
+A short driver of named steps: join the process group, build the pieces, restore the
+latest complete checkpoint of the run directory, then loop: next batch -> loss ->
+DeepSpeed step -> EMA -> log -> checkpoint / sample grid / preemption check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config, ConfigError, to_yaml
+from .core.ema import ema_decay
+from .core.losses import diffusion_loss, drop_labels
+from .core.models import build_unet, build_vae, encode_images, null_label, unet_input_shape
+from .core.schedule import make_schedule
+from .data.stream import Position, ShardStream, StreamSpec, load_manifest
+from .runtime import checkpoint
+from .runtime.distributed import any_rank, device, init_process_group, mean_over_ranks
+from .runtime.ema import EngineEMA
+from .runtime.engine import build_engine, micro_batch_size
+from .train_log import TrainLogger
+
+REQUEUE_EXIT_CODE = 124  # launchers treat it as "preempted, checkpoint saved: run me again"
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped cleanly for a reason a person must look at (e.g. a NaN loss)."""
+
+
+class Preempted(SystemExit):
+    def __init__(self):
+        super().__init__(REQUEUE_EXIT_CODE)
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built once."""
+
+    cfg: Config
+    env: object
+    engine: object
+    ema: EngineEMA
+    schedule: object
+    vae: object
+    spec: StreamSpec
+    manifest: dict
+    logger: TrainLogger
+    step: int = 0
+    position: Position = field(default_factory=Position)
+    skipped_steps: int = 0
+
+
+def train(cfg: Config) -> dict:
+    """Train to cfg.train.max_steps, resuming from the run directory; returns a summary."""
+    run = build_run(cfg)
+    restore(run)
+    guard = PreemptionGuard(cfg.train.preempt_signals)
+    started = time.monotonic()
+    batches = stream_batches(run)
+    while run.step < cfg.train.max_steps:
+        metrics = train_step(run, batches)
+        run.step += 1
+        run.ema.update(ema_decay(run.step - 1, cfg.train.ema_decay, cfg.train.ema_half_life_steps,
+                                 cfg.train.ema_warmup))
+        run.logger.step(run.step, metrics)
+        if run.step % cfg.train.ckpt_every == 0 or run.step == cfg.train.max_steps:
+            save(run)
+        if cfg.train.sample_every and run.step % cfg.train.sample_every == 0:
+            run.logger.sample_grid(run)
+        if any_rank(guard.requested or _out_of_time(cfg, started)):
+            if run.step % cfg.train.ckpt_every and run.step != cfg.train.max_steps:
+                save(run)
+            run.logger.info(f"preempted at step {run.step}: checkpoint saved, exiting {REQUEUE_EXIT_CODE}")
+            run.logger.close()
+            raise Preempted()
+    run.logger.close()
+    return {"step": run.step, "skipped_steps": run.skipped_steps, "run_dir": cfg.train.run_dir}
+
+
+def build_run(cfg: Config) -> Run:
+    env = init_process_group()
+    run_dir = Path(cfg.train.run_dir)
+    manifest = load_manifest(cfg.data.shards) if cfg.data.shards else _no_shards()
+    _check_data_matches(cfg, manifest)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    engine = build_engine(cfg, build_unet(cfg), env.world_size, run_dir)
+    vae = _frozen_vae(cfg) if cfg.vae.enabled and manifest["kind"] == "images" else None
+    spec = StreamSpec(url=cfg.data.shards, batch_size=micro_batch_size(cfg, env.world_size), rank=env.rank,
+                      world_size=env.world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+                      hflip=cfg.data.hflip, max_corrupt_fraction=cfg.data.max_corrupt_fraction)
+    if env.is_main:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    logger = TrainLogger(cfg, env, run_dir)
+    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_train_timesteps,
+                             cfg.diffusion.beta_start, cfg.diffusion.beta_end)
+    return Run(cfg, env, engine, EngineEMA(engine, cfg.runtime.zero_stage), schedule, vae, spec,
+               manifest, logger)
+
+
+def _no_shards():
+    raise ConfigError("data.shards is empty; point it at shards from `dist-diffusion prepare` "
+                      "(images) or `dist-diffusion encode` (latents)")
+
+
+def _check_data_matches(cfg: Config, manifest: dict) -> None:
+    """Shards and model must agree before any step: kind, shape and class count."""
+    if manifest["num_classes"] > cfg.model.num_classes:
+        raise ConfigError(f"the shards at {cfg.data.shards} have {manifest['num_classes']} classes but "
+                          f"model.num_classes={cfg.model.num_classes}; raise it")
+    if manifest["kind"] == "latents":
+        if not cfg.vae.enabled:
+            raise ConfigError(f"{cfg.data.shards} holds latents but vae.enabled=false; use image shards "
+                              f"for pixel-space training")
+        if list(manifest["latent_shape"]) != list(unet_input_shape(cfg)):
+            raise ConfigError(f"latents in {cfg.data.shards} are {manifest['latent_shape']} but the config "
+                              f"expects {list(unet_input_shape(cfg))}; match vae.* and data.resolution")
+    elif manifest["resolution"] != cfg.data.resolution:
+        raise ConfigError(f"images in {cfg.data.shards} are {manifest['resolution']}px but "
+                          f"data.resolution={cfg.data.resolution}; re-run prepare or change it")
+
+
+def _frozen_vae(cfg: Config):
+    vae = build_vae(cfg).to(device()).eval().requires_grad_(False)
+    return vae
+
+
+def stream_batches(run: Run):
+    """Micro-batches forever; ``run.position`` counts what the loop consumed (not what the
+    dataloader prefetched), so a checkpoint taken between steps resumes exactly."""
+    while True:
+        start = Position(run.position.epoch, run.position.batches)
+        loader = torch.utils.data.DataLoader(ShardStream(run.spec, start, run.manifest), batch_size=None,
+                                             num_workers=run.spec.num_workers)
+        for batch in loader:
+            run.position.batches += 1
+            yield batch
+        run.position = Position(run.position.epoch + 1, 0)
+
+
+def train_step(run: Run, batches) -> dict:
+    """One optimizer step over grad_accum micro-batches; returns metrics for the logger."""
+    cfg, waited, losses, timesteps, keys = run.cfg, 0.0, [], [], []
+    for micro in range(cfg.train.grad_accum):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - t0
+        gen = _step_generator(cfg.train.seed, run.step, micro, run.env.rank)
+        x0 = model_inputs(run, batch, gen)
+        per_sample, t = _loss(run, x0, batch["label"].to(x0.device), gen)
+        loss = per_sample.mean()
+        if any_rank(not torch.isfinite(loss).item()):
+            _nonfinite(run, loss)
+            return {"skipped": True}
+        run.engine.backward(loss)
+        run.engine.step()
+        losses.append(per_sample.detach().float().cpu())
+        timesteps.append(t.cpu())
+        keys += batch["key"]
+    return {"per_sample": torch.cat(losses), "t": torch.cat(timesteps), "keys": keys,
+            "data_wait_s": waited, "grad_norm": _grad_norm(run.engine),
+            "lr": run.engine.get_lr()[0], "skipped_samples": batch.get("skipped", 0)}
+
+
+def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """All random draws of a micro-step come from (seed, step, micro, rank): resuming needs
+    no RNG state, and the draws do not depend on what ran before."""
+    mixed = int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, np.uint64)[0])
+    torch.manual_seed(mixed)  # model-internal randomness (dropout) as well
+    return torch.Generator().manual_seed(mixed)
+
+
+def model_inputs(run: Run, batch: dict, gen: torch.Generator) -> torch.Tensor:
+    """Latents from latent shards, VAE-encoded images, or the images themselves (pixels)."""
+    if "latent" in batch:
+        return batch["latent"].to(device())
+    images = batch["image"].to(device())
+    if run.vae is None:
+        return images
+    with torch.no_grad():
+        noise_gen = [torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+                     for _ in range(images.shape[0])]
+        return encode_images(run.vae, images, sample=run.cfg.vae.sample_posterior, generator=noise_gen)
+
+
+def _loss(run: Run, x0: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
+    cfg, n = run.cfg, x0.shape[0]
+    t = torch.randint(0, run.schedule.num_timesteps, (n,), generator=gen).to(x0.device)
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    labels = drop_labels(labels, cfg.diffusion.label_dropout, null_label(cfg),
+                         torch.rand(n, generator=gen).to(x0.device))
+    dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
+
+    def denoise(x, tt, y):
+        return run.engine(x.to(dtype), tt, class_labels=y).sample
+
+    per_sample = diffusion_loss(denoise, run.schedule, x0.float(), labels, t, noise.float(),
+                                cfg.diffusion.prediction, cfg.diffusion.min_snr_gamma)
+    return per_sample, t
+
+
+def _nonfinite(run: Run, loss: torch.Tensor) -> None:
+    if run.cfg.train.nan_policy == "skip":
+        run.skipped_steps += 1
+        run.logger.info(f"non-finite loss at step {run.step + 1}: step skipped "
+                        f"({run.skipped_steps} so far)")
+        return
+    raise TrainingStopped(f"loss became {loss.item()} at step {run.step + 1}; the last complete "
+                          f"checkpoint is kept. Lower train.lr, check the data, or set "
+                          f"train.nan_policy=skip")
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+def save(run: Run) -> None:
+    state = {"step": run.step, "position": run.position.state_dict(), "skipped_steps": run.skipped_steps}
+    meta = {"world_size": run.env.world_size, "zero_stage": run.cfg.runtime.zero_stage}
+    folder = checkpoint.save(run.engine, run.ema, Path(run.cfg.train.run_dir) / "checkpoints", run.step,
+                             state, run.cfg.train.keep_last, meta)
+    run.logger.info(f"checkpoint {folder} complete")
+
+
+def restore(run: Run) -> None:
+    root = Path(run.cfg.train.run_dir) / "checkpoints"
+    tag = checkpoint.latest_complete(root)
+    if tag is None:
+        return
+    state = checkpoint.load(run.engine, run.ema, root, tag, run.env.world_size)
+    run.step, run.skipped_steps = state["step"], state["skipped_steps"]
+    run.position = Position(**state["position"])
+    run.logger.info(f"resumed from {root / tag} at step {run.step}")
+
+
+class PreemptionGuard:
+    """Remembers that a preemption signal arrived; the loop finishes its step, saves, exits."""
+
+    def __init__(self, names: list[str]):
+        self.requested = False
+        for name in names:
+            signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
+def _out_of_time(cfg: Config, started: float) -> bool:
+    return bool(cfg.train.wall_time_limit_s) and time.monotonic() - started > cfg.train.wall_time_limit_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry for torchrun / srun: ``python -m dist_diffusion.train CONFIG [key=value...]``."""
+    from .config import load_config
+
+    args = sys.argv[1:] if argv is None else argv
+    cfg = load_config(args[0] if args else None, args[1:])
+    summary = train(cfg)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""What a training run tells people: a readable line on stdout (rank 0), metrics.jsonl and
+TensorBoard (rank 0), a per-rank record of which samples each step saw, and EMA sample
+grids."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from .config import Config
+
+
+class TrainLogger:
+    def __init__(self, cfg: Config, env, run_dir: Path):
+        self.cfg, self.env, self.run_dir = cfg, env, run_dir
+        self.main = env.is_main
+        self.window_start, self.window_images, self.window_wait = time.perf_counter(), 0, 0.0
+        self.seen = open(run_dir / f"samples_rank{env.rank:03d}.jsonl", "a")
+        self.metrics = open(run_dir / "metrics.jsonl", "a") if self.main else None
+        self.tb = self._tensorboard() if self.main else None
+
+    def _tensorboard(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def info(self, message: str) -> None:
+        if self.main:
+            print(f"[train] {message}", flush=True)
+
+    def step(self, step: int, m: dict) -> None:
+        if m.get("skipped"):
+            return
+        digest = hashlib.sha1("\n".join(m["keys"]).encode()).hexdigest()
+        self.seen.write(json.dumps({"step": step, "n": len(m["keys"]), "keys_sha1": digest}) + "\n")
+        self.window_images += len(m["keys"])
+        self.window_wait += m["data_wait_s"]
+        if step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps:
+            self._emit(step, m)
+
+    def _emit(self, step: int, m: dict) -> None:
+        from .runtime.distributed import mean_over_ranks
+
+        quartiles = _loss_by_quartile(m["per_sample"], m["t"], self.cfg.diffusion.num_train_timesteps)
+        reduced = mean_over_ranks(torch.tensor([m["per_sample"].mean().item(), *quartiles]))
+        elapsed = time.perf_counter() - self.window_start
+        per_proc = self.window_images / elapsed
+        row = {"step": step, "loss": reduced[0].item(),
+               **{f"loss_q{i + 1}": reduced[i + 1].item() for i in range(4)},
+               "grad_norm": m["grad_norm"], "lr": m["lr"], "images_per_s": per_proc * self.env.world_size,
+               "images_per_s_per_process": per_proc, "data_wait_fraction": self.window_wait / elapsed,
+               "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if torch.cuda.is_available():
+            row["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        self.window_start, self.window_images, self.window_wait = time.perf_counter(), 0, 0.0
+        if self.main:
+            self._write(step, row)
+
+    def _write(self, step: int, row: dict) -> None:
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        for key, value in row.items():
+            if key != "step":
+                self.tb.add_scalar(f"train/{key}", value, step)
+        print(f"[train] step {step}/{self.cfg.train.max_steps} loss {row['loss']:.4f} "
+              f"grad {row['grad_norm']:.3f} lr {row['lr']:.2e} {row['images_per_s']:.1f} img/s "
+              f"data-wait {100 * row['data_wait_fraction']:.0f}%", flush=True)
+
+    def sample_grid(self, run) -> None:
+        """DDIM + CFG samples from the EMA weights -> RUN/samples/stepN.png (rank 0 draws)."""
+        from .generate import ema_grid
+
+        state = run.ema.full_state()  # a collective under ZeRO-3
+        if self.main:
+            path = ema_grid(self.cfg, state, run.vae, self.run_dir / "samples" / f"step{run.step:08d}.png")
+            self.info(f"EMA samples -> {path}")
+
+    def close(self) -> None:
+        self.seen.close()
+        if self.main:
+            self.metrics.close()
+            self.tb.close()
+
+
+def _loss_by_quartile(per_sample: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> list[float]:
+    """Mean loss of the samples whose timestep falls in each quarter of [0, T); NaN if none."""
+    quarter = (t * 4 // num_timesteps).clamp(max=3)
+    return [per_sample[quarter == q].mean().item() if (quarter == q).any() else float("nan")
+            for q in range(4)]
