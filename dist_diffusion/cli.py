@@ -106,6 +106,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_unet
+
+    out = export_unet(args.run_dir, args.out, "raw" if args.raw else "ema")
+    print(f"exported the {'raw' if args.raw else 'EMA'} UNet to {out} (UNet2DModel.from_pretrained)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dist-diffusion",
@@ -139,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=0, help="local processes (default: runtime.nproc)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("export", help="latest complete checkpoint -> diffusers UNet (safetensors)")
+    p.add_argument("--run-dir", required=True, help="the training run directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--raw", action="store_true", help="the trained weights instead of the EMA")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -38,6 +38,7 @@ class TrainLogger:
             return
         digest = hashlib.sha1("\n".join(m["keys"]).encode()).hexdigest()
         self.seen.write(json.dumps({"step": step, "n": len(m["keys"]), "keys_sha1": digest}) + "\n")
+        self.seen.flush()  # a killed rank keeps its record up to its last step
         self.window_images += len(m["keys"])
         self.window_wait += m["data_wait_s"]
         if step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps:

@@ -1,0 +1,57 @@
+"""``dist-diffusion export``: a run's latest complete checkpoint -> a diffusers UNet
+directory (safetensors + config.json) that ``UNet2DModel.from_pretrained`` and the
+sampler load. Runs in one process, offline: EMA shards written by N ranks are joined
+here (ZeRO-3 partitions are the flat parameter cut in N equal, padded pieces).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .config import ConfigError, load_config
+from .core.models import build_unet
+from .runtime.checkpoint import COMPLETE, latest_complete
+
+
+def export_unet(run_dir: str | Path, out: str | Path, weights: str = "ema") -> Path:
+    run_dir, out = Path(run_dir), Path(out)
+    root = run_dir / "checkpoints"
+    tag = latest_complete(root)
+    if tag is None:
+        raise ConfigError(f"{run_dir} has no complete checkpoint; train first (or point --run-dir "
+                          f"at the run's directory)")
+    cfg = load_config(run_dir / "config.yaml")
+    unet = build_unet(cfg)
+    state = _ema_state(root / tag, unet) if weights == "ema" else _raw_state(root, tag)
+    unet.load_state_dict(state)
+    unet.save_pretrained(out, safe_serialization=True)
+    (out / "dist_diffusion.json").write_text(json.dumps(
+        {"checkpoint": str(root / tag), "weights": weights, "null_label": cfg.model.num_classes,
+         "prediction": cfg.diffusion.prediction, "schedule": cfg.diffusion.schedule,
+         "num_train_timesteps": cfg.diffusion.num_train_timesteps}, indent=2))
+    return out
+
+
+def _ema_state(folder: Path, unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    meta = json.loads((folder / COMPLETE).read_text())
+    shards = [load_file(str(folder / f"ema_rank{r:03d}.safetensors")) for r in range(meta["world_size"])]
+    if meta["zero_stage"] != 3:
+        return shards[0]  # every rank holds the whole EMA
+    return {name: _join_partitions([s[name] for s in shards], p.shape) for name, p in unet.named_parameters()}
+
+
+def _join_partitions(parts: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    numel = math.prod(shape)
+    return torch.cat([p.flatten() for p in parts])[:numel].view(shape)
+
+
+def _raw_state(root: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The trained (non-EMA) fp32 weights, through DeepSpeed's own ZeRO consolidation."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)

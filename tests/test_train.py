@@ -1,0 +1,219 @@
+"""The real DeepSpeed engine, 2 processes with gloo on CPU, shards in the embedded S3."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from diffusers import UNet2DModel
+from safetensors.torch import load_file
+
+from conftest import make_class_folders
+from dist_diffusion.config import DataConfig, load_config
+from dist_diffusion.core.models import build_unet, build_vae
+
+ROOT = Path(__file__).resolve().parents[1]
+PIXEL = ["vae.enabled=false", "data.resolution=16", "model.num_classes=4", "train.batch_size=16",
+         "train.warmup_steps=2", "train.lr=2e-3", "train.log_every=1", "data.num_workers=0",
+         "data.hflip=false"]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory, s3_server):
+    """Image shards (16 px, pixel space) and latent shards (32 px -> 8x8x4) in S3."""
+    from dist_diffusion.data import storage
+    from dist_diffusion.data.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("train-data")
+    storage.s3_client().create_bucket(Bucket="train-data")
+    src = make_class_folders(tmp / "src", classes=4, per_class=40)
+    prepare(src, "s3://train-data/img16", DataConfig(resolution=16, samples_per_shard=40), progress=False)
+    prepare(src, "s3://train-data/img32", DataConfig(resolution=32, samples_per_shard=40), progress=False)
+    torch.manual_seed(0)
+    build_vae(load_config(ROOT / "configs/tiny.yaml")).save_pretrained(tmp / "vae")
+    out = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "encode", "--shards", "s3://train-data/img32",
+                          "--out", "s3://train-data/lat32", "--config", "configs/tiny.yaml",
+                          f"vae.pretrained={tmp / 'vae'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return {"pixels": "s3://train-data/img16", "latents": "s3://train-data/lat32", "vae": tmp / "vae"}
+
+
+def train_cmd(run_dir, overrides, nproc=2):
+    return [sys.executable, "-m", "dist_diffusion.cli", "train", "--config", "configs/tiny.yaml",
+            "--nproc", str(nproc), f"train.run_dir={run_dir}", *overrides]
+
+
+def run_train(run_dir, overrides, nproc=2, expect=0):
+    out = subprocess.run(train_cmd(run_dir, overrides, nproc), cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == expect, out.stdout[-2000:] + out.stderr[-4000:]
+    return out
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_zero2_bf16_latents_loss_falls_and_export_matches(tmp_path, datasets):
+    run = tmp_path / "run"
+    run_train(run, ["runtime.zero_stage=2", "model.num_classes=4", "train.batch_size=16", "train.max_steps=30",
+                    "train.warmup_steps=2", "train.lr=2e-3", "train.log_every=1", "data.num_workers=0",
+                    f"data.shards={datasets['latents']}", f"vae.pretrained={datasets['vae']}"])
+    curve = losses(run)
+    assert len(curve) == 30 and sum(curve[-5:]) / 5 < 0.7 * sum(curve[:5]) / 5, curve
+    assert json.loads((run / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
+
+    out = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "export", "--run-dir", str(run),
+                          "--out", str(tmp_path / "unet")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    exported = UNet2DModel.from_pretrained(tmp_path / "unet").eval()
+    ours = build_unet(load_config(run / "config.yaml")).eval()
+    ours.load_state_dict(load_file(str(run / "checkpoints/step00000030/ema_rank000.safetensors")))
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.tensor([1, 4])
+    with torch.no_grad():
+        assert torch.equal(exported(x, t, class_labels=y).sample, ours(x, t, class_labels=y).sample)
+
+
+def test_zero3_bf16_pixels_sharded_ema(tmp_path, datasets):
+    run = tmp_path / "run"
+    # decay 0: the EMA is exactly the fp32 master weights, so its joined partitions must
+    # equal DeepSpeed's own consolidation of the ZeRO-3 checkpoint
+    run_train(run, PIXEL + ["runtime.zero_stage=3", "train.max_steps=30", f"data.shards={datasets['pixels']}",
+                            "train.ema_decay=0.0", "train.ema_half_life_steps=0", "train.ema_warmup=false"])
+    curve = losses(run)
+    assert sum(curve[-5:]) / 5 < 0.7 * sum(curve[:5]) / 5, curve
+    folder = run / "checkpoints/step00000030"
+    shards = [load_file(str(folder / f"ema_rank{r:03d}.safetensors")) for r in range(2)]
+    per_rank = [sum(t.numel() for t in s.values()) for s in shards]
+    total = sum(p.numel() for p in build_unet(load_config(run / "config.yaml")).parameters())
+    assert all(0.49 * total <= n <= 0.51 * total for n in per_rank), (per_rank, total)
+    for name in ("ema", "raw"):
+        args = ["--raw"] if name == "raw" else []
+        out = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "export", "--run-dir", str(run), "--out",
+                              str(tmp_path / name), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+    ema = load_file(str(tmp_path / "ema/diffusion_pytorch_model.safetensors"))
+    raw = load_file(str(tmp_path / "raw/diffusion_pytorch_model.safetensors"))
+    assert ema.keys() == raw.keys() and all(torch.equal(ema[k], raw[k]) for k in ema)
+
+
+def seen(run_dir):
+    """Last record per step of every rank: which samples each step consumed."""
+    out = {}
+    for path in sorted(Path(run_dir).glob("samples_rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            out[(path.name, row["step"])] = row["keys_sha1"]
+    return out
+
+
+def checkpoint_files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name not in ("COMPLETE",)
+            and not p.name.startswith("state_")}
+
+
+def test_exact_resume_after_kill9_equals_uninterrupted(tmp_path, datasets):
+    args = PIXEL + ["runtime.zero_stage=2", "train.max_steps=12", "train.ckpt_every=4", "train.keep_last=3",
+                    f"data.shards={datasets['pixels']}"]
+    run_train(tmp_path / "straight", args)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(killed, args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (killed / "checkpoints/step00000004/COMPLETE").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "training ended before step 4"
+            time.sleep(0.02)
+        victim = psutil.Process(proc.pid).children()[1]  # rank 1
+        victim.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = [int(p.name[4:]) for p in (killed / "checkpoints").iterdir() if (p / "COMPLETE").exists()]
+    assert max(done) < 12, "the kill came too late to test anything"
+    resumed = run_train(killed, args)
+    assert "resumed from" in resumed.stdout
+
+    a, b = tmp_path / "straight/checkpoints/step00000012", killed / "checkpoints/step00000012"
+    files_a, files_b = checkpoint_files(a), checkpoint_files(b)
+    assert files_a.keys() == files_b.keys()
+    for name in files_a:  # weights, optimizer moments and EMA, bitwise
+        if name.endswith(".safetensors"):
+            ta, tb = load_file(str(a / name)), load_file(str(b / name))
+            assert all(torch.equal(ta[k], tb[k]) for k in ta), name
+    for name in ("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        sa = torch.load(a / name, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        sb = torch.load(b / name, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        assert _tensors_equal(sa, sb), name
+    assert seen(tmp_path / "straight") == seen(killed)
+
+
+def _tensors_equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b))
+    if hasattr(a, "__dict__"):  # e.g. DeepSpeed's LossScaler, which has no __eq__
+        return type(a) is type(b) and _tensors_equal(vars(a), vars(b))
+    return a == b
+
+
+def test_crash_mid_save_resumes_from_previous_complete(tmp_path, datasets):
+    args = PIXEL + ["runtime.zero_stage=2", "train.max_steps=8", "train.ckpt_every=4", "train.keep_last=2",
+                    f"data.shards={datasets['pixels']}"]
+    run = tmp_path / "run"
+    run_train(run, args)
+    final = checkpoint_files(run / "checkpoints/step00000008")
+    # what a crash between the shards and the marker leaves: no COMPLETE, a torn shard
+    (run / "checkpoints/step00000008/COMPLETE").unlink()
+    torn = run / "checkpoints/step00000008/ema_rank001.safetensors"
+    torn.write_bytes(torn.read_bytes()[:100])
+    again = run_train(run, args)
+    assert "resumed from" in again.stdout and "step00000004" in again.stdout
+    assert (run / "checkpoints/step00000008/COMPLETE").exists()
+    redo = checkpoint_files(run / "checkpoints/step00000008")
+    assert redo.keys() == final.keys()
+    for name in (n for n in final if n.endswith(".safetensors")):  # retrained 5..8 bitwise alike
+        assert final[name] == redo[name], name
+
+
+def test_sigusr1_saves_and_exits_with_requeue_code_then_resumes(tmp_path, datasets):
+    args = PIXEL + ["runtime.zero_stage=2", "train.max_steps=400", "train.ckpt_every=1000",
+                    f"data.shards={datasets['pixels']}"]
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(run, args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "metrics.jsonl").exists() or len(losses(run)) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        for child in psutil.Process(proc.pid).children():
+            child.send_signal(signal.SIGUSR1)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 124, stderr[-3000:]
+    assert "preempted at step" in stdout
+    saved = [p for p in (run / "checkpoints").iterdir() if (p / "COMPLETE").exists()]
+    assert len(saved) == 1
+    step = json.loads((saved[0] / "COMPLETE").read_text())["step"]
+    assert 3 <= step < 400
+    resumed = run_train(run, [a for a in args if not a.startswith("train.max_steps")] + [f"train.max_steps={step + 2}"])
+    assert f"resumed from {saved[0]} at step {step}" in resumed.stdout
+
+
+def test_bad_input_fails_before_training(tmp_path, datasets):
+    out = run_train(tmp_path / "run", PIXEL + ["data.resolution=32", f"data.shards={datasets['pixels']}"],
+                    nproc=1, expect=2)
+    assert "images in s3://train-data/img16 are 16px but data.resolution=32" in out.stderr
+    assert "Traceback" not in out.stderr
