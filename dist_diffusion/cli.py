@@ -102,7 +102,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except (StorageError, TrainingStopped) as err:
         print(f"error: {err}", file=sys.stderr)
         return 3 if isinstance(err, TrainingStopped) else 2
-    print(f"trained to step {summary['step']} in {summary['run_dir']}")
+    from .runtime.env import process_env
+
+    if process_env().is_main:
+        print(f"trained to step {summary['step']} in {summary['run_dir']}")
     return 0
 
 

@@ -17,7 +17,7 @@ def test_short_demo_runs_every_stage(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((run_dir / "demo.json").read_text())
-    assert set(report["stages"]) == {"stack up", "digits", "prepare", "train", "sample cfg 1",
+    assert set(report["stages"]) == {"stack up", "digits", "prepare", "train", "export", "sample cfg 1",
                                      "sample cfg 3", "stack down"}
     assert report["num_samples"] == 1797
     for name in ("real.png", "samples_cfg1.png", "samples_cfg3.png"):

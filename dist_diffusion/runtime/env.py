@@ -43,7 +43,8 @@ def spawn_local(argv: list[str], nproc: int) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    base = {**os.environ, "WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    base = {**os.environ, "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     procs = [subprocess.Popen([sys.executable, "-m", "dist_diffusion.cli", *argv],
                               env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(nproc)]
