@@ -217,3 +217,10 @@ def test_bad_input_fails_before_training(tmp_path, datasets):
                     nproc=1, expect=2)
     assert "images in s3://train-data/img16 are 16px but data.resolution=32" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_nonfinite_loss_stops_cleanly_naming_the_step(tmp_path, datasets):
+    out = run_train(tmp_path / "run", PIXEL + ["train.lr=1e30", "train.max_steps=20", f"data.shards={datasets['pixels']}"],
+                    nproc=1, expect=3)
+    assert "loss became" in out.stderr and "at step" in out.stderr and "train.nan_policy=skip" in out.stderr
+    assert "Traceback" not in out.stderr

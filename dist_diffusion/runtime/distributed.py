@@ -22,6 +22,7 @@ def init_process_group() -> ProcessEnv:
         return ProcessEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     env = process_env()
     _default_rendezvous(env)
+    _quiet_known_noise()
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -39,6 +40,16 @@ def _share_cpu_cores() -> None:
     cores and a step gets ~3x slower. Give each rank its share."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", 1)))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+
+
+def _quiet_known_noise() -> None:
+    """Name the accelerator instead of letting DeepSpeed probe and warn, and hide a
+    deprecation warning DeepSpeed's own ZeRO code triggers on every save."""
+    import warnings
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
 
 
 def _default_rendezvous(env: ProcessEnv) -> None:

@@ -1,0 +1,85 @@
+"""The framework's training step against a minimal plain-PyTorch loop, one process.
+
+Framework: `train.train_step` (DeepSpeed engine with bf16 and ZeRO-2, the stream reading
+a local shard directory, CFG label dropout, per-step generators) plus the EMA update.
+Plain: the same UNet, batch and bf16 (autocast) with torch AdamW on tensors already in
+memory. Both run in this process, alternating, after a warm-up; each side keeps its best
+of 3 windows. Prints `train_overhead_ratio=<x>` last (framework seconds per step over
+plain; goal <= 1.10).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import make_class_folders  # noqa: E402
+
+from dist_diffusion.config import load_config  # noqa: E402
+from dist_diffusion.core.ema import ema_decay  # noqa: E402
+from dist_diffusion.core.losses import diffusion_loss  # noqa: E402
+from dist_diffusion.core.models import as_denoiser, build_unet  # noqa: E402
+from dist_diffusion.data.prepare import prepare  # noqa: E402
+from dist_diffusion.train import build_run, stream_batches, train_step  # noqa: E402
+
+STEPS = 15
+
+
+def plain_loop(cfg, run) -> float:
+    """Seconds per step of the textbook loop on the same model, batch and precision."""
+    torch.manual_seed(0)
+    unet = build_unet(cfg)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr)
+    x0 = torch.randn(cfg.train.batch_size, 3, cfg.data.resolution, cfg.data.resolution)
+    labels = torch.randint(0, cfg.model.num_classes, (cfg.train.batch_size,))
+    start = time.perf_counter()
+    for _ in range(STEPS):
+        t = torch.randint(0, 1000, (x0.shape[0],))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = diffusion_loss(as_denoiser(unet), run.schedule, x0, labels, t, torch.randn_like(x0)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+    return (time.perf_counter() - start) / STEPS
+
+
+def framework_loop(run, batches) -> float:
+    start = time.perf_counter()
+    for _ in range(STEPS):
+        train_step(run, batches)
+        run.step += 1
+        run.ema.update(ema_decay(run.step, 0.9999))
+    return (time.perf_counter() - start) / STEPS
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_class_folders(root / "src", classes=4, per_class=100)
+        cfg = load_config("configs/tiny.yaml", [
+            "vae.enabled=false", "data.resolution=32", "model.num_classes=4", "train.batch_size=32",
+            "data.num_workers=1", f"data.shards={root / 'shards'}", f"train.run_dir={root / 'run'}",
+            "runtime.zero_stage=2", "data.samples_per_shard=100"])
+        prepare(root / "src", str(root / "shards"), cfg.data, progress=False)
+        os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+        run = build_run(cfg)
+        batches = stream_batches(run)
+        framework_loop(run, batches), plain_loop(cfg, run)  # warm-up both
+        best = {"framework": float("inf"), "plain": float("inf")}
+        for _ in range(3):
+            best["framework"] = min(best["framework"], framework_loop(run, batches))
+            best["plain"] = min(best["plain"], plain_loop(cfg, run))
+        run.logger.close()
+    print(f"framework_s_per_step={best['framework']:.4f} plain_s_per_step={best['plain']:.4f}")
+    print(f"train_overhead_ratio={best['framework'] / best['plain']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
