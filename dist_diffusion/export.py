@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from .config import ConfigError, load_config
 from .core.models import build_unet
-from .runtime.checkpoint import COMPLETE, latest_complete
+from .runtime.checkpoint import COMPLETE, consolidated_fp32_state, latest_complete
 
 
 def export_unet(run_dir: str | Path, out: str | Path, weights: str = "ema") -> Path:
@@ -27,7 +27,7 @@ def export_unet(run_dir: str | Path, out: str | Path, weights: str = "ema") -> P
                           f"at the run's directory)")
     cfg = load_config(run_dir / "config.yaml")
     unet = build_unet(cfg)
-    state = _ema_state(root / tag, unet) if weights == "ema" else _raw_state(root, tag)
+    state = _ema_state(root / tag, unet) if weights == "ema" else consolidated_fp32_state(root, tag)
     unet.load_state_dict(state)
     unet.save_pretrained(out, safe_serialization=True)
     (out / "dist_diffusion.json").write_text(json.dumps(
@@ -50,8 +50,3 @@ def _join_partitions(parts: list[torch.Tensor], shape: torch.Size) -> torch.Tens
     return torch.cat([p.flatten() for p in parts])[:numel].view(shape)
 
 
-def _raw_state(root: Path, tag: str) -> dict[str, torch.Tensor]:
-    """The trained (non-EMA) fp32 weights, through DeepSpeed's own ZeRO consolidation."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)

@@ -65,13 +65,15 @@ def weed_binary() -> str:
 
 
 def _weed_command(data_dir: Path, identities: Path, ports: list[int]) -> list[str]:
+    # Every bucket grows its own set of volumes: with the default 8 volume slots a handful of
+    # buckets exhausts the server (PutObject -> InternalError). Many small volumes instead.
     s3, s3_grpc, master, master_grpc, volume, volume_grpc, filer, filer_grpc = ports
     return [weed_binary(), "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={identities}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-iam=false",
             f"-master.port={master}", f"-master.port.grpc={master_grpc}",
-            "-master.volumeSizeLimitMB=1024", "-master.telemetry=false",
-            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=16", "-volume.preStopSeconds=0",
+            "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
+            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=500", "-volume.preStopSeconds=0",
             f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}"]
 
 

@@ -62,6 +62,13 @@ def load(engine, ema, root: Path, tag: str, world_size: int) -> dict:
     return json.loads((root / tag / f"state_rank{rank:03d}.json").read_text())
 
 
+def consolidated_fp32_state(root: Path, tag: str) -> dict:
+    """The trained (non-EMA) fp32 weights of any ZeRO stage, joined offline by DeepSpeed."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+
+
 def _prune(root: Path, keep_last: int) -> None:
     """Keep the newest keep_last complete checkpoints; drop older ones and the debris of
     saves that never completed."""
