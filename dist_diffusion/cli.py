@@ -4,6 +4,7 @@ validates it, and only then starts work."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -110,10 +111,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_unet
+    from .export import export_model
 
-    out = export_unet(args.run_dir, args.out, "raw" if args.raw else "ema")
-    print(f"exported the {'raw' if args.raw else 'EMA'} UNet to {out} (UNet2DModel.from_pretrained)")
+    out = export_model(args.run_dir, args.out, "raw" if args.raw else "ema")
+    kind = json.loads((out / "dist_diffusion.json").read_text())["target"]
+    loader = "AutoencoderKL" if kind == "vae" else "UNet2DModel"
+    print(f"exported the {'raw' if args.raw else 'EMA'} {kind} to {out} ({loader}.from_pretrained)")
     return 0
 
 
@@ -150,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=0, help="local processes (default: runtime.nproc)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20")
     p.set_defaults(func=_cmd_train)
-    p = sub.add_parser("export", help="latest complete checkpoint -> diffusers UNet (safetensors)")
+    p = sub.add_parser("export", help="latest complete checkpoint -> diffusers UNet/VAE (safetensors)")
     p.add_argument("--run-dir", required=True, help="the training run directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--raw", action="store_true", help="the trained weights instead of the EMA")

@@ -77,6 +77,9 @@ class VAEConfig:
     scaling_factor: float = _f(1.0, "latents are multiplied by this so they have about unit "
                                     "variance (SD-VAE: 0.18215)", gt=0.0)
     sample_posterior: bool = _f(True, "encode by sampling the posterior (false: its mean)")
+    kl_weight: float = _f(1e-6, "VAE training: weight of KL(q(z|x) || N(0, I)) (summed over the "
+                                "latent) against the per-pixel reconstruction loss", ge=0.0)
+    recon_loss: str = _f("l1", "VAE training: reconstruction loss", choices=["l1", "mse"])
 
 
 @dataclass
@@ -122,6 +125,8 @@ class DataConfig:
 class TrainConfig:
     """The optimisation loop."""
 
+    target: str = _f("unet", "what this run trains: the diffusion UNet, or the VAE it uses",
+                     choices=["unet", "vae"])
     max_steps: int = _f(1000, "optimizer steps to train for", ge=1)
     batch_size: int = _f(64, "global batch size (all processes, all accumulation steps)", ge=1)
     lr: float = _f(2e-4, "peak AdamW learning rate", gt=0.0)

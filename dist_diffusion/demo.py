@@ -28,7 +28,7 @@ from .config import Config, load_config, to_yaml
 from .data import storage
 from .data.prepare import prepare
 from .data.stream import ShardStream, StreamSpec
-from .export import export_unet
+from .export import export_model
 from .generate import class_rows, generate
 from .imaging import save_grid
 from .stack import start_s3, stop_s3
@@ -99,7 +99,7 @@ def _run_stages(cfg: Config, overrides: list[str], run_dir: Path, stages: dict) 
     _stage(stages, "train", lambda: _train_with_deepspeed(overrides + [f"data.shards={url}"]))
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     print(f"        {cfg.train.max_steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    exported = _stage(stages, "export", lambda: export_unet(run_dir, run_dir / "unet"))
+    exported = _stage(stages, "export", lambda: export_model(run_dir, run_dir / "unet"))
     ema_unet = UNet2DModel.from_pretrained(exported).eval()
     for scale in (1.0, cfg.sample.cfg_scale):
         grid = _stage(stages, f"sample cfg {scale:g}", lambda: save_grid(

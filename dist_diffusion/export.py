@@ -1,6 +1,6 @@
-"""``dist-diffusion export``: a run's latest complete checkpoint -> a diffusers UNet
-directory (safetensors + config.json) that ``UNet2DModel.from_pretrained`` and the
-sampler load. Runs in one process, offline: EMA shards written by N ranks are joined
+"""``dist-diffusion export``: a run's latest complete checkpoint -> a diffusers UNet (or,
+for a VAE run, AutoencoderKL) directory (safetensors + config.json) that
+``from_pretrained``, the sampler and ``encode`` load. Runs in one process, offline: EMA shards written by N ranks are joined
 here (ZeRO-3 partitions are the flat parameter cut in N equal, padded pieces).
 """
 
@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from .config import ConfigError, load_config
-from .core.models import build_unet
+from .core.models import build_unet, build_vae
 from .runtime.checkpoint import COMPLETE, consolidated_fp32_state, latest_complete
 
 
-def export_unet(run_dir: str | Path, out: str | Path, weights: str = "ema") -> Path:
+def export_model(run_dir: str | Path, out: str | Path, weights: str = "ema") -> Path:
     run_dir, out = Path(run_dir), Path(out)
     root = run_dir / "checkpoints"
     tag = latest_complete(root)
@@ -26,12 +26,12 @@ def export_unet(run_dir: str | Path, out: str | Path, weights: str = "ema") -> P
         raise ConfigError(f"{run_dir} has no complete checkpoint; train first (or point --run-dir "
                           f"at the run's directory)")
     cfg = load_config(run_dir / "config.yaml")
-    unet = build_unet(cfg)
-    state = _ema_state(root / tag, unet) if weights == "ema" else consolidated_fp32_state(root, tag)
-    unet.load_state_dict(state)
-    unet.save_pretrained(out, safe_serialization=True)
+    model = build_vae(cfg) if cfg.train.target == "vae" else build_unet(cfg)
+    state = _ema_state(root / tag, model) if weights == "ema" else consolidated_fp32_state(root, tag)
+    model.load_state_dict(state)
+    model.save_pretrained(out, safe_serialization=True)
     (out / "dist_diffusion.json").write_text(json.dumps(
-        {"checkpoint": str(root / tag), "weights": weights, "null_label": cfg.model.num_classes,
+        {"checkpoint": str(root / tag), "weights": weights, "target": cfg.train.target, "null_label": cfg.model.num_classes,
          "prediction": cfg.diffusion.prediction, "schedule": cfg.diffusion.schedule,
          "num_train_timesteps": cfg.diffusion.num_train_timesteps}, indent=2))
     return out

@@ -7,7 +7,6 @@ DeepSpeed step -> EMA -> log -> checkpoint / sample grid / preemption check.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import sys
@@ -23,6 +22,7 @@ from .core.ema import ema_decay
 from .core.losses import diffusion_loss, drop_labels
 from .core.models import build_unet, build_vae, encode_images, null_label, unet_input_shape
 from .core.schedule import make_schedule
+from .core.vae_loss import vae_loss
 from .data.stream import Position, ShardStream, StreamSpec, load_manifest
 from .runtime import checkpoint
 from .runtime.distributed import any_rank, device, init_process_group, mean_over_ranks
@@ -75,7 +75,7 @@ def train(cfg: Config) -> dict:
         run.logger.step(run.step, metrics)
         if run.step % cfg.train.ckpt_every == 0 or run.step == cfg.train.max_steps:
             save(run)
-        if cfg.train.sample_every and run.step % cfg.train.sample_every == 0:
+        if cfg.train.sample_every and run.step % cfg.train.sample_every == 0 and cfg.train.target == "unet":
             run.logger.sample_grid(run)
         if any_rank(guard.requested or _out_of_time(cfg, started)):
             if run.step % cfg.train.ckpt_every and run.step != cfg.train.max_steps:
@@ -93,8 +93,9 @@ def build_run(cfg: Config) -> Run:
     manifest = load_manifest(cfg.data.shards) if cfg.data.shards else _no_shards()
     _check_data_matches(cfg, manifest)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    engine = build_engine(cfg, build_unet(cfg), env.world_size, run_dir)
-    vae = _frozen_vae(cfg) if cfg.vae.enabled and manifest["kind"] == "images" else None
+    engine = build_engine(cfg, build_trainable(cfg), env.world_size, run_dir)
+    encodes_images = cfg.train.target == "unet" and cfg.vae.enabled and manifest["kind"] == "images"
+    vae = _frozen_vae(cfg) if encodes_images else None
     spec = StreamSpec(url=cfg.data.shards, batch_size=micro_batch_size(cfg, env.world_size), rank=env.rank,
                       world_size=env.world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
                       hflip=cfg.data.hflip, max_corrupt_fraction=cfg.data.max_corrupt_fraction)
@@ -107,6 +108,11 @@ def build_run(cfg: Config) -> Run:
                manifest, logger)
 
 
+def build_trainable(cfg: Config) -> torch.nn.Module:
+    """The network this run optimises: the diffusion UNet, or (train.target=vae) the VAE."""
+    return build_vae(cfg).train() if cfg.train.target == "vae" else build_unet(cfg)
+
+
 def _no_shards():
     raise ConfigError("data.shards is empty; point it at shards from `dist-diffusion prepare` "
                       "(images) or `dist-diffusion encode` (latents)")
@@ -114,7 +120,10 @@ def _no_shards():
 
 def _check_data_matches(cfg: Config, manifest: dict) -> None:
     """Shards and model must agree before any step: kind, shape and class count."""
-    if manifest["num_classes"] > cfg.model.num_classes:
+    if cfg.train.target == "vae" and manifest["kind"] != "images":
+        raise ConfigError(f"train.target=vae needs image shards, but {cfg.data.shards} holds "
+                          f"{manifest['kind']}; point data.shards at the output of prepare")
+    if manifest["num_classes"] > cfg.model.num_classes and cfg.train.target == "unet":
         raise ConfigError(f"the shards at {cfg.data.shards} have {manifest['num_classes']} classes but "
                           f"model.num_classes={cfg.model.num_classes}; raise it")
     if manifest["kind"] == "latents":
@@ -149,14 +158,17 @@ def stream_batches(run: Run):
 
 def train_step(run: Run, batches) -> dict:
     """One optimizer step over grad_accum micro-batches; returns metrics for the logger."""
-    cfg, waited, losses, timesteps, keys = run.cfg, 0.0, [], [], []
+    cfg, waited, losses, timesteps, keys, corrupt = run.cfg, 0.0, [], [], [], 0
     for micro in range(cfg.train.grad_accum):
         t0 = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - t0
         gen = _step_generator(cfg.train.seed, run.step, micro, run.env.rank)
         x0 = model_inputs(run, batch, gen)
-        per_sample, t = _loss(run, x0, batch["label"].to(x0.device), gen)
+        if cfg.train.target == "vae":
+            per_sample, t = _vae_loss(run, x0, gen), None
+        else:
+            per_sample, t = _loss(run, x0, batch["label"].to(x0.device), gen)
         loss = per_sample.mean()
         if any_rank(not torch.isfinite(loss).item()):
             _nonfinite(run, loss)
@@ -164,11 +176,12 @@ def train_step(run: Run, batches) -> dict:
         run.engine.backward(loss)
         run.engine.step()
         losses.append(per_sample.detach().float().cpu())
-        timesteps.append(t.cpu())
+        timesteps.append(t.cpu() if t is not None else torch.full_like(losses[-1], -1, dtype=torch.long))
         keys += batch["key"]
+        corrupt += batch.get("skipped", 0)
     return {"per_sample": torch.cat(losses), "t": torch.cat(timesteps), "keys": keys,
             "data_wait_s": waited, "grad_norm": _grad_norm(run.engine),
-            "lr": run.engine.get_lr()[0], "skipped_samples": batch.get("skipped", 0)}
+            "lr": run.engine.get_lr()[0], "corrupt_samples": corrupt}
 
 
 def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -206,6 +219,11 @@ def _loss(run: Run, x0: torch.Tensor, labels: torch.Tensor, gen: torch.Generator
     per_sample = diffusion_loss(denoise, run.schedule, x0.float(), labels, t, noise.float(),
                                 cfg.diffusion.prediction, cfg.diffusion.min_snr_gamma)
     return per_sample, t
+
+
+def _vae_loss(run: Run, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    dtype = torch.bfloat16 if run.cfg.runtime.precision == "bf16" else torch.float32
+    return vae_loss(run.engine.module, images.to(dtype), gen, run.cfg.vae.kl_weight, run.cfg.vae.recon_loss)
 
 
 def _nonfinite(run: Run, loss: torch.Tensor) -> None:

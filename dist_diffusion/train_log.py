@@ -20,6 +20,7 @@ class TrainLogger:
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
         self.main = env.is_main
         self.window_start, self.window_images, self.window_wait = time.perf_counter(), 0, 0.0
+        self.corrupt_total = 0  # corrupt samples this rank skipped since the process started
         self.seen = open(run_dir / f"samples_rank{env.rank:03d}.jsonl", "a")
         self.metrics = open(run_dir / "metrics.jsonl", "a") if self.main else None
         self.tb = self._tensorboard() if self.main else None
@@ -40,6 +41,7 @@ class TrainLogger:
         self.seen.write(json.dumps({"step": step, "n": len(m["keys"]), "keys_sha1": digest}) + "\n")
         self.seen.flush()  # a killed rank keeps its record up to its last step
         self.window_images += len(m["keys"])
+        self.corrupt_total += m["corrupt_samples"]
         self.window_wait += m["data_wait_s"]
         if step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps:
             self._emit(step, m)
@@ -55,6 +57,7 @@ class TrainLogger:
                **{f"loss_q{i + 1}": reduced[i + 1].item() for i in range(4)},
                "grad_norm": m["grad_norm"], "lr": m["lr"], "images_per_s": per_proc * self.env.world_size,
                "images_per_s_per_process": per_proc, "data_wait_fraction": self.window_wait / elapsed,
+               "corrupt_samples_skipped": self.corrupt_total,
                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         if torch.cuda.is_available():
             row["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -90,6 +93,8 @@ class TrainLogger:
 
 def _loss_by_quartile(per_sample: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> list[float]:
     """Mean loss of the samples whose timestep falls in each quarter of [0, T); NaN if none."""
+    if (t < 0).all():  # not a diffusion loss (VAE training): no timesteps
+        return [float("nan")] * 4
     quarter = (t * 4 // num_timesteps).clamp(max=3)
     return [per_sample[quarter == q].mean().item() if (quarter == q).any() else float("nan")
             for q in range(4)]

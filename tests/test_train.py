@@ -224,3 +224,27 @@ def test_nonfinite_loss_stops_cleanly_naming_the_step(tmp_path, datasets):
                     nproc=1, expect=3)
     assert "loss became" in out.stderr and "at step" in out.stderr and "train.nan_policy=skip" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_vae_recipe_trains_exports_and_feeds_encode(tmp_path, datasets):
+    run = tmp_path / "vae"
+    out = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "train", "--config", "configs/vae_tiny.yaml",
+                          "--nproc", "2", f"train.run_dir={run}", f"data.shards={datasets['pixels'].replace('16', '32')}",
+                          "train.max_steps=25", "train.log_every=1", "data.num_workers=0", "train.warmup_steps=2",
+                          "train.batch_size=16"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    curve = losses(run)
+    assert sum(curve[-5:]) / 5 < 0.8 * sum(curve[:5]) / 5, curve
+    exported = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "export", "--run-dir", str(run),
+                               "--out", str(tmp_path / "vae-export")], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+    assert exported.returncode == 0 and "AutoencoderKL" in exported.stdout, exported.stderr
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae-export")
+    assert vae.config.latent_channels == 4
+    encoded = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "encode", "--shards",
+                              datasets["pixels"].replace("16", "32"), "--out", "s3://train-data/lat-own-vae",
+                              "--config", "configs/tiny.yaml", f"vae.pretrained={tmp_path / 'vae-export'}"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert encoded.returncode == 0 and "latents 4x8x8" in encoded.stdout, encoded.stderr
