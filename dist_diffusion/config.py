@@ -152,6 +152,8 @@ class TrainConfig:
     wall_time_limit_s: float = _f(0.0, "save and exit (requeue code) before this many seconds "
                                        "of run time; 0 is off", ge=0.0)
     run_dir: str = _f("runs/default", "directory for logs, grids and checkpoints")
+    ckpt_url: str = _f("", "also upload every complete checkpoint here (s3://bucket/prefix); a run "
+                           "whose run_dir has none resumes from the newest one there")
 
 
 @dataclass

@@ -245,14 +245,19 @@ def _grad_norm(engine) -> float:
 def save(run: Run) -> None:
     state = {"step": run.step, "position": run.position.state_dict(), "skipped_steps": run.skipped_steps}
     meta = {"world_size": run.env.world_size, "zero_stage": run.cfg.runtime.zero_stage}
-    folder = checkpoint.save(run.engine, run.ema, Path(run.cfg.train.run_dir) / "checkpoints", run.step,
-                             state, run.cfg.train.keep_last, meta)
+    root = Path(run.cfg.train.run_dir) / "checkpoints"
+    folder = checkpoint.save(run.engine, run.ema, root, run.step, state, run.cfg.train.keep_last, meta)
     run.logger.info(f"checkpoint {folder} complete")
+    if run.cfg.train.ckpt_url:
+        checkpoint.upload(root, folder.name, run.cfg.train.ckpt_url, run.env.rank, run.env.world_size)
+        run.logger.info(f"checkpoint uploaded to {run.cfg.train.ckpt_url}/{folder.name}")
 
 
 def restore(run: Run) -> None:
     root = Path(run.cfg.train.run_dir) / "checkpoints"
     tag = checkpoint.latest_complete(root)
+    if tag is None and run.cfg.train.ckpt_url:
+        tag = checkpoint.download_latest(run.cfg.train.ckpt_url, root, run.env.local_rank)
     if tag is None:
         return
     state = checkpoint.load(run.engine, run.ema, root, tag, run.env.world_size)

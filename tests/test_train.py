@@ -248,3 +248,16 @@ def test_vae_recipe_trains_exports_and_feeds_encode(tmp_path, datasets):
                               "--config", "configs/tiny.yaml", f"vae.pretrained={tmp_path / 'vae-export'}"],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert encoded.returncode == 0 and "latents 4x8x8" in encoded.stdout, encoded.stderr
+
+
+def test_checkpoints_upload_to_s3_and_a_fresh_run_dir_resumes_from_there(tmp_path, datasets):
+    from dist_diffusion.data import storage
+
+    storage.s3_client().create_bucket(Bucket="ckpts")
+    args = PIXEL + ["train.ckpt_every=3", f"data.shards={datasets['pixels']}", "train.ckpt_url=s3://ckpts/run1"]
+    run_train(tmp_path / "first", args + ["train.max_steps=3"])
+    names = storage.list_names(storage.parse("s3://ckpts/run1"))
+    assert "step00000003/COMPLETE" in names and "step00000003/ema_rank001.safetensors" in names
+    again = run_train(tmp_path / "elsewhere", args + ["train.max_steps=5"])  # another machine: empty run_dir
+    assert "resumed from" in again.stdout and "at step 3" in again.stdout
+    assert "step00000005/COMPLETE" in storage.list_names(storage.parse("s3://ckpts/run1"))

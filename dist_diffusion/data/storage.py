@@ -174,6 +174,20 @@ def write_bytes(loc: Location, data: bytes) -> None:
         raise explain(err, loc) from None
 
 
+def list_names(prefix: Location) -> list[str]:
+    """Names (relative to ``prefix``) of every object under it, sorted."""
+    if not prefix.is_s3:
+        root = Path(prefix.key)
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    names, base = [], prefix.key.rstrip("/") + "/" if prefix.key else ""
+    try:
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=base):
+            names += [obj["Key"][len(base):] for obj in page.get("Contents", [])]
+    except Exception as err:
+        raise explain(err, prefix) from None
+    return sorted(names)
+
+
 def put_file(local: Path, loc: Location) -> None:
     """Copy a finished local file to ``loc``; for S3, verify the stored ETag."""
     if not loc.is_s3:

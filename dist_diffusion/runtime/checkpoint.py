@@ -62,6 +62,36 @@ def load(engine, ema, root: Path, tag: str, world_size: int) -> dict:
     return json.loads((root / tag / f"state_rank{rank:03d}.json").read_text())
 
 
+def upload(root: Path, tag: str, url: str, rank: int, world_size: int) -> None:
+    """Copy a complete local checkpoint to ``url``: the ranks share the files, then rank 0
+    uploads COMPLETE last, so a reader never sees a partial checkpoint as complete."""
+    from ..data import storage
+
+    folder, dest = root / tag, storage.parse(url).join(tag)
+    files = sorted(p.name for p in folder.iterdir() if p.name != COMPLETE)
+    for name in files[rank::world_size]:
+        storage.put_file(folder / name, dest.join(name))
+    barrier()
+    if rank == 0:
+        storage.put_file(folder / COMPLETE, dest.join(COMPLETE))
+    barrier()
+
+
+def download_latest(url: str, root: Path, local_rank: int) -> str | None:
+    """Fetch the newest complete checkpoint under ``url`` into ``root`` (once per machine)."""
+    from ..data import storage
+
+    prefix = storage.parse(url)
+    tags = sorted({n.split("/")[0] for n in storage.list_names(prefix) if n.endswith("/" + COMPLETE)})
+    if tags and local_rank == 0 and not (root / tags[-1] / COMPLETE).exists():
+        names = [n for n in storage.list_names(prefix.join(tags[-1]))]
+        for name in sorted(names, key=lambda n: n == COMPLETE):  # the marker last
+            storage.write_bytes(storage.parse(str(root / tags[-1] / name)),
+                                storage.read_bytes(prefix.join(tags[-1]).join(name)))
+    barrier()
+    return tags[-1] if tags else None
+
+
 def consolidated_fp32_state(root: Path, tag: str) -> dict:
     """The trained (non-EMA) fp32 weights of any ZeRO stage, joined offline by DeepSpeed."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
