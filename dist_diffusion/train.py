@@ -23,7 +23,7 @@ from .core.losses import diffusion_loss, drop_labels
 from .core.models import build_unet, build_vae, encode_images, null_label, unet_input_shape
 from .core.schedule import make_schedule
 from .core.vae_loss import vae_loss
-from .data.stream import Position, ShardStream, StreamSpec, load_manifest
+from .data.stream import Position, ShardStream, StreamSpec, load_manifest, unconsumed
 from .runtime import checkpoint
 from .runtime.distributed import any_rank, device, init_process_group, mean_over_ranks
 from .runtime.ema import EngineEMA
@@ -58,6 +58,7 @@ class Run:
     step: int = 0
     position: Position = field(default_factory=Position)
     skipped_steps: int = 0
+    resume_tag: str | None = None
 
 
 def train(cfg: Config) -> dict:
@@ -92,8 +93,10 @@ def build_run(cfg: Config) -> Run:
     run_dir = Path(cfg.train.run_dir)
     manifest = load_manifest(cfg.data.shards) if cfg.data.shards else _no_shards()
     _check_data_matches(cfg, manifest)
+    resume = find_resume_tag(cfg, env)
+    elastic = resume is not None and checkpoint.saved_world_size(run_dir / "checkpoints", resume) != env.world_size
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    engine = build_engine(cfg, build_trainable(cfg), env.world_size, run_dir)
+    engine = build_engine(cfg, build_trainable(cfg), env.world_size, run_dir, load_universal=elastic)
     encodes_images = cfg.train.target == "unet" and cfg.vae.enabled and manifest["kind"] == "images"
     vae = _frozen_vae(cfg) if encodes_images else None
     spec = StreamSpec(url=cfg.data.shards, batch_size=micro_batch_size(cfg, env.world_size), rank=env.rank,
@@ -105,7 +108,7 @@ def build_run(cfg: Config) -> Run:
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_train_timesteps,
                              cfg.diffusion.beta_start, cfg.diffusion.beta_end)
     return Run(cfg, env, engine, EngineEMA(engine, cfg.runtime.zero_stage), schedule, vae, spec,
-               manifest, logger)
+               manifest, logger, resume_tag=resume)
 
 
 def build_trainable(cfg: Config) -> torch.nn.Module:
@@ -147,7 +150,7 @@ def stream_batches(run: Run):
     """Micro-batches forever; ``run.position`` counts what the loop consumed (not what the
     dataloader prefetched), so a checkpoint taken between steps resumes exactly."""
     while True:
-        start = Position(run.position.epoch, run.position.batches)
+        start = Position(run.position.epoch, run.position.batches, run.position.remaining)
         loader = torch.utils.data.DataLoader(ShardStream(run.spec, start, run.manifest), batch_size=None,
                                              num_workers=run.spec.num_workers)
         for batch in loader:
@@ -243,7 +246,9 @@ def _grad_norm(engine) -> float:
 
 
 def save(run: Run) -> None:
-    state = {"step": run.step, "position": run.position.state_dict(), "skipped_steps": run.skipped_steps}
+    stream = {k: getattr(run.spec, k) for k in ("batch_size", "world_size", "num_workers", "seed")}
+    state = {"step": run.step, "position": run.position.state_dict(), "skipped_steps": run.skipped_steps,
+             "stream": stream}
     meta = {"world_size": run.env.world_size, "zero_stage": run.cfg.runtime.zero_stage}
     root = Path(run.cfg.train.run_dir) / "checkpoints"
     folder = checkpoint.save(run.engine, run.ema, root, run.step, state, run.cfg.train.keep_last, meta)
@@ -253,17 +258,35 @@ def save(run: Run) -> None:
         run.logger.info(f"checkpoint uploaded to {run.cfg.train.ckpt_url}/{folder.name}")
 
 
-def restore(run: Run) -> None:
-    root = Path(run.cfg.train.run_dir) / "checkpoints"
+def find_resume_tag(cfg: Config, env) -> str | None:
+    """The newest complete checkpoint of the run directory, else of ``train.ckpt_url``."""
+    root = Path(cfg.train.run_dir) / "checkpoints"
     tag = checkpoint.latest_complete(root)
-    if tag is None and run.cfg.train.ckpt_url:
-        tag = checkpoint.download_latest(run.cfg.train.ckpt_url, root, run.env.local_rank)
-    if tag is None:
+    if tag is None and cfg.train.ckpt_url:
+        tag = checkpoint.download_latest(cfg.train.ckpt_url, root, env.local_rank)
+    return tag
+
+
+def restore(run: Run) -> None:
+    if run.resume_tag is None:
         return
-    state = checkpoint.load(run.engine, run.ema, root, tag, run.env.world_size)
-    run.step, run.skipped_steps = state["step"], state["skipped_steps"]
-    run.position = Position(**state["position"])
-    run.logger.info(f"resumed from {root / tag} at step {run.step}")
+    root = Path(run.cfg.train.run_dir) / "checkpoints"
+    elastic = checkpoint.saved_world_size(root, run.resume_tag) != run.env.world_size
+    states = checkpoint.load(run.engine, run.ema, root, run.resume_tag, run.env.world_size)
+    run.step, run.skipped_steps = states[0]["step"], states[0]["skipped_steps"]
+    run.position = _merge_positions(run, states) if elastic else Position(**states[0]["position"])
+    how = f" (written by {len(states)} processes, now {run.env.world_size})" if elastic else ""
+    run.logger.info(f"resumed from {root / run.resume_tag} at step {run.step}{how}")
+
+
+def _merge_positions(run: Run, states: list[dict]) -> Position:
+    """After a world-size change: this epoch continues over what every old rank had left,
+    in rank order, split afresh over the new ranks; later epochs are whole again."""
+    left = []
+    for rank, state in enumerate(states):
+        old = StreamSpec(**{**state["stream"], "url": run.spec.url, "rank": rank})
+        left += unconsumed(run.manifest, old, Position(**state["position"]))
+    return Position(epoch=states[0]["position"]["epoch"], batches=0, remaining=left)
 
 
 class PreemptionGuard:

@@ -38,7 +38,8 @@ class TrainLogger:
         if m.get("skipped"):
             return
         digest = hashlib.sha1("\n".join(m["keys"]).encode()).hexdigest()
-        self.seen.write(json.dumps({"step": step, "n": len(m["keys"]), "keys_sha1": digest}) + "\n")
+        self.seen.write(json.dumps({"step": step, "n": len(m["keys"]), "keys_sha1": digest,
+                                    "keys": m["keys"]}) + "\n")
         self.seen.flush()  # a killed rank keeps its record up to its last step
         self.window_images += len(m["keys"])
         self.corrupt_total += m["corrupt_samples"]

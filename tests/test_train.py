@@ -261,3 +261,31 @@ def test_checkpoints_upload_to_s3_and_a_fresh_run_dir_resumes_from_there(tmp_pat
     again = run_train(tmp_path / "elsewhere", args + ["train.max_steps=5"])  # another machine: empty run_dir
     assert "resumed from" in again.stdout and "at step 3" in again.stdout
     assert "step00000005/COMPLETE" in storage.list_names(storage.parse("s3://ckpts/run1"))
+
+
+def keys_by_step(run_dir):
+    """step -> keys every rank consumed at that step (the last record wins after a resume)."""
+    latest = {}
+    for path in sorted(Path(run_dir).glob("samples_rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            latest[(path.name, row["step"])] = row["keys"]
+    out = {}
+    for (_, step), keys in latest.items():
+        out.setdefault(step, []).extend(keys)
+    return out
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_elastic_resume_continues_the_epoch_without_loss_or_repeat(tmp_path, datasets, before, after):
+    # 160 samples, global batch 16: one epoch is 10 steps whatever the process count
+    args = PIXEL + ["runtime.zero_stage=2", "train.ckpt_every=4", f"data.shards={datasets['pixels']}"]
+    run = tmp_path / "run"
+    run_train(run, args + ["train.max_steps=4"], nproc=before)
+    resumed = run_train(run, args + ["train.max_steps=10"], nproc=after)
+    assert f"(written by {before} processes, now {after})" in resumed.stdout
+    steps = keys_by_step(run)
+    assert sorted(steps) == list(range(1, 11)) and all(len(k) == 16 for k in steps.values())
+    epoch = [key for step in range(1, 11) for key in steps[step]]
+    assert len(epoch) == len(set(epoch)) == 160  # the whole epoch, each sample once
+    assert losses(run)[-1] < losses(run)[0]

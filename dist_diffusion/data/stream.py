@@ -61,13 +61,46 @@ class StreamSpec:
 
 @dataclass
 class Position:
-    """Where a rank is: ``epoch`` and ``batches`` consumed in it (stored in checkpoints)."""
+    """Where a rank is: ``epoch`` and ``batches`` consumed in it (stored in checkpoints).
+    ``remaining`` ([start, end) intervals of the epoch order) is set when a run resumed
+    with another world size: this epoch then covers only what the old ranks had left."""
 
     epoch: int = 0
     batches: int = 0
+    remaining: list | None = None
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches}
+        return {"epoch": self.epoch, "batches": self.batches, "remaining": self.remaining}
+
+
+def epoch_samples(manifest: dict, seed: int, position: Position) -> list[tuple[int, int]]:
+    """The (possibly reduced) epoch order this position walks through."""
+    order = epoch_order(manifest, seed, position.epoch)
+    if position.remaining is None:
+        return order
+    return [order[i] for start, end in position.remaining for i in range(start, end)]
+
+
+def unconsumed(manifest: dict, spec: StreamSpec, position: Position) -> list[list[int]]:
+    """The absolute epoch-order intervals this rank has not consumed yet (all its workers)."""
+    intervals = position.remaining or [[0, len(epoch_order(manifest, spec.seed, position.epoch))]]
+    total = sum(end - start for start, end in intervals)
+    left = []
+    for k, (start, end) in enumerate(worker_spans(total, spec)):
+        done = _consumed_by_worker(position.batches, k, spec.slots) * spec.batch_size
+        left += _absolute(intervals, start + done, end)
+    return left
+
+
+def _absolute(intervals: list, start: int, end: int) -> list[list[int]]:
+    """Map [start, end) of the concatenation of ``intervals`` back to absolute intervals."""
+    out, offset = [], 0
+    for a, b in intervals:
+        lo, hi = max(start, offset), min(end, offset + b - a)
+        if lo < hi:
+            out.append([a + lo - offset, a + hi - offset])
+        offset += b - a
+    return out
 
 
 def load_manifest(url: str) -> dict:
@@ -127,7 +160,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         physical = info.id if info else 0
         k = (physical + self.position.batches) % self.spec.slots  # rotation, see module doc
         done = _consumed_by_worker(self.position.batches, k, self.spec.slots)
-        order = epoch_order(self.manifest, self.spec.seed, self.position.epoch)
+        order = epoch_samples(self.manifest, self.spec.seed, self.position)
         start, end = worker_spans(len(order), self.spec)[k]
         yield from self._batches(order, start + done * self.spec.batch_size, end)
 

@@ -29,7 +29,9 @@ def tag_for(step: int) -> str:
 def save(engine, ema, root: Path, step: int, state: dict, keep_last: int, meta: dict) -> Path:
     rank = dist.get_rank()
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    # universal_checkpoint_info: lets ds_to_universal reshard this checkpoint for another world size
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "universal_checkpoint_info": {}},
+                           save_latest=False)
     folder = root / tag
     save_file(ema.state_dict(), str(folder / f"ema_rank{rank:03d}.safetensors"))
     (folder / f"state_rank{rank:03d}.json").write_text(json.dumps(state))
@@ -50,16 +52,40 @@ def latest_complete(root: Path) -> str | None:
     return tags[0] if tags else None
 
 
-def load(engine, ema, root: Path, tag: str, world_size: int) -> dict:
-    """Restore engine (weights, optimizer, LR schedule), EMA and this rank's state."""
-    meta = json.loads((root / tag / COMPLETE).read_text())
-    if meta.get("world_size") != world_size:
-        raise RuntimeError(f"checkpoint {root / tag} was written by {meta.get('world_size')} processes, "
-                           f"this run has {world_size}; resume with the same number of processes")
-    engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-    rank = dist.get_rank()
-    ema.load_state_dict(load_file(str(root / tag / f"ema_rank{rank:03d}.safetensors")))
-    return json.loads((root / tag / f"state_rank{rank:03d}.json").read_text())
+def saved_world_size(root: Path, tag: str) -> int:
+    return json.loads((root / tag / COMPLETE).read_text())["world_size"]
+
+
+def load(engine, ema, root: Path, tag: str, world_size: int) -> list[dict]:
+    """Restore engine (weights, optimizer, LR schedule) and EMA; returns the per-rank states
+    the checkpoint holds: this rank's alone, or, when the world size changed (elastic
+    resume through DeepSpeed's universal checkpoint), every old rank's."""
+    rank, old_world = dist.get_rank(), saved_world_size(root, tag)
+    if old_world == world_size:
+        engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        ema.load_state_dict(load_file(str(root / tag / f"ema_rank{rank:03d}.safetensors")))
+        return [json.loads((root / tag / f"state_rank{rank:03d}.json").read_text())]
+    universal = _to_universal(root, tag)
+    engine.load_checkpoint(str(root), tag=universal, load_optimizer_states=True, load_lr_scheduler_states=True)
+    old = [load_file(str(root / tag / f"ema_rank{r:03d}.safetensors")) for r in range(old_world)]
+    ema.load_resharded(old, rank, world_size)
+    return [json.loads((root / tag / f"state_rank{r:03d}.json").read_text()) for r in range(old_world)]
+
+
+def _to_universal(root: Path, tag: str) -> str:
+    """Convert once (local rank 0 of each machine; others wait) with DeepSpeed's converter."""
+    import os
+    import subprocess
+    import sys
+
+    universal = f"{tag}_universal"
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not (root / universal / "zero").is_dir():
+        shutil.rmtree(root / universal, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(root / tag), "--output_folder", str(root / universal)],
+                       check=True, capture_output=True)
+    barrier()
+    return universal
 
 
 def upload(root: Path, tag: str, url: str, rank: int, world_size: int) -> None:

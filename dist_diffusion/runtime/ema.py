@@ -48,6 +48,23 @@ class EngineEMA:
                                  f"but {tuple(shadow.shape)} here; the model config or world size changed")
             shadow.copy_(state[name])
 
+    def load_resharded(self, old_shards: list[dict[str, torch.Tensor]], rank: int, world_size: int) -> None:
+        """Load an EMA saved by another number of ranks: full copies (ZeRO 0-2) or
+        partitions (ZeRO-3), cut again for this rank when this run is sharded."""
+        full = {}
+        for name, p in zip(self.names, self.params):
+            parts = [s[name] for s in old_shards]
+            numel, shape = (p.ds_numel, p.ds_shape) if self.sharded else (p.numel(), p.shape)
+            whole = parts[0] if parts[0].numel() == numel else torch.cat([t.flatten() for t in parts])[:numel]
+            full[name] = whole.reshape(shape)
+        if not self.sharded:
+            self.load_state_dict(full)
+            return
+        for name, shadow in zip(self.names, self.shadow):
+            flat, size = full[name].flatten(), shadow.numel()
+            padded = torch.cat([flat, flat.new_zeros(size * world_size - flat.numel())])
+            shadow.copy_(padded[rank * size:(rank + 1) * size])
+
     def full_state(self) -> dict[str, torch.Tensor]:
         """The whole EMA as a state dict (a collective under ZeRO-3: every rank calls it)."""
         if not self.sharded:

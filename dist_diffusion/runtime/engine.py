@@ -49,11 +49,15 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, run_dir: Path):
-    """deepspeed.initialize with AdamW + the LR schedule; writes run_dir/deepspeed.json."""
+def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, run_dir: Path,
+                 load_universal: bool = False):
+    """deepspeed.initialize with AdamW + the LR schedule; writes run_dir/deepspeed.json.
+    ``load_universal``: the checkpoint to resume was written by another number of ranks."""
     import deepspeed
 
     ds_config = deepspeed_config(cfg, world_size)
+    if load_universal:
+        ds_config["checkpoint"] = {"load_universal": True}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
