@@ -1,12 +1,13 @@
 """`make demo`: the product end to end on the embedded stack, on CPU.
 
 Real handwritten digits (scikit-learn's 1,797 8x8 scans) are written as a class-folder
-tree of 32x32 RGB PNGs (the ImageNet-100 layout), prepared into WebDataset shards in the
-embedded S3 (SeaweedFS on loopback), and streamed from S3 by `dist-diffusion train` with
-2 DeepSpeed processes (ZeRO-2, bf16) training a class-conditional tiny UNet in pixel space
-at 16x16 with CFG label dropout and an EMA. The EMA UNet is exported (safetensors) and
-DDIM + CFG samples one row per class into PNG grids beside a grid of real digits. The
-stack is stopped at the end, whatever happens.
+tree of 32x32 RGB PNGs (the ImageNet-100 layout) and prepared into WebDataset shards in
+the embedded S3 (SeaweedFS on loopback). Then, each as a user would run it: the small
+VAE trains (`configs/vae_tiny.yaml`, 2 DeepSpeed processes), is exported and encodes the
+shards into 8x8x4 latent shards (2 processes); the class-conditional latent UNet trains
+on them from S3 (`configs/tiny.yaml`, 2 processes, ZeRO-2, bf16, CFG label dropout, EMA)
+and is exported; DDIM + CFG samples one row per class, decoded by the VAE, into PNG
+grids beside a grid of real digits. The stack is stopped at the end, whatever happens.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
+from diffusers import AutoencoderKL, UNet2DModel
 from tqdm import tqdm
 
-from .config import Config, load_config, to_yaml
+from .config import Config, load_config
+from .core.models import decode_latents
 from .data import storage
 from .data.prepare import prepare
 from .data.stream import ShardStream, StreamSpec
@@ -33,11 +35,11 @@ from .generate import class_rows, generate
 from .imaging import save_grid
 from .stack import start_s3, stop_s3
 
-DEMO_OVERRIDES = ["vae.enabled=false", "data.resolution=16", "data.samples_per_shard=256", "data.hflip=false",
-                  "model.num_classes=10", "data.num_workers=1", "train.ckpt_every=200",
-                  "train.max_steps=600", "train.lr=2e-3", "train.warmup_steps=20",
-                  "train.ema_half_life_steps=50", "train.run_dir=runs/demo", "sample.steps=50",
-                  "sample.clip_x0=true"]
+# The latent UNet run (configs/tiny.yaml: 32 px digits -> 8x8x4 latents) and its VAE run.
+UNET_OVERRIDES = ["data.samples_per_shard=256", "data.hflip=false", "model.num_classes=10",
+                  "data.num_workers=1", "train.ckpt_every=200", "train.max_steps=600", "train.lr=2e-3",
+                  "train.warmup_steps=20", "train.ema_half_life_steps=50", "sample.steps=50"]
+VAE_OVERRIDES = ["data.hflip=false", "data.num_workers=1", "train.warmup_steps=20"]
 
 
 def write_digit_folders(root: Path, size: int = 32) -> int:
@@ -56,63 +58,81 @@ def write_digit_folders(root: Path, size: int = 32) -> int:
     return len(pixels)
 
 
-def sample_class_rows(cfg: Config, unet, per_class: int, cfg_scale: float) -> torch.Tensor:
-    """per_class samples of every class, class-major; sample i seeded from (seed, i)."""
+@torch.no_grad()
+def sample_class_rows(cfg: Config, unet, vae, per_class: int, cfg_scale: float) -> torch.Tensor:
+    """per_class images of every class, class-major; sample i seeded from (seed, i)."""
     labels = class_rows(cfg, per_class)
-    return generate(cfg, unet, labels, range(len(labels)), cfg_scale,
-                    progress=lambda it: tqdm(it, desc=f"sample cfg={cfg_scale}", unit="step"))
+    latents = generate(cfg, unet, labels, range(len(labels)), cfg_scale,
+                       progress=lambda it: tqdm(it, desc=f"sample cfg={cfg_scale}", unit="step"))
+    return decode_latents(vae, latents)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for the UNet run")
+    parser.add_argument("--out", default="runs/demo", help="where the demo writes everything")
+    parser.add_argument("--vae-steps", type=int, default=400, help="VAE training steps")
     args = parser.parse_args(argv)
-    cfg = load_config("configs/tiny.yaml", DEMO_OVERRIDES + args.overrides)
-    run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    out = Path(args.out)
+    unet_overrides = UNET_OVERRIDES + args.overrides + [f"train.run_dir={out / 'unet'}"]
+    vae_overrides = VAE_OVERRIDES + [f"train.max_steps={args.vae_steps}", f"train.ckpt_every={args.vae_steps}",
+                                     f"train.run_dir={out / 'vae'}"]
+    cfg = load_config("configs/tiny.yaml", unet_overrides)  # validated before anything starts
+    load_config("configs/vae_tiny.yaml", vae_overrides)
+    out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
-    server = _stage(stages, "stack up", lambda: _stack_up(run_dir / "stack"))
+    server = _stage(stages, "stack up", lambda: _stack_up(out / "stack"))
     try:
-        report = _run_stages(cfg, DEMO_OVERRIDES + args.overrides, run_dir, stages)
+        report = _run_stages(cfg, unet_overrides, vae_overrides, out, stages)
     finally:
         _stage(stages, "stack down", lambda: stop_s3(server.pid))
     report["stages"] = stages
-    (run_dir / "demo.json").write_text(json.dumps(report, indent=2))
-    print(f"[done] {sum(stages.values()):.0f}s; compare {run_dir}/real.png with the sample grids")
+    (out / "demo.json").write_text(json.dumps(report, indent=2))
+    print(f"[done] {sum(stages.values()):.0f}s; compare {out}/real.png with the sample grids")
     return 0
 
 
-def _run_stages(cfg: Config, overrides: list[str], run_dir: Path, stages: dict) -> dict:
-    count = _stage(stages, "digits", lambda: write_digit_folders(run_dir / "digits"))
-    print(f"        {count} real digits as a class-folder tree in {run_dir / 'digits'}")
-    url = "s3://demo/digits"
-    storage.s3_client().create_bucket(Bucket="demo")
-    manifest = _stage(stages, "prepare", lambda: prepare(run_dir / "digits", url, cfg.data))
-    print(f"        {manifest['num_samples']} samples in {len(manifest['shards'])} shards at {url}")
-    spec = StreamSpec(url=url, batch_size=cfg.train.batch_size, num_workers=0, seed=cfg.train.seed,
-                      hflip=cfg.data.hflip)
-    batch = next(iter(ShardStream(spec)))
-    real, labels = batch["image"], batch["label"]
-    print(f"        streamed back: images {tuple(real.shape)}, labels {labels[:12].tolist()}...")
-    save_grid(_real_rows(real, labels, 4), run_dir / "real.png", nrow=4, scale=4)
-    _stage(stages, "train", lambda: _train_with_deepspeed(overrides + [f"data.shards={url}"]))
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _run_stages(cfg: Config, unet_overrides: list[str], vae_overrides: list[str], out: Path,
+                stages: dict) -> dict:
+    images_url, latents_url = "s3://demo/digits", "s3://demo/digits-latents"
+    manifest = _prepare_data(cfg, out, images_url, stages)
+    _stage(stages, "train vae", lambda: _cli("train", "--config", "configs/vae_tiny.yaml", "--nproc", "2",
+                                             *vae_overrides, f"data.shards={images_url}"))
+    vae_dir = _stage(stages, "export vae", lambda: export_model(out / "vae", out / "vae_model"))
+    with_vae = [f"vae.pretrained={vae_dir}"]
+    _stage(stages, "encode", lambda: _cli("encode", "--nproc", "2", "--shards", images_url, "--out", latents_url,
+                                          "--config", "configs/tiny.yaml", *with_vae))
+    _stage(stages, "train unet", lambda: _cli("train", "--config", "configs/tiny.yaml", "--nproc", "2",
+                                              *unet_overrides, *with_vae, f"data.shards={latents_url}"))
+    losses = [json.loads(line)["loss"] for line in (out / "unet/metrics.jsonl").read_text().splitlines()]
     print(f"        {cfg.train.max_steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    exported = _stage(stages, "export", lambda: export_model(run_dir, run_dir / "unet"))
-    ema_unet = UNet2DModel.from_pretrained(exported).eval()
+    unet_dir = _stage(stages, "export unet", lambda: export_model(out / "unet", out / "unet_model"))
+    unet = UNet2DModel.from_pretrained(unet_dir).eval()
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     for scale in (1.0, cfg.sample.cfg_scale):
         grid = _stage(stages, f"sample cfg {scale:g}", lambda: save_grid(
-            sample_class_rows(cfg, ema_unet, 8, scale), run_dir / f"samples_cfg{scale:g}.png", nrow=8, scale=4))
+            sample_class_rows(cfg, unet, vae, 8, scale), out / f"samples_cfg{scale:g}.png", nrow=8, scale=4))
         print(f"        DDIM-{cfg.sample.steps} CFG {scale:g}, one row per class -> {grid}")
     return {"loss_first": losses[0], "loss_last": losses[-1], "num_samples": manifest["num_samples"]}
 
 
-def _train_with_deepspeed(overrides: list[str]) -> None:
-    """The product's trainer, as a user runs it: 2 local DeepSpeed processes (ZeRO-2, bf16)."""
-    cmd = [sys.executable, "-m", "dist_diffusion.cli", "train", "--config", "configs/tiny.yaml",
-           "--nproc", "2", *overrides]
-    subprocess.run(cmd, check=True)
+def _prepare_data(cfg: Config, out: Path, url: str, stages: dict) -> dict:
+    count = _stage(stages, "digits", lambda: write_digit_folders(out / "digits"))
+    print(f"        {count} real digits as a class-folder tree in {out / 'digits'}")
+    storage.s3_client().create_bucket(Bucket="demo")
+    manifest = _stage(stages, "prepare", lambda: prepare(out / "digits", url, cfg.data))
+    print(f"        {manifest['num_samples']} samples in {len(manifest['shards'])} shards at {url}")
+    spec = StreamSpec(url=url, batch_size=cfg.train.batch_size, num_workers=0, seed=cfg.train.seed,
+                      hflip=cfg.data.hflip)
+    batch = next(iter(ShardStream(spec)))
+    print(f"        streamed back: images {tuple(batch['image'].shape)}, labels {batch['label'][:12].tolist()}...")
+    save_grid(_real_rows(batch["image"], batch["label"], 4), out / "real.png", nrow=4, scale=4)
+    return manifest
+
+
+def _cli(*args: str) -> None:
+    """A product command as a user runs it (the trainer starts its 2 DeepSpeed processes)."""
+    subprocess.run([sys.executable, "-m", "dist_diffusion.cli", *args], check=True)
 
 
 def _stage(stages: dict, name: str, work):
