@@ -82,8 +82,16 @@ class TrainLogger:
 
         state = run.ema.full_state()  # a collective under ZeRO-3
         if self.main:
-            path = ema_grid(self.cfg, state, run.vae, self.run_dir / "samples" / f"step{run.step:08d}.png")
+            path = ema_grid(self.cfg, state, self._decoder(run), self.run_dir / "samples" / f"step{run.step:08d}.png")
             self.info(f"EMA samples -> {path}")
+
+    def _decoder(self, run):
+        """The VAE that turns sampled latents into images (None in pixel space)."""
+        if run.vae is None and self.cfg.vae.enabled and self.cfg.vae.pretrained:
+            from .core.models import build_vae
+
+            run.vae = build_vae(self.cfg).eval()  # latent shards: loaded once, for grids only
+        return run.vae
 
     def close(self) -> None:
         self.seen.close()

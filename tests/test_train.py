@@ -63,11 +63,15 @@ def losses(run_dir):
 def test_zero2_bf16_latents_loss_falls_and_export_matches(tmp_path, datasets):
     run = tmp_path / "run"
     run_train(run, ["runtime.zero_stage=2", "model.num_classes=4", "train.batch_size=16", "train.max_steps=30",
+                    "train.sample_every=30", "sample.steps=5",
                     "train.warmup_steps=2", "train.lr=2e-3", "train.log_every=1", "data.num_workers=0",
                     f"data.shards={datasets['latents']}", f"vae.pretrained={datasets['vae']}"])
     curve = losses(run)
     assert len(curve) == 30 and sum(curve[-5:]) / 5 < 0.7 * sum(curve[:5]) / 5, curve
     assert json.loads((run / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
+    from PIL import Image
+    grid = Image.open(run / "samples/step00000030.png")  # EMA samples, decoded by the VAE to 32 px
+    assert grid.size[0] > 8 * 32
 
     out = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "export", "--run-dir", str(run),
                           "--out", str(tmp_path / "unet")], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -85,9 +89,11 @@ def test_zero3_bf16_pixels_sharded_ema(tmp_path, datasets):
     # decay 0: the EMA is exactly the fp32 master weights, so its joined partitions must
     # equal DeepSpeed's own consolidation of the ZeRO-3 checkpoint
     run_train(run, PIXEL + ["runtime.zero_stage=3", "train.max_steps=30", f"data.shards={datasets['pixels']}",
+                            "train.sample_every=15", "sample.steps=5",
                             "train.ema_decay=0.0", "train.ema_half_life_steps=0", "train.ema_warmup=false"])
     curve = losses(run)
     assert sum(curve[-5:]) / 5 < 0.7 * sum(curve[:5]) / 5, curve
+    assert (run / "samples/step00000015.png").exists()  # EMA gathered from the ZeRO-3 partitions
     folder = run / "checkpoints/step00000030"
     shards = [load_file(str(folder / f"ema_rank{r:03d}.safetensors")) for r in range(2)]
     per_rank = [sum(t.numel() for t in s.values()) for s in shards]
