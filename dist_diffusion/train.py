@@ -65,6 +65,7 @@ def train(cfg: Config) -> dict:
     """Train to cfg.train.max_steps, resuming from the run directory; returns a summary."""
     run = build_run(cfg)
     restore(run)
+    run.logger.start(run.step)
     guard = PreemptionGuard(cfg.train.preempt_signals)
     started = time.monotonic()
     batches = stream_batches(run)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .config import Config
 
@@ -24,6 +25,13 @@ class TrainLogger:
         self.seen = open(run_dir / f"samples_rank{env.rank:03d}.jsonl", "a")
         self.metrics = open(run_dir / "metrics.jsonl", "a") if self.main else None
         self.tb = self._tensorboard() if self.main else None
+        self.bar = tqdm(total=cfg.train.max_steps, desc="train", unit="step", disable=not self.main,
+                        dynamic_ncols=True)
+
+    def start(self, step: int) -> None:
+        """The step training starts from (after a resume), for the progress bar."""
+        self.bar.n = step
+        self.bar.refresh()
 
     def _tensorboard(self):
         from torch.utils.tensorboard import SummaryWriter
@@ -32,9 +40,10 @@ class TrainLogger:
 
     def info(self, message: str) -> None:
         if self.main:
-            print(f"[train] {message}", flush=True)
+            tqdm.write(f"[train] {message}")
 
     def step(self, step: int, m: dict) -> None:
+        self.bar.update(1)
         if m.get("skipped"):
             return
         digest = hashlib.sha1("\n".join(m["keys"]).encode()).hexdigest()
@@ -72,9 +81,9 @@ class TrainLogger:
         for key, value in row.items():
             if key != "step":
                 self.tb.add_scalar(f"train/{key}", value, step)
-        print(f"[train] step {step}/{self.cfg.train.max_steps} loss {row['loss']:.4f} "
-              f"grad {row['grad_norm']:.3f} lr {row['lr']:.2e} {row['images_per_s']:.1f} img/s "
-              f"data-wait {100 * row['data_wait_fraction']:.0f}%", flush=True)
+        tqdm.write(f"[train] step {step}/{self.cfg.train.max_steps} loss {row['loss']:.4f} "
+                   f"grad {row['grad_norm']:.3f} lr {row['lr']:.2e} {row['images_per_s']:.1f} img/s "
+                   f"data-wait {100 * row['data_wait_fraction']:.0f}%")
 
     def sample_grid(self, run) -> None:
         """DDIM + CFG samples from the EMA weights -> RUN/samples/stepN.png (rank 0 draws)."""
@@ -94,6 +103,7 @@ class TrainLogger:
         return run.vae
 
     def close(self) -> None:
+        self.bar.close()
         self.seen.close()
         if self.main:
             self.metrics.close()
