@@ -59,6 +59,7 @@ class Run:
     position: Position = field(default_factory=Position)
     skipped_steps: int = 0
     resume_tag: str | None = None
+    elastic: bool = False  # the resume checkpoint was written by another number of processes
 
 
 def train(cfg: Config) -> dict:
@@ -109,7 +110,7 @@ def build_run(cfg: Config) -> Run:
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_train_timesteps,
                              cfg.diffusion.beta_start, cfg.diffusion.beta_end)
     return Run(cfg, env, engine, EngineEMA(engine, cfg.runtime.zero_stage), schedule, vae, spec,
-               manifest, logger, resume_tag=resume)
+               manifest, logger, resume_tag=resume, elastic=elastic)
 
 
 def build_trainable(cfg: Config) -> torch.nn.Module:
@@ -272,11 +273,10 @@ def restore(run: Run) -> None:
     if run.resume_tag is None:
         return
     root = Path(run.cfg.train.run_dir) / "checkpoints"
-    elastic = checkpoint.saved_world_size(root, run.resume_tag) != run.env.world_size
     states = checkpoint.load(run.engine, run.ema, root, run.resume_tag, run.env.world_size)
     run.step, run.skipped_steps = states[0]["step"], states[0]["skipped_steps"]
-    run.position = _merge_positions(run, states) if elastic else Position(**states[0]["position"])
-    how = f" (written by {len(states)} processes, now {run.env.world_size})" if elastic else ""
+    run.position = _merge_positions(run, states) if run.elastic else Position(**states[0]["position"])
+    how = f" (written by {len(states)} processes, now {run.env.world_size})" if run.elastic else ""
     run.logger.info(f"resumed from {root / run.resume_tag} at step {run.step}{how}")
 
 
