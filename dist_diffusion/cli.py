@@ -46,6 +46,8 @@ def _cmd_stack(args: argparse.Namespace) -> int:
     else:
         server = stack.stack_status(root)
         print(f"S3 up on {server.endpoint} (pid {server.pid})" if server else "S3 down")
+        if server:
+            print(stack.export_lines(server))
         return 0 if server else 1
     return 0
 

@@ -186,6 +186,30 @@ class SampleConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """Where the processes run on a cluster (Ray Train, SLURM via submitit or sbatch)."""
+
+    nodes: int = _f(1, "machines the job spans", ge=1)
+    workers_per_node: int = _f(1, "training processes per machine (one per GPU on GPU nodes)", ge=1)
+    gpus_per_worker: int = _f(0, "GPUs each process gets (0: CPU training)", ge=0)
+    cpus_per_worker: int = _f(1, "CPU cores each process gets (dataloader workers + the step)", ge=1)
+    partition: str = _f("", "SLURM partition (empty: the cluster's default)")
+    time_limit_min: int = _f(1440, "SLURM time limit of one allocation; the run requeues past it", ge=1)
+    signal_delay_s: int = _f(120, "SLURM sends the preemption signal this long before the time "
+                                  "limit, so the run saves and requeues", ge=1)
+    job_dir: str = _f("runs/submitit", "submitit's folder for job scripts, logs and results")
+    ray_address: str = _f("auto", "Ray cluster to join (auto: the one this process runs in)")
+    storage_path: str = _f("", "Ray Train persistent storage for checkpoints: s3://bucket/prefix on "
+                               "a cloud cluster, a shared path on-prem (empty: RUN_DIR/ray)")
+    max_failures: int = _f(3, "Ray Train restarts from the latest checkpoint after a worker dies, "
+                              "at most this many times", ge=0)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.workers_per_node
+
+
+@dataclass
 class Config:
     """The whole tree; one of these drives every command."""
 
@@ -196,6 +220,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:

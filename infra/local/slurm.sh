@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# A single-node SLURM cluster on this machine: up | down | status.
+#
+# Real daemons from Debian's slurm-wlm: a private munged, a private MariaDB (bound to
+# 127.0.0.1) behind slurmdbd so `sacct` and submitit see job states, slurmctld and
+# slurmd, all on free loopback ports. State lives in $SLURM_STACK_DIR (default
+# .stack/slurm). `up` is idempotent; `down` stops only the PIDs `up` recorded.
+# Clients find the cluster through SLURM_CONF: `source $SLURM_STACK_DIR/env.sh`.
+set -Eeuo pipefail
+here="$(cd "$(dirname "$0")/../.." && pwd)"
+dir="$(mkdir -p "${SLURM_STACK_DIR:-$here/.stack/slurm}" && cd "${SLURM_STACK_DIR:-$here/.stack/slurm}" && pwd)"
+pids="$dir/pids"
+cluster=dd
+hostname_="$(hostname)"
+
+need() {
+  local missing=()
+  for bin in munged slurmctld slurmd slurmdbd sbatch mariadbd mariadb-install-db; do
+    command -v "$bin" >/dev/null || missing+=("$bin")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "missing ${missing[*]}: run 'make system-deps' (apt-get install slurmctld slurmd" \
+         "slurm-client slurmdbd munge mariadb-server)" >&2
+    exit 2
+  fi
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+alive() { [ -f "$pids/$1.pid" ] && kill -0 "$(cat "$pids/$1.pid")" 2>/dev/null; }
+
+wait_for() {  # wait_for WHAT SECONDS COMMAND...: poll until COMMAND succeeds
+  local what=$1 limit=$2; shift 2
+  local deadline=$((SECONDS + limit))
+  while [ $SECONDS -lt $deadline ]; do timeout 5 "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  echo "$what did not become ready in ${limit}s; see $dir/log" >&2
+  return 1
+}
+
+write_configs() {
+  # munged refuses a socket directory that others can write or that it cannot reach,
+  # and pytest's tmp dirs are private to root: the socket lives in its own /tmp dir.
+  local munge_dir; munge_dir="$(mktemp -d /tmp/dd-munge.XXXXXX)"
+  chown munge:munge "$munge_dir"; chmod 755 "$munge_dir"
+  local db_port dbd_port ctl_port d_port node
+  db_port=$(free_port); dbd_port=$(free_port); ctl_port=$(free_port); d_port=$(free_port)
+  node="$(slurmd -C | head -1 | sed 's/ UpTime.*//') NodeAddr=127.0.0.1 State=UNKNOWN"
+  mkdir -p "$dir/state" "$dir/spool" "$dir/log" "$pids"
+  cat >"$dir/ports.env" <<EOF
+MUNGE_DIR=$munge_dir
+DB_PORT=$db_port
+EOF
+  cat >"$dir/slurm.conf" <<EOF
+ClusterName=$cluster
+SlurmctldHost=$hostname_(127.0.0.1)
+SlurmctldPort=$ctl_port
+SlurmdPort=$d_port
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket=$munge_dir/munge.socket
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+KillWait=5
+MailProg=/bin/true
+JobRequeue=1
+ReturnToService=2
+MinJobAge=600
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=$dbd_port
+AccountingStoragePass=$munge_dir/munge.socket
+JobAcctGatherType=jobacct_gather/none
+$node
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+EOF
+  cat >"$dir/slurmdbd.conf" <<EOF
+AuthType=auth/munge
+AuthInfo=socket=$munge_dir/munge.socket
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=$dbd_port
+SlurmUser=root
+LogFile=$dir/log/slurmdbd.log
+PidFile=$dir/slurmdbd.pid
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$db_port
+StorageUser=root
+StorageLoc=slurm_acct_db
+EOF
+  chmod 600 "$dir/slurmdbd.conf"
+  echo "export SLURM_CONF=$dir/slurm.conf" >"$dir/env.sh"
+}
+
+start_munge() {
+  # shellcheck disable=SC1091
+  source "$dir/ports.env"
+  runuser -u munge -- munged --num-threads=10 --socket="$MUNGE_DIR/munge.socket" --pid-file="$MUNGE_DIR/munged.pid" \
+    --log-file="$MUNGE_DIR/munged.log" --seed-file="$MUNGE_DIR/munged.seed"
+  wait_for munged 10 test -s "$MUNGE_DIR/munged.pid"
+  cp "$MUNGE_DIR/munged.pid" "$pids/munged.pid"
+}
+
+start_mariadb() {
+  source "$dir/ports.env"
+  if [ ! -d "$dir/mysql/mysql" ]; then
+    mariadb-install-db --no-defaults --datadir="$dir/mysql" --user=root \
+      --auth-root-authentication-method=normal --skip-test-db >"$dir/log/mariadb-install.log" 2>&1
+  fi
+  mariadbd --no-defaults --datadir="$dir/mysql" --socket="$dir/mysql.sock" --port="$DB_PORT" \
+    --bind-address=127.0.0.1 --user=root --skip-name-resolve --pid-file="$dir/mariadb.pid" \
+    --log-error="$dir/log/mariadb.log" &
+  echo $! >"$pids/mariadbd.pid"
+  wait_for mariadb 60 mariadb-admin --no-defaults --socket="$dir/mysql.sock" ping
+}
+
+start_slurm() {
+  export SLURM_CONF="$dir/slurm.conf"
+  slurmdbd  # reads slurmdbd.conf from SLURM_CONF's directory
+  wait_for slurmdbd 30 sacctmgr -n list cluster
+  sacctmgr -i add cluster "$cluster" >/dev/null 2>&1 || true
+  cp "$dir/slurmdbd.pid" "$pids/slurmdbd.pid"
+  slurmctld -f "$dir/slurm.conf"
+  wait_for slurmctld 30 scontrol ping
+  cp "$dir/slurmctld.pid" "$pids/slurmctld.pid"
+  slurmd -f "$dir/slurm.conf"
+  wait_for slurmd 30 test -s "$dir/slurmd.pid"
+  cp "$dir/slurmd.pid" "$pids/slurmd.pid"
+  wait_for "node $hostname_" 30 bash -c "sinfo -h -N -o %t | grep -qx idle"
+}
+
+up() {
+  need
+  if status >/dev/null 2>&1; then status; return 0; fi
+  down >/dev/null 2>&1 || true
+  trap 'echo "slurm stack failed to start; stopping what started" >&2; down >&2' ERR
+  write_configs
+  start_munge
+  start_mariadb
+  start_slurm
+  trap - ERR
+  status
+}
+
+status() {
+  for daemon in munged mariadbd slurmdbd slurmctld slurmd; do
+    alive "$daemon" || { echo "slurm stack: $daemon not running (state in $dir)"; return 1; }
+  done
+  SLURM_CONF="$dir/slurm.conf" sinfo -h -o "partition %P: %D node(s), %t" | sed 's/^/slurm stack up: /'
+  echo "clients: source $dir/env.sh   # export SLURM_CONF=$dir/slurm.conf"
+}
+
+stop_pid() {  # TERM, then KILL if it has not gone in 10 s
+  local name=$1 pid; pid="$(cat "$pids/$name.pid" 2>/dev/null)" || return 0
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$pids/$name.pid"
+}
+
+down() {
+  for daemon in slurmd slurmctld slurmdbd mariadbd munged; do stop_pid "$daemon"; done
+  if [ -f "$dir/ports.env" ]; then source "$dir/ports.env"; rm -rf "$MUNGE_DIR"; fi
+  echo "slurm stack down"
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac

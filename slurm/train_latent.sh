@@ -1,0 +1,39 @@
+#!/bin/bash
+# Train on SLURM:  sbatch slurm/train_latent.sh CONFIG [key=value ...]
+#
+# One task per GPU; srun starts them and dist_diffusion reads its rank, world size and
+# master address from the SLURM environment. SLURM sends USR1 two minutes before the
+# time limit (or on `scancel --signal=USR1`): every rank finishes its step, the run
+# saves a checkpoint and exits 124, and this script requeues the job, which resumes
+# from that checkpoint in the same run directory. Override any header line on the
+# command line, e.g. `sbatch --nodes=4 --partition=a100 slurm/train_latent.sh ...`.
+#SBATCH --job-name=dd-train
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-task=1
+#SBATCH --cpus-per-task=12
+#SBATCH --time=24:00:00
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+set -uo pipefail
+
+config="${1:?usage: sbatch slurm/train_latent.sh CONFIG [key=value ...]}"
+shift
+cd "${SLURM_SUBMIT_DIR:-.}"  # submit from the checkout: configs/ and the venv are found from here
+python="${DD_PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python )}"
+
+# Bad config: one message here, before any rank starts or any GPU is touched.
+"$python" -m dist_diffusion.cli config "$config" "$@" >/dev/null || exit 2
+
+echo "$(date -Is) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NTASKS tasks on $SLURM_JOB_NODELIST"
+srun --kill-on-bad-exit=1 "$python" -m dist_diffusion.train "$config" "$@"
+status=$?
+
+if [ "$status" -eq 124 ]; then  # preempted or out of time, checkpoint saved: run again
+  echo "$(date -Is) checkpoint saved; requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$status"
