@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -60,11 +61,16 @@ class Run:
     skipped_steps: int = 0
     resume_tag: str | None = None
     elastic: bool = False  # the resume checkpoint was written by another number of processes
+    on_checkpoint: Callable[[int, Path], None] | None = None
 
 
-def train(cfg: Config) -> dict:
-    """Train to cfg.train.max_steps, resuming from the run directory; returns a summary."""
+def train(cfg: Config, on_checkpoint: Callable[[int, Path], None] | None = None) -> dict:
+    """Train to cfg.train.max_steps, resuming from the run directory; returns a summary.
+
+    ``on_checkpoint(step, folder)`` runs on every rank after each complete checkpoint
+    (the Ray launcher hands the folder to Ray Train's storage there)."""
     run = build_run(cfg)
+    run.on_checkpoint = on_checkpoint
     restore(run)
     run.logger.start(run.step)
     guard = PreemptionGuard(cfg.train.preempt_signals)
@@ -258,6 +264,8 @@ def save(run: Run) -> None:
     if run.cfg.train.ckpt_url:
         checkpoint.upload(root, folder.name, run.cfg.train.ckpt_url, run.env.rank, run.env.world_size)
         run.logger.info(f"checkpoint uploaded to {run.cfg.train.ckpt_url}/{folder.name}")
+    if run.on_checkpoint is not None:
+        run.on_checkpoint(run.step, folder)
 
 
 def find_resume_tag(cfg: Config, env) -> str | None:

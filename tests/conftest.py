@@ -106,3 +106,42 @@ def make_class_folders(root, classes=4, per_class=50, corrupt=(), seed=0):
         else:
             (folder / "bad_empty.jpg").write_bytes(b"")
     return root
+
+
+# Pixel-space 16 px overrides for configs/tiny.yaml: the quickest real training job.
+PIXEL16 = ["vae.enabled=false", "data.resolution=16", "model.num_classes=4", "train.batch_size=16",
+           "train.warmup_steps=2", "train.log_every=1", "data.num_workers=0", "data.hflip=false"]
+
+
+@pytest.fixture(scope="session")
+def pixel_shards(s3_server, tmp_path_factory):
+    """160 images of 4 classes as 16 px shards in S3, for the launcher tests."""
+    from dist_diffusion.config import DataConfig
+    from dist_diffusion.data import storage
+    from dist_diffusion.data.prepare import prepare
+
+    storage.s3_client().create_bucket(Bucket="launch-data")
+    src = make_class_folders(tmp_path_factory.mktemp("launch-src"), classes=4, per_class=40)
+    prepare(src, "s3://launch-data/img16", DataConfig(resolution=16, samples_per_shard=40), progress=False)
+    return "s3://launch-data/img16"
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.5):
+    """Poll ``condition`` until it returns something truthy; fail naming ``what``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def logged_steps(run_dir) -> list[int]:
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []

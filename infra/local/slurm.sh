@@ -119,7 +119,7 @@ start_mariadb() {
   fi
   mariadbd --no-defaults --datadir="$dir/mysql" --socket="$dir/mysql.sock" --port="$DB_PORT" \
     --bind-address=127.0.0.1 --user=root --skip-name-resolve --pid-file="$dir/mariadb.pid" \
-    --log-error="$dir/log/mariadb.log" &
+    --log-error="$dir/log/mariadb.log" 2>>"$dir/log/mariadb.log" &
   echo $! >"$pids/mariadbd.pid"
   wait_for mariadb 60 mariadb-admin --no-defaults --socket="$dir/mysql.sock" ping
 }
@@ -170,8 +170,27 @@ stop_pid() {  # TERM, then KILL if it has not gone in 10 s
   rm -f "$pids/$name.pid"
 }
 
+cancel_jobs() {  # let steps end through slurmd, so none outlive it
+  alive slurmctld || return 0
+  export SLURM_CONF="$dir/slurm.conf"
+  local jobs; jobs="$(timeout 10 squeue -h -o %i 2>/dev/null || true)"
+  [ -n "$jobs" ] || return 0
+  # shellcheck disable=SC2086
+  timeout 10 scancel $jobs 2>/dev/null || true
+  wait_for "jobs to end" 30 bash -c '[ -z "$(squeue -h -o %i)" ]' || true
+}
+
+kill_orphan_steps() {  # a slurmstepd still holding our spool dir (its slurmd is gone)
+  local pid
+  for pid in $(pgrep -x slurmstepd || true); do
+    if ls -l "/proc/$pid/fd" 2>/dev/null | grep -q "$dir/"; then kill -9 "$pid" 2>/dev/null || true; fi
+  done
+}
+
 down() {
+  cancel_jobs
   for daemon in slurmd slurmctld slurmdbd mariadbd munged; do stop_pid "$daemon"; done
+  kill_orphan_steps
   if [ -f "$dir/ports.env" ]; then source "$dir/ports.env"; rm -rf "$MUNGE_DIR"; fi
   echo "slurm stack down"
 }

@@ -1,0 +1,143 @@
+"""Train on a Ray cluster with Ray Train:
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python launchers/ray_train.py configs/imagenet100_latent.yaml [key=value...]
+
+A ``TorchTrainer`` starts ``launch.nodes * launch.workers_per_node`` workers with
+``launch.cpus_per_worker`` CPUs and ``launch.gpus_per_worker`` GPUs each; Ray sets up
+the process group and ``train(cfg)`` runs DeepSpeed inside every worker. Every
+complete checkpoint goes to Ray Train's storage (``launch.storage_path``); when a
+worker dies, Ray restarts the group (at most ``launch.max_failures`` times) and the
+run resumes from the newest checkpoint there. ``--working-dir .`` ships this checkout,
+so the workers import the same ``dist_diffusion``; its dependencies come from the
+cluster image (``infra/Dockerfile``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without install
+
+from dist_diffusion.config import Config, ConfigError, load_config, to_yaml  # noqa: E402
+
+
+def train_worker(loop_config: dict) -> None:
+    """Runs in each Ray Train worker, inside the process group Ray created."""
+    import tempfile
+
+    import ray.train
+
+    from dist_diffusion.train import train
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(loop_config["config_yaml"])
+    cfg = load_config(f.name)
+    # Ray runs this function in a thread, where Python cannot take signals; a lost or
+    # preempted node is Ray's to notice, and it restarts from the stored checkpoint.
+    cfg.train.preempt_signals = []
+    restore_from_ray_storage(cfg, ray.train.get_checkpoint(), ray.train.get_context().get_local_rank())
+
+    def report(step: int, folder: Path) -> None:
+        # One upload per node: its local rank 0 hands over the folder with that node's
+        # shards; Ray merges the nodes' folders into one checkpoint in storage.
+        local_main = ray.train.get_context().get_local_rank() == 0
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if local_main else None
+        ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=folder.name)
+
+    summary = train(cfg, on_checkpoint=report)
+    print(json.dumps(summary), flush=True)
+
+
+def restore_from_ray_storage(cfg: Config, checkpoint, local_rank: int) -> None:
+    """After a restart, put Ray's newest checkpoint into the run directory, where
+    ``train`` resumes from it (a node that kept its own copy already has it)."""
+    import os
+    import shutil
+    import time
+
+    if checkpoint is None:
+        return
+    target = Path(cfg.train.run_dir) / "checkpoints" / Path(checkpoint.path).name
+    if local_rank == 0 and not (target / "COMPLETE").exists():
+        staging = target.with_name(target.name + f".ray-{os.getpid()}")
+        checkpoint.to_directory(str(staging))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)  # appears whole, so no rank sees a partial copy
+    while not (target / "COMPLETE").exists():
+        time.sleep(0.5)
+
+
+def connect_and_check(cfg: Config) -> None:
+    """Join the cluster and check it can hold the workers, before any of them starts."""
+    import ray
+
+    try:
+        _check_reachable(cfg.launch.ray_address)
+        ray.init(address=cfg.launch.ray_address, log_to_driver=True)
+    except (ConnectionError, ValueError) as err:
+        raise ConfigError(f"no Ray cluster at launch.ray_address={cfg.launch.ray_address!r} ({err}); start "
+                          f"one (infra/local/ray.sh up) or submit with `ray job submit --address "
+                          f"http://HEAD:8265 --working-dir . -- python launchers/ray_train.py ...`") from None
+    have = ray.cluster_resources()
+    launch = cfg.launch
+    for name, per_worker in (("CPU", launch.cpus_per_worker), ("GPU", launch.gpus_per_worker)):
+        need = per_worker * launch.world_size
+        if need > have.get(name, 0):
+            raise ConfigError(f"{launch.world_size} workers x {per_worker} {name} = {need} {name}s, but the Ray "
+                              f"cluster has {have.get(name, 0):g}; lower launch.nodes, launch.workers_per_node "
+                              f"or launch.{name.lower()}s_per_worker, or grow the cluster")
+
+
+def _check_reachable(address: str) -> None:
+    """ray.init retries a dead GCS address for minutes; a TCP probe answers at once."""
+    import socket
+
+    if address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise ConnectionError(f"nothing listens at {address}: {err.strerror or err}") from None
+
+
+def make_trainer(cfg: Config):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    launch, run_dir = cfg.launch, Path(cfg.train.run_dir).resolve()
+    storage = launch.storage_path or str(run_dir / "ray")
+    resources = {"CPU": launch.cpus_per_worker, **({"GPU": launch.gpus_per_worker} if launch.gpus_per_worker else {})}
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"config_yaml": to_yaml(cfg)},
+        scaling_config=ScalingConfig(num_workers=launch.world_size, use_gpu=launch.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=run_dir.name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=launch.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0].startswith("-"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args[0], args[1:])
+        cfg.train.run_dir = str(Path(cfg.train.run_dir).resolve())  # the same place after a restart
+        connect_and_check(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = make_trainer(cfg).fit()
+    print(json.dumps({"step": (result.metrics or {}).get("step"), "checkpoint": str(result.checkpoint.path)
+                      if result.checkpoint else None, "run_dir": cfg.train.run_dir}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

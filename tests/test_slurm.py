@@ -1,0 +1,107 @@
+"""A real single-node SLURM (munged, MariaDB + slurmdbd, slurmctld, slurmd) started by
+infra/local/slurm.sh: sbatch, preemption + requeue, and submitit, all training for real."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PIXEL16, logged_steps, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+# This node has 2 cores and no GPU: override the GPU-cluster header of train_latent.sh.
+SMALL_NODE = ["--ntasks-per-node=2", "--gpus-per-task=0", "--cpus-per-task=1"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory, pixel_shards):
+    """The cluster for this module; `down` runs whatever happened, stopping it by PID."""
+    if shutil.which("slurmctld") is None:
+        pytest.fail("SLURM is not installed: run `make system-deps` (Debian slurm-wlm, munge, mariadb)")
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "SLURM_STACK_DIR": str(state)}
+    script = str(ROOT / "infra/local/slurm.sh")
+    try:
+        up = subprocess.run([script, "up"], env=env, capture_output=True, text=True, timeout=300)
+        assert up.returncode == 0, up.stdout + up.stderr
+        again = subprocess.run([script, "up"], env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "slurm stack up" in again.stdout  # idempotent
+        yield {**env, "SLURM_CONF": str(state / "slurm.conf")}
+    finally:
+        subprocess.run([script, "down"], env=env, capture_output=True, timeout=120)
+
+
+def job_state(env, job_id: str) -> str:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], env=env,
+                         capture_output=True, text=True, timeout=30)
+    return out.stdout.strip().split("\n")[-1].split(" ")[0] if out.returncode == 0 else ""
+
+
+def squeue_reason(env, job_id: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%r"], env=env, capture_output=True, text=True,
+                         timeout=30)
+    return out.stdout.strip()
+
+
+def test_sbatch_trains_with_two_tasks(slurm, tmp_path, pixel_shards):
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    out = subprocess.run(["sbatch", "--wait", *SMALL_NODE, f"--output={log}", "slurm/train_latent.sh",
+                          "configs/tiny.yaml", *PIXEL16, "train.max_steps=8", "train.ckpt_every=4",
+                          f"train.run_dir={run}", f"data.shards={pixel_shards}"],
+                         cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr + log.read_text(errors="replace")[-3000:]
+    assert "2 tasks" in log.read_text(errors="replace")
+    assert (run / "checkpoints/step00000008/COMPLETE").exists()
+    assert logged_steps(run) == list(range(1, 9))
+
+
+def test_usr1_saves_requeues_and_resumes(slurm, tmp_path, pixel_shards):
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    out = subprocess.run(["sbatch", "--parsable", *SMALL_NODE, f"--output={log}", "slurm/train_latent.sh",
+                          "configs/tiny.yaml", *PIXEL16, "train.max_steps=150", "train.ckpt_every=50",
+                          f"train.run_dir={run}", f"data.shards={pixel_shards}"],
+                         cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.strip().split(";")[0]
+    try:
+        wait_until(lambda: len(logged_steps(run)) >= 3, 300, "the job's first steps")
+        subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True, timeout=30)
+        wait_until(lambda: log.exists() and "requeueing" in log.read_text(errors="replace"), 120, "the requeue")
+        # A requeued job waits ~2 min (reason BeginTime) before it may start again; a real
+        # cluster keeps that back-off, the test lifts it once the job is back in the queue.
+        wait_until(lambda: squeue_reason(slurm, job) == "BeginTime", 60, "the job to be requeued")
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True, timeout=30)
+        wait_until(lambda: job_state(slurm, job) == "COMPLETED", 400, f"job {job} to complete")
+    finally:
+        subprocess.run(["scancel", job], env=slurm, capture_output=True, timeout=30)
+    text = log.read_text(errors="replace")
+    preempted_at = int(text.split("preempted at step ")[1].split(":")[0])
+    assert 3 <= preempted_at < 150, text[-3000:]
+    assert f"resumed from {run / 'checkpoints'}/step{preempted_at:08d} at step {preempted_at}" in text
+    assert "(restart 1)" in text
+    # every step exactly once: nothing after the preemption checkpoint was lost or redone
+    assert logged_steps(run) == list(range(1, 151))
+
+
+def test_submitit_two_tasks_returns_final_step(slurm, tmp_path, pixel_shards):
+    out = subprocess.run([sys.executable, "launchers/submitit_slurm.py", "configs/tiny.yaml", *PIXEL16,
+                          "train.max_steps=6", f"train.run_dir={tmp_path / 'run'}", f"data.shards={pixel_shards}",
+                          "launch.workers_per_node=2", f"launch.job_dir={tmp_path / 'submitit'}"],
+                         cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert '"step": 6' in out.stdout.strip().splitlines()[-1]
+
+
+def test_bad_input_fails_before_any_worker(slurm, tmp_path):
+    missing = subprocess.run([sys.executable, "launchers/submitit_slurm.py", "configs/nope.yaml"], cwd=ROOT,
+                             env=slurm, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "configs/nope.yaml does not exist" in missing.stderr
+    partition = subprocess.run([sys.executable, "launchers/submitit_slurm.py", "configs/tiny.yaml",
+                                "launch.partition=gpu-h100", f"launch.job_dir={tmp_path}"], cwd=ROOT, env=slurm,
+                               capture_output=True, text=True, timeout=60)
+    assert partition.returncode == 2, partition.stderr
+    assert "launch.partition='gpu-h100' is not a partition" in partition.stderr and "debug" in partition.stderr
+    assert not list(tmp_path.iterdir())  # nothing was submitted
