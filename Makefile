@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv system-deps test demo bench clean
 
 venv: $(STAMP)
 
@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# The local SLURM cluster (infra/local/slurm.sh) for the launcher tests: Debian packages.
+SYSTEM_PKGS := slurmctld slurmd slurm-client slurmdbd munge mariadb-server
+system-deps:
+	@command -v slurmctld >/dev/null && command -v mariadbd >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PKGS) >/dev/null; }
 
 test: venv
 	$(BIN)/python -m pytest
