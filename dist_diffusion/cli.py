@@ -122,6 +122,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sample(args: argparse.Namespace) -> int:
+    """`sample` writes images (metrics off unless asked); `eval` also scores them."""
+    from .data.storage import StorageError
+    from .runtime.env import spawn_local
+
+    overrides = [*args.overrides, *(["eval.metrics=false"] if args.command == "sample" and not args.metrics else [])]
+    cfg = load_config(args.config, overrides)  # validate once, before any worker starts
+    if args.nproc > 1:
+        return spawn_local([args.command, "--config", args.config, "--nproc", "1", *overrides], args.nproc)
+    from .evaluate.sample import evaluate
+
+    try:
+        evaluate(cfg)
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dist-diffusion",
@@ -160,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--raw", action="store_true", help="the trained weights instead of the EMA")
     p.set_defaults(func=_cmd_export)
+    for name, text in (("sample", "distributed DDIM/DDPM/DPM-Solver + CFG sampling into shards and a grid"),
+                       ("eval", "sample and score: FID / IS / class accuracy, report, CFG and step sweeps")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", required=True, help="YAML recipe; eval.unet names the exported UNet")
+        p.add_argument("--nproc", type=int, default=1, help="local processes to split the samples over")
+        p.add_argument("--metrics", action="store_true", help=argparse.SUPPRESS if name == "eval" else
+                       "also compute the metrics (as eval does)")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sample.num_samples=1000")
+        p.set_defaults(func=_cmd_sample)
     return parser
 
 

@@ -125,8 +125,9 @@ class DataConfig:
 class TrainConfig:
     """The optimisation loop."""
 
-    target: str = _f("unet", "what this run trains: the diffusion UNet, or the VAE it uses",
-                     choices=["unet", "vae"])
+    target: str = _f("unet", "what this run trains: the diffusion UNet, the VAE it uses, or the domain "
+                             "classifier that scores samples",
+                     choices=["unet", "vae", "classifier"])
     max_steps: int = _f(1000, "optimizer steps to train for", ge=1)
     batch_size: int = _f(64, "global batch size (all processes, all accumulation steps)", ge=1)
     lr: float = _f(2e-4, "peak AdamW learning rate", gt=0.0)
@@ -186,6 +187,26 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The sampling job: where the model and the samples are, and how they are judged."""
+
+    unet: str = _f("", "exported UNet directory (`dist-diffusion export`) to sample from")
+    out: str = _f("runs/eval", "directory or s3:// prefix for sample shards, grids and the report")
+    samples_per_shard: int = _f(64, "samples per output shard: the unit a restarted job skips", ge=1)
+    write_png: bool = _f(False, "also write every sample as a PNG under OUT/png/")
+    metrics: bool = _f(True, "compute FID / IS / class accuracy while sampling")
+    features: str = _f("classifier", "feature network: the FID Inception-v3, or the domain classifier",
+                       choices=["inception", "classifier"])
+    inception_weights: str = _f("", "path or s3:// URL of the FID Inception weights "
+                                    "(pt_inception-2015-12-05-6726825d.pth)")
+    classifier: str = _f("", "exported domain classifier directory (a run with train.target=classifier)")
+    reference: str = _f("", "image shards for the reference statistics (empty: data.shards)")
+    cfg_scales: List[float] = _f([], "sweep: CFG scales to evaluate in one job (empty: sample.cfg_scale)")
+    steps: List[int] = _f([], "sweep: sampler step counts to evaluate (empty: sample.steps)")
+    grid_per_class: int = _f(8, "samples per class row in the grid PNG", ge=1)
+
+
+@dataclass
 class LaunchConfig:
     """Where the processes run on a cluster (Ray Train, SLURM via submitit or sbatch)."""
 
@@ -221,6 +242,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from .config import ConfigError, load_config
-from .core.models import build_unet, build_vae
+from .core.models import build_for_target
 from .runtime.checkpoint import COMPLETE, consolidated_fp32_state, latest_complete
 
 
@@ -26,7 +26,7 @@ def export_model(run_dir: str | Path, out: str | Path, weights: str = "ema") -> 
         raise ConfigError(f"{run_dir} has no complete checkpoint; train first (or point --run-dir "
                           f"at the run's directory)")
     cfg = load_config(run_dir / "config.yaml")
-    model = build_vae(cfg) if cfg.train.target == "vae" else build_unet(cfg)
+    model = build_for_target(cfg)
     state = _ema_state(root / tag, model) if weights == "ema" else consolidated_fp32_state(root, tag)
     model.load_state_dict(state)
     model.save_pretrained(out, safe_serialization=True)

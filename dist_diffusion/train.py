@@ -21,7 +21,7 @@ import torch
 from .config import Config, ConfigError, to_yaml
 from .core.ema import ema_decay
 from .core.losses import diffusion_loss, drop_labels
-from .core.models import build_unet, build_vae, encode_images, null_label, unet_input_shape
+from .core.models import build_for_target, build_vae, encode_images, null_label, unet_input_shape
 from .core.schedule import make_schedule
 from .core.vae_loss import vae_loss
 from .data.stream import Position, ShardStream, StreamSpec, load_manifest, unconsumed
@@ -121,7 +121,7 @@ def build_run(cfg: Config) -> Run:
 
 def build_trainable(cfg: Config) -> torch.nn.Module:
     """The network this run optimises: the diffusion UNet, or (train.target=vae) the VAE."""
-    return build_vae(cfg).train() if cfg.train.target == "vae" else build_unet(cfg)
+    return build_for_target(cfg).train()
 
 
 def _no_shards():
@@ -131,8 +131,8 @@ def _no_shards():
 
 def _check_data_matches(cfg: Config, manifest: dict) -> None:
     """Shards and model must agree before any step: kind, shape and class count."""
-    if cfg.train.target == "vae" and manifest["kind"] != "images":
-        raise ConfigError(f"train.target=vae needs image shards, but {cfg.data.shards} holds "
+    if cfg.train.target in ("vae", "classifier") and manifest["kind"] != "images":
+        raise ConfigError(f"train.target={cfg.train.target} needs image shards, but {cfg.data.shards} holds "
                           f"{manifest['kind']}; point data.shards at the output of prepare")
     if manifest["num_classes"] > cfg.model.num_classes and cfg.train.target == "unet":
         raise ConfigError(f"the shards at {cfg.data.shards} have {manifest['num_classes']} classes but "
@@ -178,6 +178,8 @@ def train_step(run: Run, batches) -> dict:
         x0 = model_inputs(run, batch, gen)
         if cfg.train.target == "vae":
             per_sample, t = _vae_loss(run, x0, gen), None
+        elif cfg.train.target == "classifier":
+            per_sample, t = _classifier_loss(run, x0, batch["label"].to(x0.device)), None
         else:
             per_sample, t = _loss(run, x0, batch["label"].to(x0.device), gen)
         loss = per_sample.mean()
@@ -235,6 +237,12 @@ def _loss(run: Run, x0: torch.Tensor, labels: torch.Tensor, gen: torch.Generator
 def _vae_loss(run: Run, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     dtype = torch.bfloat16 if run.cfg.runtime.precision == "bf16" else torch.float32
     return vae_loss(run.engine.module, images.to(dtype), gen, run.cfg.vae.kl_weight, run.cfg.vae.recon_loss)
+
+
+def _classifier_loss(run: Run, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    dtype = torch.bfloat16 if run.cfg.runtime.precision == "bf16" else torch.float32
+    logits = run.engine(images.to(dtype)).float()
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
 
 
 def _nonfinite(run: Run, loss: torch.Tensor) -> None:

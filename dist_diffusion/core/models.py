@@ -91,3 +91,16 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def build_classifier(cfg: Config):
+    """The domain classifier for this dataset: its classes, at the data resolution."""
+    from .classifier import DomainClassifier
+
+    return DomainClassifier(num_classes=cfg.model.num_classes, resolution=cfg.data.resolution)
+
+
+def build_for_target(cfg: Config) -> torch.nn.Module:
+    """The network a run with ``train.target`` trains (and ``export`` writes)."""
+    builders = {"unet": build_unet, "vae": build_vae, "classifier": build_classifier}
+    return builders[cfg.train.target](cfg)

@@ -115,3 +115,14 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def all_reduce_sum(values: "np.ndarray") -> "np.ndarray":
+    """Elementwise float64 sum of a numpy vector over ranks (gloo and NCCL both carry f64)."""
+    import numpy as np
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(device())
+    dist.all_reduce(t)
+    return t.cpu().numpy()

@@ -1,0 +1,1 @@
+"""Distributed sampling and evaluation: sample shards, feature statistics, FID / IS / accuracy."""

@@ -1,0 +1,113 @@
+"""Feature extractors for FID / IS / class accuracy, from local files or S3 only.
+
+``inception``: torch-fidelity's FID Inception-v3 (the standard
+``pt_inception-2015-12-05`` weights), 2048-d pool features and its 1008 logits.
+``classifier``: the framework's domain classifier (an exported ``DomainClassifier``),
+its pooled features and its class logits, which also score class accuracy.
+Each has an ``id`` naming the network and a hash of its weights, so cached reference
+statistics are tied to exactly the extractor that made them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config, ConfigError
+from ..data import storage
+
+
+class Extractor:
+    """uint8 images [N, 3, H, W] -> (features [N, D] float64, logits [N, K] float64)."""
+
+    id: str
+    dim: int
+    classes: int
+    judges_labels: bool  # logits are the dataset's classes: class accuracy is meaningful
+
+    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class InceptionExtractor(Extractor):
+    dim, classes, judges_labels = 2048, 1008, False
+
+    def __init__(self, weights: Path):
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                               feature_extractor_weights_path=str(weights)).eval()
+        self.id = f"inception-v3-compat-{_file_hash(weights)}"
+
+    @torch.no_grad()
+    def __call__(self, images):
+        feats, logits = self.net(images.to(torch.uint8).cpu())
+        return feats.double().numpy(), logits.double().numpy()
+
+
+class ClassifierExtractor(Extractor):
+    judges_labels = True
+
+    def __init__(self, directory: Path):
+        from ..core.classifier import DomainClassifier
+
+        self.net = DomainClassifier.from_pretrained(str(directory)).eval().float()
+        self.resolution = self.net.config.resolution
+        self.dim, self.classes = self.net.head.in_features, self.net.head.out_features
+        self.id = f"classifier-{_file_hash(directory / 'diffusion_pytorch_model.safetensors')}"
+
+    @torch.no_grad()
+    def __call__(self, images):
+        x = images.float() / 127.5 - 1
+        if x.shape[-1] != self.resolution:
+            x = torch.nn.functional.interpolate(x, size=self.resolution, mode="bilinear", antialias=True)
+        feats = self.net.features(x)
+        return feats.double().numpy(), self.net.head(feats).double().numpy()
+
+
+def build_extractor(cfg: Config) -> Extractor:
+    e = cfg.eval
+    if e.features == "inception":
+        if not e.inception_weights:
+            raise ConfigError("eval.features=inception needs eval.inception_weights: a path or s3:// URL of "
+                              "the FID Inception weights (pt_inception-2015-12-05-6726825d.pth); nothing is "
+                              "downloaded at run time. Or use eval.features=classifier")
+        return InceptionExtractor(_local_file(e.inception_weights, "eval.inception_weights"))
+    if not e.classifier:
+        raise ConfigError("eval.features=classifier needs eval.classifier: the directory `dist-diffusion export` "
+                          "wrote for a run with train.target=classifier")
+    directory = Path(e.classifier)
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"eval.classifier={e.classifier} holds no exported classifier (config.json missing); "
+                          f"export one with `dist-diffusion export --run-dir RUN --out DIR`")
+    return ClassifierExtractor(directory)
+
+
+def _local_file(url: str, key: str) -> Path:
+    """A path as is; an s3:// URL downloaded once into a cache named by the URL."""
+    loc = storage.parse(url)
+    if not loc.is_s3:
+        if not Path(url).is_file():
+            raise ConfigError(f"{key}={url} does not exist; point it at the weights file")
+        return Path(url)
+    cache = Path(tempfile.gettempdir()) / "dist_diffusion_weights" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    if not cache.is_file():
+        if not storage.exists(loc):
+            raise ConfigError(f"{key}={url} does not exist in S3; upload the weights file there")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".part")
+        tmp.write_bytes(storage.read_bytes(loc))
+        tmp.replace(cache)
+    return cache
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]

@@ -1,0 +1,46 @@
+"""The evaluation report: ``OUT/report.json`` and a Markdown table ``OUT/report.md``."""
+
+from __future__ import annotations
+
+import json
+
+from ..config import Config
+from ..data import storage
+
+COLUMNS = [("cfg_scale", "CFG", "{:g}"), ("guidance_interval", "interval", "{}"), ("sampler", "sampler", "{}"),
+           ("steps", "steps", "{}"), ("num_samples", "N", "{}"), ("fid", "FID", "{:.3f}"),
+           ("inception_score", "IS", "{:.3f}"), ("class_accuracy", "class acc", "{:.3f}"),
+           ("seconds", "seconds", "{:.1f}"), ("samples_per_s", "samples/s", "{:.2f}")]
+
+
+def result_row(cfg: Config, point, metrics: dict, seconds: float, resumed_shards: int) -> dict:
+    return {"cfg_scale": point.cfg_scale, "guidance_interval": list(cfg.sample.guidance_interval) or None,
+            "sampler": cfg.sample.sampler, "steps": point.steps, "eta": cfg.sample.eta,
+            "num_samples": cfg.sample.num_samples, "seed": cfg.sample.seed, "checkpoint": _checkpoint(cfg),
+            **metrics, "seconds": seconds, "samples_per_s": cfg.sample.num_samples / max(seconds, 1e-9),
+            "resumed_shards": resumed_shards, "samples": str(storage.parse(cfg.eval.out).join(point.name))}
+
+
+def _checkpoint(cfg: Config) -> str:
+    from pathlib import Path
+
+    meta = Path(cfg.eval.unet) / "dist_diffusion.json"
+    return json.loads(meta.read_text()).get("checkpoint", cfg.eval.unet) if meta.is_file() else cfg.eval.unet
+
+
+def markdown(rows: list[dict]) -> str:
+    header = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(cfg: Config, rows: list[dict], features: str | None) -> None:
+    out = storage.parse(cfg.eval.out)
+    report = {"unet": cfg.eval.unet, "features": features, "results": rows}
+    storage.write_bytes(out.join("report.json"), (json.dumps(report, indent=2) + "\n").encode())
+    text = f"# Evaluation of {_checkpoint(cfg)}\n\nfeatures: {features or 'none'}\n\n" + markdown(rows)
+    storage.write_bytes(out.join("report.md"), text.encode())
+    print(text, flush=True)

@@ -1,0 +1,219 @@
+"""The distributed sampling job: DDIM/DDPM/DPM-Solver + CFG fanned out over ranks,
+images written as shards, features reduced into FID / IS / class accuracy.
+
+Sample i has label i mod num_classes and draws all its noise from (sample.seed, i);
+shard k holds samples [k*S, (k+1)*S) and is generated in batches that start at k*S,
+so images depend on neither the number of processes nor the order shards run in.
+Shard k goes to rank k mod world. Its features are stored beside it (written last, so
+they mark it complete): a restarted job loads them instead of sampling again, and its
+metrics equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ..config import Config, ConfigError
+from ..core.models import decode_latents
+from ..data import storage
+from ..data.shards import write_tar
+from ..generate import generate
+from ..imaging import save_grid, to_uint8
+from ..runtime.distributed import all_reduce_sum, barrier, init_process_group
+from .features import Extractor, build_extractor
+from .reference import reference_stats
+from .report import result_row, write_report
+from .stats import FeatureSums, frechet_distance
+
+
+@dataclass(frozen=True)
+class Point:
+    """One evaluated setting of a sweep."""
+
+    cfg_scale: float
+    steps: int
+
+    @property
+    def name(self) -> str:
+        return f"cfg{self.cfg_scale:g}_steps{self.steps}"
+
+
+def sweep(cfg: Config) -> list[Point]:
+    scales = cfg.eval.cfg_scales or [cfg.sample.cfg_scale]
+    steps = cfg.eval.steps or [cfg.sample.steps]
+    return [Point(float(s), int(n)) for n in steps for s in scales]
+
+
+def evaluate(cfg: Config) -> list[dict]:
+    """Sample every point of the sweep; with eval.metrics, score it. Returns report rows."""
+    env = init_process_group()
+    unet, vae = load_models(cfg)
+    extractor, reference = None, None
+    if cfg.eval.metrics:
+        extractor = build_extractor(cfg)
+        shards = cfg.eval.reference or cfg.data.shards
+        if not shards:
+            raise ConfigError("eval.metrics needs reference images: set eval.reference (or data.shards) to the "
+                              "image shards from prepare")
+        reference, cached = reference_stats(shards, extractor, env)
+        if env.is_main:
+            print(f"reference statistics of {shards} ({reference.count} images, {extractor.id}): "
+                  f"{'cached' if cached else 'computed and cached'}", flush=True)
+    rows = []
+    for point in sweep(cfg):
+        started = time.monotonic()
+        sums, resumed = sample_point(cfg, point, unet, vae, extractor, env)
+        barrier()
+        seconds = time.monotonic() - started
+        metrics = score(sums, reference, extractor) if extractor else {}
+        rows.append(result_row(cfg, point, metrics, seconds, resumed))
+        if env.is_main:
+            save_point_grid(cfg, point)
+    if env.is_main:
+        write_report(cfg, rows, extractor.id if extractor else None)
+    return rows
+
+
+def load_models(cfg: Config):
+    from diffusers import UNet2DModel
+
+    from ..core.models import build_vae
+
+    if not cfg.eval.unet or not (storage.parse(cfg.eval.unet).key and _is_model_dir(cfg.eval.unet)):
+        raise ConfigError(f"eval.unet={cfg.eval.unet!r} is not an exported UNet directory; run "
+                          f"`dist-diffusion export --run-dir RUN --out DIR` and pass eval.unet=DIR")
+    unet = UNet2DModel.from_pretrained(cfg.eval.unet).eval().float()
+    vae = build_vae(cfg).eval().float() if cfg.vae.enabled else None
+    return unet, vae
+
+
+def _is_model_dir(path: str) -> bool:
+    from pathlib import Path
+
+    return (Path(path) / "config.json").is_file()
+
+
+def sample_point(cfg: Config, point: Point, unet, vae, extractor: Extractor | None, env) -> tuple[FeatureSums, int]:
+    """This rank's shards of one sweep point; returns the reduced sums and shards reused."""
+    point_cfg = replace(cfg, sample=replace(cfg.sample, cfg_scale=point.cfg_scale, steps=point.steps))
+    out = storage.parse(cfg.eval.out).join(point.name)
+    n, per_shard = cfg.sample.num_samples, cfg.eval.samples_per_shard
+    mine = list(range(env.rank, math.ceil(n / per_shard), env.world_size))
+    dim, classes = (extractor.dim, extractor.classes) if extractor else (1, 1)
+    sums, resumed = FeatureSums.empty(dim, classes), 0
+    bar = tqdm(total=sum(min(n, (k + 1) * per_shard) - k * per_shard for k in mine), unit="img",
+               desc=f"sample {point.name}", disable=not env.is_main)
+    for k in mine:
+        indices = list(range(k * per_shard, min(n, (k + 1) * per_shard)))
+        sidecar = out.join(f"samples-{k:06d}.npz")
+        if storage.exists(sidecar):
+            record, resumed = _load_record(sidecar), resumed + 1
+        else:
+            record = _make_shard(point_cfg, unet, vae, extractor, indices, out, k, bar)
+        if extractor:
+            sums.add(record["features"], record["logits"], record["labels"] if extractor.judges_labels else None)
+        bar.update(len(indices) if "fresh" not in record else 0)
+    bar.close()
+    return FeatureSums.from_vector(all_reduce_sum(sums.to_vector()), dim, classes), \
+        int(all_reduce_sum(np.array([float(resumed)]))[0])
+
+
+def labels_for(cfg: Config, indices: list[int]) -> torch.Tensor:
+    """Class-balanced, fixed order: sample i asks for class i mod num_classes."""
+    return torch.tensor([i % cfg.model.num_classes for i in indices])
+
+
+def _make_shard(cfg: Config, unet, vae, extractor, indices: list[int], out, k: int, bar) -> dict:
+    images = []
+    for start in range(0, len(indices), cfg.sample.batch_size):
+        idx = indices[start:start + cfg.sample.batch_size]
+        x = generate(cfg, unet, labels_for(cfg, idx), idx)
+        if vae is not None:
+            x = decode_latents(vae, x)
+        images.append(to_uint8(x[:, :3]))
+        bar.update(len(idx))
+        bar.set_postfix(img_per_s=f"{bar.n / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+    images = torch.cat(images)
+    labels = labels_for(cfg, indices).numpy()
+    _write_images(cfg, out, k, indices, images, labels)
+    record = {"labels": labels, "fresh": True}
+    feats, logits = extractor(images) if extractor else (np.zeros((len(indices), 1)), np.zeros((len(indices), 1)))
+    record.update(features=feats.astype(np.float32), logits=logits.astype(np.float32))
+    buf = io.BytesIO()
+    np.savez(buf, features=record["features"], logits=record["logits"], labels=labels)
+    storage.write_bytes(out.join(f"samples-{k:06d}.npz"), buf.getvalue())  # last: marks the shard complete
+    return record
+
+
+def _write_images(cfg: Config, out, k: int, indices: list[int], images: torch.Tensor, labels: np.ndarray) -> None:
+    import tempfile
+    from pathlib import Path
+
+    pngs = [_png(img) for img in images]
+    samples = [(f"{i:08d}", {"png": png, "cls": str(int(y)).encode()}) for i, png, y in zip(indices, pngs, labels)]
+    with tempfile.TemporaryDirectory() as tmp:
+        tar = Path(tmp) / "shard.tar"
+        write_tar(tar, samples)
+        storage.write_bytes(out.join(f"samples-{k:06d}.tar"), tar.read_bytes())
+    if cfg.eval.write_png:
+        for i, png in zip(indices, pngs):
+            storage.write_bytes(out.join(f"png/{i:08d}.png"), png)
+
+
+def _png(image: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _load_record(sidecar) -> dict:
+    with np.load(io.BytesIO(storage.read_bytes(sidecar))) as f:
+        return {name: f[name] for name in ("features", "logits", "labels")}
+
+
+def score(sums: FeatureSums, reference: FeatureSums, extractor: Extractor) -> dict:
+    mu, cov = sums.mean_cov()
+    ref_mu, ref_cov = reference.mean_cov()
+    metrics = {"fid": frechet_distance(mu, cov, ref_mu, ref_cov), "inception_score": sums.inception_score(),
+               "features": extractor.id}
+    if extractor.judges_labels:
+        metrics["class_accuracy"] = sums.accuracy()
+    return metrics
+
+
+def save_point_grid(cfg: Config, point: Point) -> None:
+    """Grid of the first samples, one row per class (at most 10), read back from the shards."""
+    from ..data.stream import parse_tar
+
+    out = storage.parse(cfg.eval.out).join(point.name)
+    classes = min(cfg.model.num_classes, 10)
+    per = min(cfg.eval.grid_per_class, cfg.sample.num_samples // cfg.model.num_classes)
+    if per == 0:
+        return
+    needed = min(cfg.sample.num_samples, cfg.model.num_classes * per)
+    images, k = {}, 0
+    while len(images) < needed and storage.exists(out.join(f"samples-{k:06d}.tar")):
+        for s in parse_tar(storage.read_bytes(out.join(f"samples-{k:06d}.tar"))):
+            i = int(s["__key__"])
+            if i < needed:
+                images[i] = torch.from_numpy(np.array(Image.open(io.BytesIO(s["png"])).convert("RGB"))).permute(2, 0, 1)
+        k += 1
+    rows = [[images[i] for i in sorted(images) if i % cfg.model.num_classes == c][:per] for c in range(classes)]
+    rows = [r for r in rows if len(r) == per]
+    if not rows:
+        return
+    grid = torch.stack([img for row in rows for img in row]).float() / 127.5 - 1
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_grid(grid, f"{tmp}/grid.png", nrow=per, scale=2)
+        storage.write_bytes(out.join("grid.png"), path.read_bytes())
