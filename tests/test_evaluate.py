@@ -1,0 +1,159 @@
+"""The sampling job and its metrics: process-count and batch invariance, resume after a
+kill, the Fréchet distance against scipy, the Inception path, cached reference stats."""
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_class_folders, wait_until
+from dist_diffusion.config import DataConfig, load_config
+from dist_diffusion.core.models import build_classifier, build_unet
+from dist_diffusion.evaluate.stats import FeatureSums, frechet_distance
+
+ROOT = Path(__file__).resolve().parents[1]
+PIXELS = ["vae.enabled=false", "data.resolution=16", "model.num_classes=4"]
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    from scipy import linalg
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 12)), rng.normal(0.3, 1.2, size=(250, 12)) @ rng.normal(size=(12, 12)) * 0.5
+    mu1, c1, mu2, c2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(c1 @ c2).real
+    reference = float((mu1 - mu2) @ (mu1 - mu2) + np.trace(c1 + c2 - 2 * root))
+    assert frechet_distance(mu1, c1, mu2, c2) == pytest.approx(reference, rel=1e-6)
+    assert abs(frechet_distance(mu1, c1, mu1, c1)) < 1e-9
+
+
+def test_feature_sums_in_parts_equal_the_whole():
+    rng = np.random.default_rng(1)
+    feats, logits, labels = rng.normal(size=(40, 6)), rng.normal(size=(40, 3)), rng.integers(0, 3, 40)
+    whole, parts = FeatureSums.empty(6, 3), [FeatureSums.empty(6, 3) for _ in range(2)]
+    whole.add(feats, logits, labels)
+    parts[0].add(feats[:17], logits[:17], labels[:17])
+    parts[1].add(feats[17:], logits[17:], labels[17:])
+    merged = FeatureSums.from_vector(parts[0].to_vector() + parts[1].to_vector(), 6, 3)
+    for x, y in zip(whole.mean_cov(), merged.mean_cov()):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+    assert merged.inception_score() == pytest.approx(whole.inception_score(), rel=1e-12)
+    assert merged.correct == whole.correct and np.cov(feats, rowvar=False) == pytest.approx(whole.mean_cov()[1])
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A random pixel-space UNet and domain classifier, exported; local 16 px image shards."""
+    from dist_diffusion.data.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("eval")
+    src = make_class_folders(tmp / "src", classes=4, per_class=12)
+    prepare(src, str(tmp / "img16"), DataConfig(resolution=16, samples_per_shard=16), progress=False)
+    cfg = load_config(ROOT / "configs/tiny.yaml", PIXELS)
+    torch.manual_seed(0)
+    build_unet(cfg).save_pretrained(tmp / "unet")
+    build_classifier(cfg).save_pretrained(tmp / "classifier")
+    return tmp
+
+
+def eval_cmd(models, out, *overrides, nproc=1):
+    return [sys.executable, "-m", "dist_diffusion.cli", "eval", "--config", "configs/tiny.yaml", "--nproc",
+            str(nproc), *PIXELS, f"eval.unet={models / 'unet'}", f"eval.classifier={models / 'classifier'}",
+            f"eval.reference={models / 'img16'}", f"eval.out={out}", "sample.num_samples=32",
+            "eval.samples_per_shard=8", "sample.batch_size=8", "sample.steps=10", "eval.cfg_scales=[3]", *overrides]
+
+
+def run_eval(models, out, *overrides, nproc=1):
+    done = subprocess.run(eval_cmd(models, out, *overrides, nproc=nproc), cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return json.loads((Path(out) / "report.json").read_text())["results"][0], done.stdout
+
+
+def images(out) -> dict:
+    found = {}
+    for tar_path in sorted(Path(out).glob("cfg3_steps10/samples-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".png"):
+                    from PIL import Image
+                    found[m.name] = np.array(Image.open(io.BytesIO(tar.extractfile(m).read())), dtype=np.int16)
+    return found
+
+
+@pytest.fixture(scope="module")
+def one_process(models):
+    out = models / "out-1proc"
+    return out, *run_eval(models, out)
+
+
+def test_one_vs_two_processes_bitwise_and_reference_cached(models, one_process):
+    out1, result1, log1 = one_process
+    out2 = models / "out-2proc"
+    result2, log2 = run_eval(models, out2, nproc=2)
+    a, b = images(out1), images(out2)
+    assert len(a) == 32 and a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert result2["fid"] == pytest.approx(result1["fid"], rel=1e-9)
+    assert result2["class_accuracy"] == result1["class_accuracy"]
+    assert "computed and cached" in log1 and "cached" in log2 and "computed" not in log2
+    assert (out1 / "cfg3_steps10/grid.png").exists() and "| FID |" in (out1 / "report.md").read_text()
+
+
+def test_batch_size_4_vs_16_within_one_level(models):
+    runs = {b: run_eval(models, models / f"out-b{b}", f"sample.batch_size={b}", "eval.samples_per_shard=16")[0]
+            for b in (4, 16)}
+    a, b = images(models / "out-b4"), images(models / "out-b16")
+    worst = max(int(np.abs(a[k] - b[k]).max()) for k in a)
+    assert worst <= 1, worst  # CPU kernels may block a batch of 4 differently from 16
+    assert runs[4]["fid"] == pytest.approx(runs[16]["fid"], rel=1e-4)
+
+
+def test_killed_job_rerun_skips_finished_shards(models):
+    slow = ["eval.samples_per_shard=2", "sample.batch_size=2", "sample.steps=50"]  # 16 shards
+    uninterrupted, _ = run_eval(models, models / "out-whole", *slow)
+    out = models / "out-killed"
+    proc = subprocess.Popen(eval_cmd(models, out, *slow), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: len(list(out.glob("cfg3_steps50/samples-*.npz"))) >= 2 or proc.poll() is not None,
+                   300, "two finished shards", interval=0.05)
+        proc.kill()
+    finally:
+        proc.wait()
+    finished = len(list(out.glob("cfg3_steps50/samples-*.npz")))
+    assert 2 <= finished < 16, "the job ended before it could be killed midway"
+    result, _ = run_eval(models, out, *slow)
+    assert result["resumed_shards"] == finished
+    assert result["fid"] == uninterrupted["fid"] and result["class_accuracy"] == uninterrupted["class_accuracy"]
+
+
+def inception_weights(path: Path) -> Path:
+    """A file in the FID Inception weights' format (random values): nothing is downloaded."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    with mock.patch.object(fe, "load_state_dict_from_url", return_value={}), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", return_value=None):
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_path_end_to_end_and_clear_error_without_weights(models):
+    weights = inception_weights(models / "pt_inception.pth")
+    result, _ = run_eval(models, models / "out-inception", "eval.features=inception",
+                         f"eval.inception_weights={weights}", "sample.num_samples=8", "sample.steps=2")
+    assert np.isfinite(result["fid"]) and result["features"].startswith("inception-v3-compat-")
+    assert "class_accuracy" not in result  # Inception's classes are not the dataset's
+    missing = subprocess.run(eval_cmd(models, models / "out-none", "eval.features=inception",
+                                      f"eval.inception_weights={models / 'absent.pth'}"),
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "eval.inception_weights=" in missing.stderr
+    assert "does not exist" in missing.stderr and "Traceback" not in missing.stderr
