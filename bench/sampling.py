@@ -1,13 +1,23 @@
-"""DDIM-50 against DDPM-1000 on the same model and samples, timed in one run.
+"""DDIM-50 against DDPM-1000 on the same model and samples, and the sampling job on 2
+processes against 1, timed in one run.
 
-Prints `ddim50_vs_ddpm1000_speedup=<x>` last (goal >= 18: 20x fewer network calls,
-minus the fixed cost per call). The model is the tiny UNet of configs/tiny.yaml in
+Prints `ddim50_vs_ddpm1000_speedup=<x>` (goal >= 18: 20x fewer network calls, minus the
+fixed cost per call), then, last, `sample_scaling_2v1=<x>`: the same `dist-diffusion
+sample` job (64 samples, DDIM-50, CFG 3) with --nproc 2 against --nproc 1, from the
+sampling seconds each job reports (process start-up excluded; goal >= 1.7 on 2 cores).
+Each process gets one core (OMP_NUM_THREADS=1), as each gets one GPU on a cluster; the
+single process on both cores (intra-op threads) is printed beside it for context. The model is the tiny UNet of configs/tiny.yaml in
 pixel space at 16x16 with CFG 3 (two batched passes per step), on whatever device runs it.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -38,6 +48,25 @@ def main() -> None:
     ddim = time_sampler("ddim", 50, model, cfg, 8)
     print(f"ddpm1000_seconds={ddpm:.2f} ddim50_seconds={ddim:.2f}")
     print(f"ddim50_vs_ddpm1000_speedup={ddpm / ddim:.2f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        build_unet(cfg).save_pretrained(f"{tmp}/unet")
+        seconds = {n: sampling_job_seconds(n, tmp, threads=1) for n in (1, 2)}
+        both_cores = sampling_job_seconds(1, tmp, threads=2)
+    print(f"sample_job_seconds_1proc={seconds[1]:.2f} sample_job_seconds_2proc={seconds[2]:.2f} "
+          f"sample_job_seconds_1proc_2threads={both_cores:.2f}")
+    print(f"sample_scaling_2v1={seconds[1] / seconds[2]:.2f}")
+
+
+def sampling_job_seconds(nproc: int, tmp: str, threads: int) -> float:
+    import os
+
+    out = f"{tmp}/out{nproc}-{threads}"
+    subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "sample", "--config", "configs/tiny.yaml",
+                    "--nproc", str(nproc), "vae.enabled=false", "data.resolution=16", f"eval.unet={tmp}/unet",
+                    f"eval.out={out}", "sample.num_samples=64", "sample.batch_size=8", "eval.samples_per_shard=8",
+                    "sample.steps=50", "sample.cfg_scale=3"], check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    return json.loads(Path(out, "report.json").read_text())["results"][0]["seconds"]
 
 
 if __name__ == "__main__":

@@ -145,3 +145,25 @@ def logged_steps(run_dir) -> list[int]:
 
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="session")
+def random_models(tmp_path_factory):
+    """An untrained 16 px pixel-space UNet and domain classifier (4 classes), exported."""
+    import torch
+
+    from dist_diffusion.config import load_config
+    from dist_diffusion.core.models import build_classifier, build_unet
+
+    tmp = tmp_path_factory.mktemp("models")
+    cfg = load_config("configs/tiny.yaml", PIXEL16)
+    torch.manual_seed(0)
+    build_unet(cfg).save_pretrained(tmp / "unet")
+    build_classifier(cfg).save_pretrained(tmp / "classifier")
+    return tmp
+
+
+def eval_overrides(models, out, reference) -> list[str]:
+    return ["vae.enabled=false", "data.resolution=16", "model.num_classes=4", f"eval.unet={models / 'unet'}",
+            f"eval.classifier={models / 'classifier'}", f"eval.reference={reference}", f"eval.out={out}",
+            "sample.num_samples=16", "eval.samples_per_shard=4", "sample.batch_size=4", "sample.steps=5"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import PIXEL16, logged_steps, wait_until
+from conftest import PIXEL16, eval_overrides, logged_steps, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -99,3 +99,15 @@ def test_bad_input_is_one_clear_error(ray_head, tmp_path):
     missing = subprocess.run([sys.executable, "launchers/ray_train.py", "configs/nope.yaml"], cwd=ROOT,
                              env=ray_head, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "configs/nope.yaml does not exist" in missing.stderr
+
+
+def test_ray_sample_job_writes_the_report(ray_head, tmp_path, pixel_shards, random_models):
+    out = tmp_path / "eval"
+    done = subprocess.run([RAY, "job", "submit", "--working-dir", ".", "--", "python", "launchers/ray_sample.py",
+                           "configs/tiny.yaml", *eval_overrides(random_models, out, pixel_shards),
+                           "launch.workers_per_node=2", "launch.max_failures=0"],
+                          cwd=ROOT, env=ray_head, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "report.json").read_text())["results"][0]
+    assert result["num_samples"] == 16 and 0 <= result["class_accuracy"] <= 1 and result["fid"] > 0
+    assert len(list(out.glob("cfg3_steps5/samples-*.tar"))) == 4

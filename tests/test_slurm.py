@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PIXEL16, logged_steps, wait_until
+import json
+
+from conftest import PIXEL16, eval_overrides, logged_steps, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 # This node has 2 cores and no GPU: override the GPU-cluster header of train_latent.sh.
@@ -105,3 +107,14 @@ def test_bad_input_fails_before_any_worker(slurm, tmp_path):
     assert partition.returncode == 2, partition.stderr
     assert "launch.partition='gpu-h100' is not a partition" in partition.stderr and "debug" in partition.stderr
     assert not list(tmp_path.iterdir())  # nothing was submitted
+
+
+def test_sample_fid_job_with_two_tasks(slurm, tmp_path, pixel_shards, random_models):
+    out, log = tmp_path / "eval", tmp_path / "job.out"
+    done = subprocess.run(["sbatch", "--wait", *SMALL_NODE, f"--output={log}", "slurm/sample_fid.sh",
+                           "configs/tiny.yaml", *eval_overrides(random_models, out, pixel_shards)],
+                          cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr + log.read_text(errors="replace")[-3000:]
+    assert "2 sampling tasks" in log.read_text(errors="replace")
+    result = json.loads((out / "report.json").read_text())["results"][0]
+    assert result["num_samples"] == 16 and result["resumed_shards"] == 0

@@ -37,7 +37,10 @@ def init_process_group() -> ProcessEnv:
 
 def _share_cpu_cores() -> None:
     """On CPU, N ranks on one machine each default to every core: 2N threads fight over N
-    cores and a step gets ~3x slower. Give each rank its share."""
+    cores and a step gets ~3x slower. Give each rank its share (an explicit
+    OMP_NUM_THREADS wins: torch has already applied it)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", 1)))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
 
