@@ -29,7 +29,7 @@ demo: venv
 	$(BIN)/python -m dist_diffusion.demo
 
 bench: venv
-	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	$(BIN)/python tools/bench_table.py
 
 clean:
 	rm -rf runs .pytest_cache

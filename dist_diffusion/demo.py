@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,16 +23,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, UNet2DModel
-from tqdm import tqdm
 
 from .config import Config, load_config
-from .core.models import decode_latents
+from .core.models import build_unet
 from .data import storage
 from .data.prepare import prepare
 from .data.stream import ShardStream, StreamSpec
 from .export import export_model
-from .generate import class_rows, generate
 from .imaging import save_grid
 from .stack import start_s3, stop_s3
 
@@ -40,6 +38,7 @@ UNET_OVERRIDES = ["data.samples_per_shard=256", "data.hflip=false", "model.num_c
                   "data.num_workers=1", "train.ckpt_every=200", "train.max_steps=600", "train.lr=2e-3",
                   "train.warmup_steps=20", "train.ema_half_life_steps=50", "sample.steps=50"]
 VAE_OVERRIDES = ["data.hflip=false", "data.num_workers=1", "train.warmup_steps=20"]
+CLASSIFIER_OVERRIDES = ["data.num_workers=1"]
 
 
 def write_digit_folders(root: Path, size: int = 32) -> int:
@@ -58,62 +57,141 @@ def write_digit_folders(root: Path, size: int = 32) -> int:
     return len(pixels)
 
 
-@torch.no_grad()
-def sample_class_rows(cfg: Config, unet, vae, per_class: int, cfg_scale: float) -> torch.Tensor:
-    """per_class images of every class, class-major; sample i seeded from (seed, i)."""
-    labels = class_rows(cfg, per_class)
-    latents = generate(cfg, unet, labels, range(len(labels)), cfg_scale,
-                       progress=lambda it: tqdm(it, desc=f"sample cfg={cfg_scale}", unit="step"))
-    return decode_latents(vae, latents)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the UNet run")
     parser.add_argument("--out", default="runs/demo", help="where the demo writes everything")
     parser.add_argument("--vae-steps", type=int, default=400, help="VAE training steps")
+    parser.add_argument("--classifier-steps", type=int, default=300, help="domain classifier training steps")
+    parser.add_argument("--eval-samples", type=int, default=500, help="samples per evaluated CFG scale")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    unet_overrides = UNET_OVERRIDES + args.overrides + [f"train.run_dir={out / 'unet'}"]
-    vae_overrides = VAE_OVERRIDES + [f"train.max_steps={args.vae_steps}", f"train.ckpt_every={args.vae_steps}",
-                                     f"train.run_dir={out / 'vae'}"]
-    cfg = load_config("configs/tiny.yaml", unet_overrides)  # validated before anything starts
-    load_config("configs/vae_tiny.yaml", vae_overrides)
+    runs = DemoRuns(out, args)
+    cfg = load_config("configs/tiny.yaml", runs.unet)  # every recipe validated before anything starts
+    load_config("configs/vae_tiny.yaml", runs.vae)
+    load_config("configs/classifier_tiny.yaml", runs.classifier)
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     server = _stage(stages, "stack up", lambda: _stack_up(out / "stack"))
     try:
-        report = _run_stages(cfg, unet_overrides, vae_overrides, out, stages)
+        report = _run_stages(cfg, runs, out, stages)
     finally:
         _stage(stages, "stack down", lambda: stop_s3(server.pid))
-    report["stages"] = stages
-    (out / "demo.json").write_text(json.dumps(report, indent=2))
-    print(f"[done] {sum(stages.values()):.0f}s; compare {out}/real.png with the sample grids")
-    return 0
+    report = {"stages": stages, "total_seconds": round(sum(stages.values()), 1), **report}
+    report["quality"] = quality_bar(report)
+    write_demo_report(report, out)
+    return 0 if report["quality"]["passed"] else 4
 
 
-def _run_stages(cfg: Config, unet_overrides: list[str], vae_overrides: list[str], out: Path,
-                stages: dict) -> dict:
+class DemoRuns:
+    """The overrides of the demo's three training runs and its evaluation."""
+
+    def __init__(self, out: Path, args):
+        self.unet = UNET_OVERRIDES + args.overrides + [f"train.run_dir={out / 'unet'}"]
+        self.vae = VAE_OVERRIDES + [f"train.max_steps={args.vae_steps}", f"train.ckpt_every={args.vae_steps}",
+                                    f"train.run_dir={out / 'vae'}"]
+        self.classifier = CLASSIFIER_OVERRIDES + [f"train.max_steps={args.classifier_steps}",
+                                                  f"train.ckpt_every={args.classifier_steps}",
+                                                  f"train.run_dir={out / 'classifier'}"]
+        self.eval = [f"sample.num_samples={args.eval_samples}", "eval.samples_per_shard=100",
+                     "sample.batch_size=100"]
+
+
+def _run_stages(cfg: Config, runs: DemoRuns, out: Path, stages: dict) -> dict:
     images_url, latents_url = "s3://demo/digits", "s3://demo/digits-latents"
     manifest = _prepare_data(cfg, out, images_url, stages)
+    _stage(stages, "train classifier", lambda: _cli("train", "--config", "configs/classifier_tiny.yaml", "--nproc",
+                                                    "2", *runs.classifier, f"data.shards={images_url}"))
+    clf_dir = _stage(stages, "export classifier", lambda: export_model(out / "classifier", out / "classifier_model"))
     _stage(stages, "train vae", lambda: _cli("train", "--config", "configs/vae_tiny.yaml", "--nproc", "2",
-                                             *vae_overrides, f"data.shards={images_url}"))
+                                             *runs.vae, f"data.shards={images_url}"))
     vae_dir = _stage(stages, "export vae", lambda: export_model(out / "vae", out / "vae_model"))
     with_vae = [f"vae.pretrained={vae_dir}"]
     _stage(stages, "encode", lambda: _cli("encode", "--nproc", "2", "--shards", images_url, "--out", latents_url,
                                           "--config", "configs/tiny.yaml", *with_vae))
     _stage(stages, "train unet", lambda: _cli("train", "--config", "configs/tiny.yaml", "--nproc", "2",
-                                              *unet_overrides, *with_vae, f"data.shards={latents_url}"))
+                                              *runs.unet, *with_vae, f"data.shards={latents_url}"))
     losses = [json.loads(line)["loss"] for line in (out / "unet/metrics.jsonl").read_text().splitlines()]
     print(f"        {cfg.train.max_steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     unet_dir = _stage(stages, "export unet", lambda: export_model(out / "unet", out / "unet_model"))
-    unet = UNet2DModel.from_pretrained(unet_dir).eval()
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
-    for scale in (1.0, cfg.sample.cfg_scale):
-        grid = _stage(stages, f"sample cfg {scale:g}", lambda: save_grid(
-            sample_class_rows(cfg, unet, vae, 8, scale), out / f"samples_cfg{scale:g}.png", nrow=8, scale=4))
-        print(f"        DDIM-{cfg.sample.steps} CFG {scale:g}, one row per class -> {grid}")
-    return {"loss_first": losses[0], "loss_last": losses[-1], "num_samples": manifest["num_samples"]}
+    judged = [*runs.unet, *with_vae, *runs.eval, f"eval.classifier={clf_dir}", f"eval.reference={images_url}"]
+    untrained = _stage(stages, "eval untrained", lambda: _evaluate(
+        out / "eval_untrained", [*judged, f"eval.unet={_untrained_unet(cfg, out)}", "eval.cfg_scales=[3]"]))
+    results = _stage(stages, "sample + eval", lambda: _evaluate(
+        out / "eval", [*judged, f"eval.unet={unet_dir}", f"eval.cfg_scales=[1,{cfg.sample.cfg_scale:g}]"]))
+    for row in results:
+        shutil.copy(out / "eval" / f"cfg{row['cfg_scale']:g}_steps{row['steps']}/grid.png",
+                    out / f"samples_cfg{row['cfg_scale']:g}.png")
+    plot_loss(out / "unet/metrics.jsonl", out / "loss.png")
+    return {"results": [_demo_row(r) for r in results], "fid_domain_untrained": untrained[0]["fid"],
+            "loss_first": losses[0], "loss_last": losses[-1], "num_real_images": manifest["num_samples"]}
+
+
+def _untrained_unet(cfg: Config, out: Path) -> Path:
+    """The UNet as training starts it (same seed, step 0): the baseline of the quality bar."""
+    torch.manual_seed(cfg.train.seed)
+    path = out / "unet_untrained"
+    build_unet(cfg).save_pretrained(path)
+    return path
+
+
+def _evaluate(eval_out: Path, overrides: list[str]) -> list[dict]:
+    shutil.rmtree(eval_out, ignore_errors=True)  # a fresh demo measures afresh
+    _cli("eval", "--config", "configs/tiny.yaml", "--nproc", "2", *overrides, f"eval.out={eval_out}")
+    return json.loads((eval_out / "report.json").read_text())["results"]
+
+
+def _demo_row(row: dict) -> dict:
+    return {"cfg_scale": row["cfg_scale"], "sampler": row["sampler"], "steps": row["steps"],
+            "fid_domain": row["fid"], "class_accuracy": row["class_accuracy"], "num_samples": row["num_samples"],
+            "seconds": round(row["seconds"], 2), "samples_per_s": round(row["samples_per_s"], 2)}
+
+
+def quality_bar(report: dict) -> dict:
+    """The demo's promise: CFG gives the asked digit, and training moved the samples to the data."""
+    by_scale = {r["cfg_scale"]: r for r in report["results"]}
+    low, high = by_scale[min(by_scale)], by_scale[max(by_scale)]
+    checks = {
+        f"class accuracy at CFG {high['cfg_scale']:g} >= 0.80": high["class_accuracy"] >= 0.80,
+        f"class accuracy at CFG {high['cfg_scale']:g} >= at CFG {low['cfg_scale']:g}":
+            high["class_accuracy"] >= low["class_accuracy"],
+        "domain FID <= 1/3 of the untrained model's":
+            all(r["fid_domain"] <= report["fid_domain_untrained"] / 3 for r in report["results"]),
+    }
+    return {"checks": checks, "passed": all(checks.values())}
+
+
+def plot_loss(metrics: Path, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set(xlabel="step", ylabel="loss (epsilon MSE)", title="latent UNet training loss", yscale="log")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_demo_report(report: dict, out: Path) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = ["# dist_diffusion demo", "",
+             f"{report['num_real_images']} real digits; whole demo {report['total_seconds']:.0f} s.", "",
+             "| CFG | sampler | steps | N | domain FID | class accuracy | samples/s |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['cfg_scale']:g} | {r['sampler']} | {r['steps']} | {r['num_samples']} | {r['fid_domain']:.3f} "
+              f"| {r['class_accuracy']:.3f} | {r['samples_per_s']:.1f} |" for r in report["results"]]
+    lines += ["", f"Untrained model (step 0, CFG 3): domain FID {report['fid_domain_untrained']:.3f}.", "",
+              "| stage | seconds |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in report["stages"].items()], "",
+              "Quality bar:", *[f"- [{'x' if ok else ' '}] {name}" for name, ok in report["quality"]["checks"].items()]]
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    print(text)
+    verdict = "met" if report["quality"]["passed"] else "MISSED"
+    print(f"[done] {report['total_seconds']:.0f}s; quality bar {verdict}; files in {out}: report.md, "
+          f"report.json, real.png, samples_cfg*.png, loss.png")
 
 
 def _prepare_data(cfg: Config, out: Path, url: str, stages: dict) -> dict:

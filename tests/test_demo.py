@@ -10,16 +10,24 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_short_demo_runs_every_stage(tmp_path):
+def test_short_demo_runs_every_stage_and_holds_itself_to_the_bar(tmp_path):
     run_dir = tmp_path / "demo"
     cmd = [sys.executable, "-m", "dist_diffusion.demo", "--out", str(run_dir), "--vae-steps", "10",
-           "train.max_steps=15", "sample.steps=4"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads((run_dir / "demo.json").read_text())
-    assert set(report["stages"]) == {"stack up", "digits", "prepare", "train vae", "export vae", "encode",
-                                     "train unet", "export unet", "sample cfg 1", "sample cfg 3", "stack down"}
-    assert report["num_samples"] == 1797
-    for name in ("real.png", "samples_cfg1.png", "samples_cfg3.png"):
+           "--classifier-steps", "10", "--eval-samples", "40", "train.max_steps=15", "sample.steps=4"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    # 15 steps cannot draw the asked digits: the demo must say so and exit 4, report written
+    assert out.returncode == 4, out.stdout[-2000:] + out.stderr[-3000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert list(report["stages"]) == ["stack up", "digits", "prepare", "train classifier", "export classifier",
+                                      "train vae", "export vae", "encode", "train unet", "export unet",
+                                      "eval untrained", "sample + eval", "stack down"]
+    assert [r["cfg_scale"] for r in report["results"]] == [1.0, 3.0]
+    for row in report["results"]:
+        assert row["sampler"] == "ddim" and row["steps"] == 4 and row["num_samples"] == 40
+        assert row["fid_domain"] > 0 and 0 <= row["class_accuracy"] <= 1
+    assert report["fid_domain_untrained"] > 0 and report["num_real_images"] == 1797
+    assert report["quality"]["passed"] is False and not all(report["quality"]["checks"].values())
+    for name in ("real.png", "samples_cfg1.png", "samples_cfg3.png", "loss.png"):
         assert Image.open(run_dir / name).size[0] > 100
+    assert "| CFG |" in (run_dir / "report.md").read_text() and "quality bar MISSED" in out.stdout
     assert "[stack down]" in out.stdout

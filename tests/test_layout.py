@@ -42,7 +42,7 @@ def run_cli(*args):
 def test_cli_help_lists_only_real_subcommands():
     out = run_cli("--help")
     assert out.returncode == 0
-    for command in ("config", "stack", "prepare", "encode"):
+    for command in ("config", "stack", "prepare", "encode", "train", "export", "sample", "eval"):
         assert command in out.stdout
 
 

@@ -1,0 +1,52 @@
+"""`make bench`: run every bench/*.py, then print one table of each figure, its goal and
+whether it meets it. Every figure is a ratio measured within one run of its script."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+GOALS = {  # figure: (comparison, bound)
+    "ddim50_vs_ddpm1000_speedup": (">=", 18.0),
+    "sample_scaling_2v1": (">=", 1.7),
+    "s3_vs_local_ratio": (">=", 0.9),
+    "train_overhead_ratio": ("<=", 1.10),
+}
+FIGURE = re.compile(r"([a-z0-9_]+)=([-+0-9.eE]+)")
+
+
+def run(script: Path) -> dict[str, float]:
+    print(f"== {script}", flush=True)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    print(done.stdout, end="")
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{script} failed with exit code {done.returncode}")
+    return {name: float(value) for name, value in FIGURE.findall(done.stdout)}
+
+
+def main() -> int:
+    rows = []
+    for script in sorted(Path("bench").glob("*.py")):
+        for name, value in run(script).items():
+            rows.append((script.name, name, value, GOALS.get(name)))
+    print(f"\n| script | figure | measured | goal | met |\n|---|---|---|---|---|")
+    missed = 0
+    for script, name, value, goal in rows:
+        if goal is None:
+            print(f"| {script} | {name} | {value:g} | (context) | |")
+            continue
+        op, bound = goal
+        met = value >= bound if op == ">=" else value <= bound
+        missed += not met
+        print(f"| {script} | {name} | {value:g} | {op} {bound:g} | {'yes' if met else 'NO'} |")
+    absent = sorted(set(GOALS) - {name for _, name, _, _ in rows})
+    if absent:
+        print(f"figures with a goal that no script printed: {absent}")
+    return 1 if missed or absent else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
