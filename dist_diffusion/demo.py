@@ -36,7 +36,8 @@ from .stack import start_s3, stop_s3
 # The latent UNet run (configs/tiny.yaml: 32 px digits -> 8x8x4 latents) and its VAE run.
 UNET_OVERRIDES = ["data.samples_per_shard=256", "data.hflip=false", "model.num_classes=10",
                   "data.num_workers=1", "train.ckpt_every=200", "train.max_steps=600", "train.lr=2e-3",
-                  "train.warmup_steps=20", "train.ema_half_life_steps=50", "sample.steps=50"]
+                  "train.warmup_steps=20", "train.ema_half_life_steps=50", "sample.steps=50",
+                  "train.log_every=10"]
 VAE_OVERRIDES = ["data.hflip=false", "data.num_workers=1", "train.warmup_steps=20"]
 CLASSIFIER_OVERRIDES = ["data.num_workers=1"]
 
