@@ -76,7 +76,9 @@ class TrainLogger:
             self._write(step, row)
 
     def _write(self, step: int, row: dict) -> None:
-        self.metrics.write(json.dumps(row) + "\n")
+        # a quarter of [0, T) with no sample this window is NaN; JSON has no NaN: null
+        clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+        self.metrics.write(json.dumps(clean) + "\n")
         self.metrics.flush()
         for key, value in row.items():
             if key != "step":

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without install
 
-from dist_diffusion.config import ConfigError, load_config, to_yaml  # noqa: E402
-from launchers.ray_train import connect_and_check  # noqa: E402
+from dist_diffusion.config import load_config, to_yaml  # noqa: E402
+from launchers.ray_train import config_from_argv, scaling  # noqa: E402
 
 
 def sample_worker(loop_config: dict) -> None:
@@ -32,29 +32,16 @@ def sample_worker(loop_config: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0].startswith("-"):
-        print(__doc__, file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(args[0], args[1:])
-        connect_and_check(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    launch = cfg.launch
-    resources = {"CPU": launch.cpus_per_worker, **({"GPU": launch.gpus_per_worker} if launch.gpus_per_worker else {})}
+    cfg = config_from_argv(argv, __doc__)
     if not cfg.eval.out.startswith("s3://"):
         cfg.eval.out = str(Path(cfg.eval.out).resolve())  # workers run in Ray's copy of the checkout
-    storage = launch.storage_path or f"{cfg.eval.out.rstrip('/')}/ray"
-    TorchTrainer(sample_worker, train_loop_config={"config_yaml": to_yaml(cfg)},
-                 scaling_config=ScalingConfig(num_workers=launch.world_size, use_gpu=launch.gpus_per_worker > 0,
-                                              resources_per_worker=resources),
+    storage = cfg.launch.storage_path or f"{cfg.eval.out.rstrip('/')}/ray"
+    TorchTrainer(sample_worker, train_loop_config={"config_yaml": to_yaml(cfg)}, scaling_config=scaling(cfg),
                  run_config=RunConfig(name="eval", storage_path=storage,
-                                      failure_config=FailureConfig(max_failures=launch.max_failures))).fit()
+                                      failure_config=FailureConfig(max_failures=cfg.launch.max_failures))).fit()
     print(json.dumps({"report": f"{cfg.eval.out.rstrip('/')}/report.json"}))
     return 0
 

@@ -104,35 +104,50 @@ def _check_reachable(address: str) -> None:
         raise ConnectionError(f"nothing listens at {address}: {err.strerror or err}") from None
 
 
+def scaling(cfg: Config):
+    """Ray Train's placement of the workers, from ``launch.*``."""
+    from ray.train import ScalingConfig
+
+    launch = cfg.launch
+    resources = {"CPU": launch.cpus_per_worker, **({"GPU": launch.gpus_per_worker} if launch.gpus_per_worker else {})}
+    return ScalingConfig(num_workers=launch.world_size, use_gpu=launch.gpus_per_worker > 0,
+                         resources_per_worker=resources)
+
+
+def config_from_argv(argv: list[str] | None, doc: str) -> Config:
+    """CONFIG [key=value...] -> a validated config on a reachable, big enough cluster;
+    any problem is one line on stderr and exit code 2, before a worker starts."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0].startswith("-"):
+        print(doc, file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        cfg = load_config(args[0], args[1:])
+        connect_and_check(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return cfg
+
+
 def make_trainer(cfg: Config):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     launch, run_dir = cfg.launch, Path(cfg.train.run_dir).resolve()
     storage = launch.storage_path or str(run_dir / "ray")
-    resources = {"CPU": launch.cpus_per_worker, **({"GPU": launch.gpus_per_worker} if launch.gpus_per_worker else {})}
     return TorchTrainer(
         train_worker,
         train_loop_config={"config_yaml": to_yaml(cfg)},
-        scaling_config=ScalingConfig(num_workers=launch.world_size, use_gpu=launch.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
+        scaling_config=scaling(cfg),
         run_config=RunConfig(name=run_dir.name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=launch.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0].startswith("-"):
-        print(__doc__, file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(args[0], args[1:])
-        cfg.train.run_dir = str(Path(cfg.train.run_dir).resolve())  # the same place after a restart
-        connect_and_check(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = config_from_argv(argv, __doc__)
+    cfg.train.run_dir = str(Path(cfg.train.run_dir).resolve())  # the same place after a restart
     result = make_trainer(cfg).fit()
     print(json.dumps({"step": (result.metrics or {}).get("step"), "checkpoint": str(result.checkpoint.path)
                       if result.checkpoint else None, "run_dir": cfg.train.run_dir}))
