@@ -97,6 +97,33 @@ def test_submitit_two_tasks_returns_final_step(slurm, tmp_path, pixel_shards):
     assert '"step": 6' in out.stdout.strip().splitlines()[-1]
 
 
+def test_submitit_preemption_saves_requeues_and_finishes(slurm, tmp_path, pixel_shards):
+    run, jobs = tmp_path / "run", tmp_path / "submitit"
+    proc = subprocess.Popen([sys.executable, "launchers/submitit_slurm.py", "configs/tiny.yaml", *PIXEL16,
+                             "train.max_steps=150", "train.ckpt_every=50", f"train.run_dir={run}",
+                             f"data.shards={pixel_shards}", "launch.workers_per_node=2", "launch.signal_delay_s=60",
+                             f"launch.job_dir={jobs}"], cwd=ROOT, env=slurm, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        job = wait_until(lambda: next((p.name.split("_")[0] for p in jobs.glob("*_submitted.pkl")), None), 60,
+                         "the submitted job")
+        wait_until(lambda: len(logged_steps(run)) >= 3, 300, "the job's first steps")
+        # what SLURM sends signal_delay_s before the time limit, or on preemption
+        subprocess.run(["scancel", "--signal=USR2", job], env=slurm, check=True, timeout=30)
+        wait_until(lambda: squeue_reason(slurm, job) == "BeginTime", 120, "the job to be requeued")
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True, timeout=30)
+        stdout, stderr = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+        subprocess.run(["scancel", job], env=slurm, capture_output=True, timeout=30)
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert '"step": 150' in stdout.strip().splitlines()[-1]
+    logs = "".join(p.read_text(errors="replace") for p in jobs.glob(f"{job}_0_log.*"))
+    preempted_at = int(logs.split("preempted at step ")[1].split(":")[0])
+    assert f"at step {preempted_at}" in logs.split("resumed from ")[1]
+    assert logged_steps(run) == list(range(1, 151))
+
+
 def test_bad_input_fails_before_any_worker(slurm, tmp_path):
     missing = subprocess.run([sys.executable, "launchers/submitit_slurm.py", "configs/nope.yaml"], cwd=ROOT,
                              env=slurm, capture_output=True, text=True, timeout=60)

@@ -88,7 +88,7 @@ def load_models(cfg: Config):
 
     from ..core.models import build_vae
 
-    if not cfg.eval.unet or not (storage.parse(cfg.eval.unet).key and _is_model_dir(cfg.eval.unet)):
+    if not cfg.eval.unet or not _is_model_dir(cfg.eval.unet):
         raise ConfigError(f"eval.unet={cfg.eval.unet!r} is not an exported UNet directory; run "
                           f"`dist-diffusion export --run-dir RUN --out DIR` and pass eval.unet=DIR")
     unet = UNet2DModel.from_pretrained(cfg.eval.unet).eval().float()
