@@ -17,18 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without install
 
-from dist_diffusion.config import load_config, to_yaml  # noqa: E402
-from launchers.ray_train import config_from_argv, scaling  # noqa: E402
+from dist_diffusion.config import to_yaml  # noqa: E402
+from launchers.ray_train import config_from_argv, scaling, worker_config  # noqa: E402
 
 
 def sample_worker(loop_config: dict) -> None:
-    import tempfile
-
     from dist_diffusion.evaluate.sample import evaluate
 
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(loop_config["config_yaml"])
-    evaluate(load_config(f.name))
+    evaluate(worker_config(loop_config))
 
 
 def main(argv: list[str] | None = None) -> int:

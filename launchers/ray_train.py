@@ -26,15 +26,11 @@ from dist_diffusion.config import Config, ConfigError, load_config, to_yaml  # n
 
 def train_worker(loop_config: dict) -> None:
     """Runs in each Ray Train worker, inside the process group Ray created."""
-    import tempfile
-
     import ray.train
 
     from dist_diffusion.train import train
 
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(loop_config["config_yaml"])
-    cfg = load_config(f.name)
+    cfg = worker_config(loop_config)
     # Ray runs this function in a thread, where Python cannot take signals; a lost or
     # preempted node is Ray's to notice, and it restarts from the stored checkpoint.
     cfg.train.preempt_signals = []
@@ -49,6 +45,16 @@ def train_worker(loop_config: dict) -> None:
 
     summary = train(cfg, on_checkpoint=report)
     print(json.dumps(summary), flush=True)
+
+
+def worker_config(loop_config: dict) -> Config:
+    """The driver's resolved config, shipped as YAML, validated again in the worker."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(loop_config["config_yaml"])
+        f.flush()
+        return load_config(f.name)
 
 
 def restore_from_ray_storage(cfg: Config, checkpoint, local_rank: int) -> None:

@@ -48,12 +48,17 @@ def squeue_reason(env, job_id: str) -> str:
     return out.stdout.strip()
 
 
+def sbatch_train(env, mode: str, log, run, shards, steps: int, ckpt_every: int, timeout: int):
+    """``sbatch MODE slurm/train_latent.sh`` on the tiny pixel recipe, sized for this node."""
+    return subprocess.run(["sbatch", mode, *SMALL_NODE, f"--output={log}", "slurm/train_latent.sh",
+                           "configs/tiny.yaml", *PIXEL16, f"train.max_steps={steps}",
+                           f"train.ckpt_every={ckpt_every}", f"train.run_dir={run}", f"data.shards={shards}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def test_sbatch_trains_with_two_tasks(slurm, tmp_path, pixel_shards):
     run, log = tmp_path / "run", tmp_path / "job.out"
-    out = subprocess.run(["sbatch", "--wait", *SMALL_NODE, f"--output={log}", "slurm/train_latent.sh",
-                          "configs/tiny.yaml", *PIXEL16, "train.max_steps=8", "train.ckpt_every=4",
-                          f"train.run_dir={run}", f"data.shards={pixel_shards}"],
-                         cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=400)
+    out = sbatch_train(slurm, "--wait", log, run, pixel_shards, steps=8, ckpt_every=4, timeout=400)
     assert out.returncode == 0, out.stderr + log.read_text(errors="replace")[-3000:]
     assert "2 tasks" in log.read_text(errors="replace")
     assert (run / "checkpoints/step00000008/COMPLETE").exists()
@@ -62,10 +67,7 @@ def test_sbatch_trains_with_two_tasks(slurm, tmp_path, pixel_shards):
 
 def test_usr1_saves_requeues_and_resumes(slurm, tmp_path, pixel_shards):
     run, log = tmp_path / "run", tmp_path / "job.out"
-    out = subprocess.run(["sbatch", "--parsable", *SMALL_NODE, f"--output={log}", "slurm/train_latent.sh",
-                          "configs/tiny.yaml", *PIXEL16, "train.max_steps=150", "train.ckpt_every=50",
-                          f"train.run_dir={run}", f"data.shards={pixel_shards}"],
-                         cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=60)
+    out = sbatch_train(slurm, "--parsable", log, run, pixel_shards, steps=150, ckpt_every=50, timeout=60)
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip().split(";")[0]
     try:

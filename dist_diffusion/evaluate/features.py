@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from ..config import Config, ConfigError
 from ..data import storage
 
 
-class Extractor:
+class Extractor(Protocol):
     """uint8 images [N, 3, H, W] -> (features [N, D] float64, logits [N, K] float64)."""
 
     id: str
@@ -29,11 +30,10 @@ class Extractor:
     classes: int
     judges_labels: bool  # logits are the dataset's classes: class accuracy is meaningful
 
-    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-class InceptionExtractor(Extractor):
+class InceptionExtractor:
     dim, classes, judges_labels = 2048, 1008, False
 
     def __init__(self, weights: Path):
@@ -49,7 +49,7 @@ class InceptionExtractor(Extractor):
         return feats.double().numpy(), logits.double().numpy()
 
 
-class ClassifierExtractor(Extractor):
+class ClassifierExtractor:
     judges_labels = True
 
     def __init__(self, directory: Path):

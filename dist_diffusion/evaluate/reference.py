@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import storage
-from ..data.stream import decode_image, load_manifest, parse_tar
+from ..data.stream import IMAGE_EXTS, decode_image, load_manifest, parse_tar
 from ..imaging import to_uint8
 from ..runtime.distributed import all_reduce_sum
 from ..runtime.env import ProcessEnv
@@ -32,7 +32,7 @@ def reference_stats(shards: str, extractor: Extractor, env: ProcessEnv, batch_si
     mine = manifest["shards"][env.rank::env.world_size]
     for entry in tqdm(mine, desc="reference stats", unit="shard", disable=not env.is_main):
         images = [decode_image(s) for s in parse_tar(storage.read_bytes(storage.parse(shards).join(entry["name"])))
-                  if "__key__" in s and any(k in s for k in ("jpg", "png", "jpeg", "webp"))]
+                  if any(ext in s for ext in IMAGE_EXTS)]
         for start in range(0, len(images), batch_size):
             feats, logits = extractor(to_uint8(torch.stack(images[start:start + batch_size])))
             sums.add(feats, logits)

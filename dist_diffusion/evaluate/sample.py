@@ -16,6 +16,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -97,8 +98,6 @@ def load_models(cfg: Config):
 
 
 def _is_model_dir(path: str) -> bool:
-    from pathlib import Path
-
     return (Path(path) / "config.json").is_file()
 
 
@@ -117,11 +116,11 @@ def sample_point(cfg: Config, point: Point, unet, vae, extractor: Extractor | No
         sidecar = out.join(f"samples-{k:06d}.npz")
         if storage.exists(sidecar):
             record, resumed = _load_record(sidecar), resumed + 1
+            bar.update(len(indices))
         else:
             record = _make_shard(point_cfg, unet, vae, extractor, indices, out, k, bar)
         if extractor:
             sums.add(record["features"], record["logits"], record["labels"] if extractor.judges_labels else None)
-        bar.update(len(indices) if "fresh" not in record else 0)
     bar.close()
     return FeatureSums.from_vector(all_reduce_sum(sums.to_vector()), dim, classes), \
         int(all_reduce_sum(np.array([float(resumed)]))[0])
@@ -145,9 +144,8 @@ def _make_shard(cfg: Config, unet, vae, extractor, indices: list[int], out, k: i
     images = torch.cat(images)
     labels = labels_for(cfg, indices).numpy()
     _write_images(cfg, out, k, indices, images, labels)
-    record = {"labels": labels, "fresh": True}
     feats, logits = extractor(images) if extractor else (np.zeros((len(indices), 1)), np.zeros((len(indices), 1)))
-    record.update(features=feats.astype(np.float32), logits=logits.astype(np.float32))
+    record = {"labels": labels, "features": feats.astype(np.float32), "logits": logits.astype(np.float32)}
     buf = io.BytesIO()
     np.savez(buf, features=record["features"], logits=record["logits"], labels=labels)
     storage.write_bytes(out.join(f"samples-{k:06d}.npz"), buf.getvalue())  # last: marks the shard complete
@@ -156,7 +154,6 @@ def _make_shard(cfg: Config, unet, vae, extractor, indices: list[int], out, k: i
 
 def _write_images(cfg: Config, out, k: int, indices: list[int], images: torch.Tensor, labels: np.ndarray) -> None:
     import tempfile
-    from pathlib import Path
 
     pngs = [_png(img) for img in images]
     samples = [(f"{i:08d}", {"png": png, "cls": str(int(y)).encode()}) for i, png, y in zip(indices, pngs, labels)]
