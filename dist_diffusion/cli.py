@@ -74,6 +74,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     from .runtime.env import spawn_local
 
     cfg = load_config(args.config, args.overrides)  # validate once, before spawning ranks
+    _check_device(cfg)
     if args.nproc > 1:
         argv = ["encode", "--shards", args.shards, "--out", args.out, *args.overrides]
         return spawn_local(argv + (["--config", args.config] if args.config else []), args.nproc)
@@ -95,6 +96,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .runtime.env import spawn_local
 
     cfg = load_config(args.config, args.overrides)  # validate once, before any worker starts
+    _check_device(cfg)
     nproc = args.nproc or cfg.runtime.nproc
     if nproc > 1:
         return spawn_local(["train", "--config", args.config, "--nproc", "1", *args.overrides], nproc)
@@ -110,6 +112,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if process_env().is_main:
         print(f"trained to step {summary['step']} in {summary['run_dir']}")
     return 0
+
+
+def _check_device(cfg) -> None:
+    """A GPU that was asked for and is missing: one line here, before any rank starts."""
+    from .runtime.distributed import check_cuda_usable
+
+    check_cuda_usable(cfg.runtime.device, cfg.launch.gpus_per_worker > 0)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -129,6 +138,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     overrides = [*args.overrides, *(["eval.metrics=false"] if args.command == "sample" and not args.metrics else [])]
     cfg = load_config(args.config, overrides)  # validate once, before any worker starts
+    _check_device(cfg)
     if args.nproc > 1:
         return spawn_local([args.command, "--config", args.config, "--nproc", "1", *overrides], args.nproc)
     from .evaluate.sample import evaluate

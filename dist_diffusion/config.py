@@ -150,6 +150,9 @@ class TrainConfig:
                          choices=["stop", "skip"])
     preempt_signals: List[str] = _f(["SIGTERM", "SIGUSR1"], "signals that save a checkpoint "
                                                              "and exit with the requeue code")
+    preempt_check_every: int = _f(10, "steps between checks for a preemption signal or the wall-time "
+                                      "limit (each check is a collective; one per step stalls GPUs)",
+                                  ge=1)
     wall_time_limit_s: float = _f(0.0, "save and exit (requeue code) before this many seconds "
                                        "of run time; 0 is off", ge=0.0)
     run_dir: str = _f("runs/default", "directory for logs, grids and checkpoints")
@@ -163,8 +166,20 @@ class RuntimeConfig:
 
     precision: str = _f("bf16", "training precision", choices=["bf16", "fp32"])
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage", ge=0, le=3)
-    device: str = _f("auto", "auto picks cuda when available", choices=["auto", "cpu", "cuda"])
+    device: str = _f("auto", "auto: cuda:LOCAL_RANK when CUDA is available, else cpu; cuda fails "
+                             "loudly without CUDA instead of training on the CPU",
+                     choices=["auto", "cpu", "cuda"])
     nproc: int = _f(1, "processes `dist-diffusion train` starts on this machine", ge=1)
+    compile: bool = _f(False, "torch.compile the model through DeepSpeed (engine.compile); the first "
+                              "steps are slow while it compiles")
+    channels_last: bool = _f(False, "NHWC memory format for the network and its inputs (faster convs "
+                                    "on tensor cores; CPU results then differ in the last bits)")
+    tf32: bool = _f(True, "allow TF32 in fp32 matmuls and convolutions on Ampere+ GPUs (no effect on "
+                          "CPU or on bf16 math)")
+    overlap_comm: bool = _f(False, "ZeRO: overlap gradient reduction with the backward pass (worth it "
+                                   "for models of hundreds of millions of parameters)")
+    bucket_size: int = _f(50_000_000, "ZeRO reduce/all-gather bucket size in elements (the staging "
+                                      "buffer is this many gradient elements)", ge=1_000_000)
 
 
 @dataclass
@@ -181,6 +196,9 @@ class SampleConfig:
     guidance_interval: List[int] = _f([], "[lo, hi]: guide only for lo <= t <= hi "
                                           "(empty: every step)")
     clip_x0: bool = _f(False, "clip the predicted x0 to [-1, 1] (pixel space only)")
+    precision: str = _f("fp32", "network precision while sampling: fp32, or bf16 autocast (about 2x "
+                                "faster on GPUs; FID moves by about 1%, see README)",
+                        choices=["fp32", "bf16"])
     num_samples: int = _f(16, "images to generate", ge=1)
     batch_size: int = _f(16, "images per forward pass", ge=1)
     seed: int = _f(0, "base seed; sample i draws all its noise from seed (base, i)")
@@ -352,6 +370,9 @@ def _cross_problems(cfg: Config) -> List[str]:
         problems.append(f"sample.steps={s.steps} must be <= diffusion.num_train_timesteps="
                         f"{d.num_train_timesteps}")
     problems += _interval_problems(s.guidance_interval, d.num_train_timesteps)
+    if cfg.runtime.device == "cpu" and cfg.launch.gpus_per_worker > 0:
+        problems.append(f"runtime.device=cpu but launch.gpus_per_worker={cfg.launch.gpus_per_worker}; "
+                        f"set one of them to match the other")
     # A pretrained VAE's factor is only known once loaded; core.vae checks it then.
     if not cfg.vae.pretrained and cfg.data.resolution % latent_downsample(cfg):
         problems.append(f"data.resolution={cfg.data.resolution} must be divisible by the VAE "

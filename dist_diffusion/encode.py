@@ -20,6 +20,7 @@ from .config import Config, ConfigError
 from .core.models import build_vae
 from .data import shards, storage
 from .data.stream import decode_image, load_manifest, parse_tar
+from .runtime.distributed import select_device
 from .runtime.env import process_env
 
 BATCH = 64
@@ -33,7 +34,8 @@ def encode_dataset(cfg: Config, src_url: str, out_url: str, wait_timeout: float 
     source = load_manifest(src_url)
     storage.check_bucket(out_url)
     env = process_env()
-    vae = build_vae(cfg).eval()
+    where = select_device(cfg.runtime.device, env.local_rank)  # cuda:LOCAL_RANK, not every rank on cuda:0
+    vae = build_vae(cfg).eval().to(where)
     mine = [e for i, e in enumerate(source["shards"]) if i % env.world_size == env.rank]
     for entry in tqdm(mine, desc=f"encode rank {env.rank}", unit="shard", disable=not env.is_main):
         encode_shard(vae, src_url, out_url, entry)
@@ -58,9 +60,10 @@ def encode_shard(vae, src_url: str, out_url: str, entry: dict) -> dict:
     encoded = []
     for start in range(0, len(samples), BATCH):
         chunk = samples[start:start + BATCH]
-        images = torch.stack([decode_image(s) for s in chunk])
+        images = torch.stack([decode_image(s) for s in chunk]).to(vae.device)
         posterior = vae.encode(images).latent_dist
-        for s, mean, std in zip(chunk, posterior.mean, posterior.std):
+        means, stds = posterior.mean.cpu(), posterior.std.cpu()  # one copy to the host per batch
+        for s, mean, std in zip(chunk, means, stds):
             encoded.append((s["__key__"], {"mean.npy": _npy(mean), "std.npy": _npy(std),
                                            "cls": s["cls"], "path.txt": s.get("path.txt", b"")}))
     with tempfile.TemporaryDirectory() as tmp:

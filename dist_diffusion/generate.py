@@ -19,16 +19,43 @@ from .imaging import save_grid
 @torch.no_grad()
 def generate(cfg: Config, unet: torch.nn.Module, labels: torch.Tensor, indices: Sequence[int],
              cfg_scale: float | None = None, progress=None) -> torch.Tensor:
-    """Samples (latents or pixels) for ``labels``; row j uses the generator of sample indices[j]."""
+    """Samples (latents or pixels) for ``labels`` on the UNet's device; row j uses the
+    generator of sample indices[j]. The generators stay on the CPU, so every device and
+    every process count draws the same noise."""
     s, d = cfg.sample, cfg.diffusion
+    where = _device_of(unet)
     gens = sample_generators(s.seed, indices)
-    noise = per_sample_randn(gens, unet_input_shape(cfg))
+    noise = per_sample_randn(gens, unet_input_shape(cfg), where)
     scale = s.cfg_scale if cfg_scale is None else cfg_scale
     guidance = Guidance(null_label(cfg), scale, tuple(s.guidance_interval) or None)
-    schedule = make_schedule(d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end)
-    return run_sampler(s.sampler, as_denoiser(unet), schedule, noise, labels, guidance, steps=s.steps,
+    schedule = make_schedule(d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end).to(where)
+    denoise = _in_precision(as_denoiser(unet), where, s.precision)
+    return run_sampler(s.sampler, denoise, schedule, noise, labels.to(where), guidance, steps=s.steps,
                        spacing=s.spacing, eta=s.eta, generators=gens, prediction=d.prediction,
                        clip_x0=s.clip_x0, progress=progress)
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _in_precision(denoise, where: torch.device, precision: str):
+    """The network under bf16 autocast (sample.precision=bf16); the sampler's own
+    arithmetic stays fp32 either way."""
+    if precision == "fp32":
+        return denoise
+
+    def bf16(x, t, labels):
+        with torch.autocast(where.type, dtype=torch.bfloat16):
+            return denoise(x, t, labels).float()
+    return bf16
+
+
+def decode_on_its_device(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images with the VAE wherever it lives, in its dtype; the VAE itself is
+    never moved or cast (during training it is the encoder of the next step)."""
+    dtype = next(vae.parameters()).dtype
+    return decode_latents(vae, latents.to(_device_of(vae), dtype)).float()
 
 
 def class_rows(cfg: Config, per_class: int) -> torch.Tensor:
@@ -37,13 +64,14 @@ def class_rows(cfg: Config, per_class: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ema_grid(cfg: Config, ema_state: dict, vae, path: Path, per_class: int = 8) -> Path:
-    """A grid of EMA samples, one row per class (at most 10 classes), decoded by the VAE."""
+def ema_grid(cfg: Config, ema_state: dict, vae, path: Path, device: torch.device, per_class: int = 8) -> Path:
+    """A grid of EMA samples on ``device``, one row per class (at most 10 classes), decoded
+    by the VAE."""
     unet = build_unet(cfg)
     unet.load_state_dict(ema_state)
-    unet.eval()
+    unet.to(device).eval()
     labels = class_rows(cfg, per_class)[: per_class * 10]
     x = generate(cfg, unet, labels, range(len(labels)))
     if cfg.vae.enabled and vae is not None:
-        x = decode_latents(vae.float().cpu(), x)
+        x = decode_on_its_device(vae, x)
     return save_grid(x[:, :3], path, nrow=per_class, scale=2)

@@ -26,9 +26,9 @@ from .core.schedule import make_schedule
 from .core.vae_loss import vae_loss
 from .data.stream import Position, ShardStream, StreamSpec, load_manifest, unconsumed
 from .runtime import checkpoint
-from .runtime.distributed import any_rank, device, init_process_group, mean_over_ranks
+from .runtime.distributed import any_rank, describe, device, init_process_group
 from .runtime.ema import EngineEMA
-from .runtime.engine import build_engine, micro_batch_size
+from .runtime.engine import apply_numerics, build_engine, engine_checks_overflow, micro_batch_size
 from .train_log import TrainLogger
 
 REQUEUE_EXIT_CODE = 124  # launchers treat it as "preempted, checkpoint saved: run me again"
@@ -82,11 +82,14 @@ def train(cfg: Config, on_checkpoint: Callable[[int, Path], None] | None = None)
         run.ema.update(ema_decay(run.step - 1, cfg.train.ema_decay, cfg.train.ema_half_life_steps,
                                  cfg.train.ema_warmup))
         run.logger.step(run.step, metrics)
-        if run.step % cfg.train.ckpt_every == 0 or run.step == cfg.train.max_steps:
+        saved = run.step % cfg.train.ckpt_every == 0 or run.step == cfg.train.max_steps
+        if saved:
             save(run)
         if cfg.train.sample_every and run.step % cfg.train.sample_every == 0 and cfg.train.target == "unet":
             run.logger.sample_grid(run)
-        if any_rank(guard.requested or _out_of_time(cfg, started)):
+        # a collective: every N steps (and beside a save), not every step, so GPUs never idle on it
+        check = saved or run.step % cfg.train.preempt_check_every == 0
+        if check and any_rank(guard.requested or _out_of_time(cfg, started)):
             if run.step % cfg.train.ckpt_every and run.step != cfg.train.max_steps:
                 save(run)
             run.logger.info(f"preempted at step {run.step}: checkpoint saved, exiting {REQUEUE_EXIT_CODE}")
@@ -97,14 +100,15 @@ def train(cfg: Config, on_checkpoint: Callable[[int, Path], None] | None = None)
 
 
 def build_run(cfg: Config) -> Run:
-    env = init_process_group()
+    env = init_process_group(cfg.runtime.device, require_gpu=cfg.launch.gpus_per_worker > 0)
     run_dir = Path(cfg.train.run_dir)
     manifest = load_manifest(cfg.data.shards) if cfg.data.shards else _no_shards()
     _check_data_matches(cfg, manifest)
     resume = find_resume_tag(cfg, env)
     elastic = resume is not None and checkpoint.saved_world_size(run_dir / "checkpoints", resume) != env.world_size
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    engine = build_engine(cfg, build_trainable(cfg), env.world_size, run_dir, load_universal=elastic)
+    trainable = apply_numerics(cfg, build_trainable(cfg).to(device()), device())
+    engine = build_engine(cfg, trainable, env.world_size, run_dir, load_universal=elastic)
     encodes_images = cfg.train.target == "unet" and cfg.vae.enabled and manifest["kind"] == "images"
     vae = _frozen_vae(cfg) if encodes_images else None
     spec = StreamSpec(url=cfg.data.shards, batch_size=micro_batch_size(cfg, env.world_size), rank=env.rank,
@@ -113,8 +117,9 @@ def build_run(cfg: Config) -> Run:
     if env.is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     logger = TrainLogger(cfg, env, run_dir)
+    logger.info(describe(env))
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_train_timesteps,
-                             cfg.diffusion.beta_start, cfg.diffusion.beta_end)
+                             cfg.diffusion.beta_start, cfg.diffusion.beta_end).to(device())
     return Run(cfg, env, engine, EngineEMA(engine, cfg.runtime.zero_stage), schedule, vae, spec,
                manifest, logger, resume_tag=resume, elastic=elastic)
 
@@ -155,46 +160,59 @@ def _frozen_vae(cfg: Config):
 
 
 def stream_batches(run: Run):
-    """Micro-batches forever; ``run.position`` counts what the loop consumed (not what the
-    dataloader prefetched), so a checkpoint taken between steps resumes exactly."""
-    while True:
-        start = Position(run.position.epoch, run.position.batches, run.position.remaining)
-        loader = torch.utils.data.DataLoader(ShardStream(run.spec, start, run.manifest), batch_size=None,
-                                             num_workers=run.spec.num_workers)
-        for batch in loader:
-            run.position.batches += 1
-            yield batch
-        run.position = Position(run.position.epoch + 1, 0)
+    """Micro-batches forever from one DataLoader whose workers walk epoch after epoch (they
+    stay alive and keep prefetching across epoch ends). ``run.position`` counts what the
+    loop consumed (not what the workers prefetched), so a checkpoint taken between steps
+    resumes exactly."""
+    start = Position(run.position.epoch, run.position.batches, run.position.remaining)
+    loader = torch.utils.data.DataLoader(ShardStream(run.spec, start, run.manifest, epochs=None), batch_size=None,
+                                         num_workers=run.spec.num_workers, pin_memory=device().type == "cuda")
+    for batch in loader:
+        if batch["epoch"] != run.position.epoch:
+            run.position = Position(batch["epoch"], 0)
+        run.position.batches += 1
+        yield batch
 
 
 def train_step(run: Run, batches) -> dict:
-    """One optimizer step over grad_accum micro-batches; returns metrics for the logger."""
+    """One optimizer step over grad_accum micro-batches; returns metrics for the logger.
+
+    Nothing here waits for the GPU: losses, timesteps and the grad norm stay on the device
+    (the logger copies them at log steps), and a non-finite step is found by DeepSpeed's
+    own overflow check, read once per step from ``was_step_applied``."""
     cfg, waited, losses, timesteps, keys, corrupt = run.cfg, 0.0, [], [], [], 0
     for micro in range(cfg.train.grad_accum):
         t0 = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - t0
         gen = _step_generator(cfg.train.seed, run.step, micro, run.env.rank)
-        x0 = model_inputs(run, batch, gen)
-        if cfg.train.target == "vae":
-            per_sample, t = _vae_loss(run, x0, gen), None
-        elif cfg.train.target == "classifier":
-            per_sample, t = _classifier_loss(run, x0, batch["label"].to(x0.device)), None
-        else:
-            per_sample, t = _loss(run, x0, batch["label"].to(x0.device), gen)
+        per_sample, t = _micro_loss(run, batch, gen)
         loss = per_sample.mean()
-        if any_rank(not torch.isfinite(loss).item()):
-            _nonfinite(run, loss)
-            return {"skipped": True}
+        if not engine_checks_overflow(cfg) and any_rank(not torch.isfinite(loss).item()):
+            return _nonfinite(run, loss)
         run.engine.backward(loss)
         run.engine.step()
-        losses.append(per_sample.detach().float().cpu())
-        timesteps.append(t.cpu() if t is not None else torch.full_like(losses[-1], -1, dtype=torch.long))
+        if micro == cfg.train.grad_accum - 1 and engine_checks_overflow(cfg) and not run.engine.was_step_applied():
+            return _nonfinite(run, loss)  # every rank saw the same reduced overflow flag
+        losses.append(per_sample.detach().float())
+        timesteps.append(t if t is not None else torch.full_like(losses[-1], -1, dtype=torch.long))
         keys += batch["key"]
         corrupt += batch.get("skipped", 0)
     return {"per_sample": torch.cat(losses), "t": torch.cat(timesteps), "keys": keys,
-            "data_wait_s": waited, "grad_norm": _grad_norm(run.engine),
+            "data_wait_s": waited, "grad_norm": run.engine.get_global_grad_norm(),
             "lr": run.engine.get_lr()[0], "corrupt_samples": corrupt}
+
+
+def _micro_loss(run: Run, batch: dict, gen: torch.Generator):
+    """Per-sample loss of one micro-batch, and its timesteps (None outside diffusion)."""
+    target = run.cfg.train.target
+    x0 = model_inputs(run, batch, gen)
+    if target == "vae":
+        return _vae_loss(run, x0, gen), None
+    labels = batch["label"].to(x0.device, non_blocking=True)
+    if target == "classifier":
+        return _classifier_loss(run, x0, labels), None
+    return _loss(run, x0, labels, _on_device(gen, x0.device))
 
 
 def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -205,25 +223,38 @@ def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Genera
     return torch.Generator().manual_seed(mixed)
 
 
+def _on_device(gen: torch.Generator, where: torch.device) -> torch.Generator:
+    """The step's generator on the compute device (same seed), so bulk draws (t, noise,
+    label dropout) are made there with no host-to-device copy; on CPU it is ``gen``."""
+    if where.type == "cpu":
+        return gen
+    return torch.Generator(device=where).manual_seed(gen.initial_seed())
+
+
 def model_inputs(run: Run, batch: dict, gen: torch.Generator) -> torch.Tensor:
     """Latents from latent shards, VAE-encoded images, or the images themselves (pixels)."""
     if "latent" in batch:
-        return batch["latent"].to(device())
-    images = batch["image"].to(device())
+        return _memory_format(run, batch["latent"].to(device(), non_blocking=True))
+    images = batch["image"].to(device(), non_blocking=True)
     if run.vae is None:
-        return images
+        return _memory_format(run, images)
     with torch.no_grad():
-        noise_gen = [torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
-                     for _ in range(images.shape[0])]
-        return encode_images(run.vae, images, sample=run.cfg.vae.sample_posterior, generator=noise_gen)
+        seeds = torch.randint(2**62, (images.shape[0],), generator=gen).tolist()  # CPU draws: no sync
+        noise_gen = [torch.Generator(device=images.device).manual_seed(s) for s in seeds]
+        latents = encode_images(run.vae, images, sample=run.cfg.vae.sample_posterior, generator=noise_gen)
+    return _memory_format(run, latents)
+
+
+def _memory_format(run: Run, x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if run.cfg.runtime.channels_last else x
 
 
 def _loss(run: Run, x0: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
     cfg, n = run.cfg, x0.shape[0]
-    t = torch.randint(0, run.schedule.num_timesteps, (n,), generator=gen).to(x0.device)
-    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    t = torch.randint(0, run.schedule.num_timesteps, (n,), generator=gen, device=gen.device)
+    noise = torch.randn(x0.shape, generator=gen, device=gen.device)
     labels = drop_labels(labels, cfg.diffusion.label_dropout, null_label(cfg),
-                         torch.rand(n, generator=gen).to(x0.device))
+                         torch.rand(n, generator=gen, device=gen.device))
     dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
 
     def denoise(x, tt, y):
@@ -245,20 +276,16 @@ def _classifier_loss(run: Run, images: torch.Tensor, labels: torch.Tensor) -> to
     return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
 
 
-def _nonfinite(run: Run, loss: torch.Tensor) -> None:
+def _nonfinite(run: Run, loss: torch.Tensor) -> dict:
+    """A step whose loss or gradients were not finite was not applied: count it or stop."""
     if run.cfg.train.nan_policy == "skip":
         run.skipped_steps += 1
-        run.logger.info(f"non-finite loss at step {run.step + 1}: step skipped "
+        run.logger.info(f"non-finite loss or gradients at step {run.step + 1}: step skipped "
                         f"({run.skipped_steps} so far)")
-        return
-    raise TrainingStopped(f"loss became {loss.item()} at step {run.step + 1}; the last complete "
-                          f"checkpoint is kept. Lower train.lr, check the data, or set "
+        return {"skipped": True}
+    raise TrainingStopped(f"loss became {loss.item()} (or its gradients non-finite) at step {run.step + 1}; "
+                          f"the last complete checkpoint is kept. Lower train.lr, check the data, or set "
                           f"train.nan_policy=skip")
-
-
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
 
 
 def save(run: Run) -> None:

@@ -57,15 +57,16 @@ class TrainLogger:
             self._emit(step, m)
 
     def _emit(self, step: int, m: dict) -> None:
+        """The one place a step's device-side metrics are copied to the host."""
         from .runtime.distributed import mean_over_ranks
 
-        quartiles = _loss_by_quartile(m["per_sample"], m["t"], self.cfg.diffusion.num_train_timesteps)
-        reduced = mean_over_ranks(torch.tensor([m["per_sample"].mean().item(), *quartiles]))
+        per_sample, t = m["per_sample"].cpu(), m["t"].cpu()
+        quartiles = _loss_by_quartile(per_sample, t, self.cfg.diffusion.num_train_timesteps)
+        reduced = mean_over_ranks(torch.tensor([per_sample.mean().item(), *quartiles])).tolist()
         elapsed = time.perf_counter() - self.window_start
         per_proc = self.window_images / elapsed
-        row = {"step": step, "loss": reduced[0].item(),
-               **{f"loss_q{i + 1}": reduced[i + 1].item() for i in range(4)},
-               "grad_norm": m["grad_norm"], "lr": m["lr"], "images_per_s": per_proc * self.env.world_size,
+        row = {"step": step, "loss": reduced[0], **{f"loss_q{i + 1}": reduced[i + 1] for i in range(4)},
+               "grad_norm": _as_float(m["grad_norm"]), "lr": m["lr"], "images_per_s": per_proc * self.env.world_size,
                "images_per_s_per_process": per_proc, "data_wait_fraction": self.window_wait / elapsed,
                "corrupt_samples_skipped": self.corrupt_total,
                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -90,18 +91,21 @@ class TrainLogger:
     def sample_grid(self, run) -> None:
         """DDIM + CFG samples from the EMA weights -> RUN/samples/stepN.png (rank 0 draws)."""
         from .generate import ema_grid
+        from .runtime.distributed import device
 
         state = run.ema.full_state()  # a collective under ZeRO-3
         if self.main:
-            path = ema_grid(self.cfg, state, self._decoder(run), self.run_dir / "samples" / f"step{run.step:08d}.png")
+            path = ema_grid(self.cfg, state, self._decoder(run), self.run_dir / "samples" / f"step{run.step:08d}.png",
+                            device())
             self.info(f"EMA samples -> {path}")
 
     def _decoder(self, run):
         """The VAE that turns sampled latents into images (None in pixel space)."""
         if run.vae is None and self.cfg.vae.enabled and self.cfg.vae.pretrained:
             from .core.models import build_vae
+            from .runtime.distributed import device
 
-            run.vae = build_vae(self.cfg).eval()  # latent shards: loaded once, for grids only
+            run.vae = build_vae(self.cfg).to(device()).eval()  # latent shards: loaded once, for grids only
         return run.vae
 
     def close(self) -> None:
@@ -110,6 +114,11 @@ class TrainLogger:
         if self.main:
             self.metrics.close()
             self.tb.close()
+
+
+def _as_float(value) -> float:
+    """A grad norm as DeepSpeed reports it (tensor, float or None) -> float (NaN if none)."""
+    return float(value) if value is not None else float("nan")
 
 
 def _loss_by_quartile(per_sample: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> list[float]:

@@ -1,15 +1,16 @@
 #!/bin/bash
 # Evaluate on SLURM:  sbatch slurm/sample_fid.sh CONFIG eval.unet=DIR [key=value ...]
 #
-# One task per GPU. Each task samples its share of the shards (shard k on task
+# One task per GPU (8 per node). Each task samples its share of the shards (shard k on task
 # k mod ntasks), the tasks reduce feature sums into FID / IS / class accuracy, and task 0
 # writes OUT/report.json and report.md. Samples depend only on (seed, index), so the
 # result does not depend on the task count; a requeued or resubmitted job skips the
-# shards already complete in eval.out.
+# shards already complete in eval.out. GPUs are given per node (every task sees all of
+# its node's GPUs and binds cuda:LOCAL_RANK); --gpus-per-task would hide them.
 #SBATCH --job-name=dd-eval
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
-#SBATCH --gpus-per-task=1
+#SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=8
 #SBATCH --time=04:00:00
 #SBATCH --requeue

@@ -1,16 +1,19 @@
 #!/bin/bash
 # Train on SLURM:  sbatch slurm/train_latent.sh CONFIG [key=value ...]
 #
-# One task per GPU; srun starts them and dist_diffusion reads its rank, world size and
+# One task per GPU (8 per node); srun starts them and dist_diffusion reads its rank, world size and
 # master address from the SLURM environment. SLURM sends USR1 two minutes before the
 # time limit (or on `scancel --signal=USR1`): every rank finishes its step, the run
 # saves a checkpoint and exits 124, and this script requeues the job, which resumes
 # from that checkpoint in the same run directory. Override any header line on the
 # command line, e.g. `sbatch --nodes=4 --partition=a100 slurm/train_latent.sh ...`.
+# GPUs are given per node, not per task: --gpus-per-task would bind one GPU to each task
+# (each sees only "cuda:0") while rank r binds cuda:LOCAL_RANK, and NCCL would lose the
+# peer GPUs it uses for NVLink. Keep --ntasks-per-node equal to --gpus-per-node.
 #SBATCH --job-name=dd-train
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
-#SBATCH --gpus-per-task=1
+#SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=12
 #SBATCH --time=24:00:00
 #SBATCH --signal=USR1@120

@@ -157,3 +157,15 @@ def test_inception_path_end_to_end_and_clear_error_without_weights(models):
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "eval.inception_weights=" in missing.stderr
     assert "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_bf16_sampling_fid_parity_with_fp32(models, one_process):
+    """sample.precision=bf16 (autocast around the network) against fp32 on one sweep point."""
+    _, fp32, _ = one_process
+    bf16, log = run_eval(models, models / "out-bf16", "sample.precision=bf16")
+    assert bf16["fid"] != fp32["fid"]  # the network really ran in bf16
+    assert bf16["fid"] == pytest.approx(fp32["fid"], rel=BF16_FID_REL)
+    assert abs(bf16["class_accuracy"] - fp32["class_accuracy"]) <= 2 / 32  # at most 2 of 32 samples flip
+
+
+BF16_FID_REL = 0.05

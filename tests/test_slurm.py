@@ -15,7 +15,7 @@ from conftest import PIXEL16, eval_overrides, logged_steps, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 # This node has 2 cores and no GPU: override the GPU-cluster header of train_latent.sh.
-SMALL_NODE = ["--ntasks-per-node=2", "--gpus-per-task=0", "--cpus-per-task=1"]
+SMALL_NODE = ["--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1"]
 
 
 @pytest.fixture(scope="module")

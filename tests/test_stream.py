@@ -147,3 +147,21 @@ def test_local_shard_cache_serves_the_second_epoch(shards_url, tmp_path, monkeyp
     monkeypatch.setattr(stream.storage, "read_bytes", lambda *a, **k: pytest.fail("downloaded despite the cache"))
     assert [b["key"] for b in ShardStream(s, manifest=manifest)] == first
     assert len(list((tmp_path / "cache").rglob("*.tar"))) == 9
+
+
+@pytest.mark.parametrize("workers,start", [(0, Position()), (2, Position()), (3, Position(epoch=1, batches=7))])
+def test_one_loader_across_epochs_equals_one_loader_per_epoch(shards_url, workers, start):
+    """Training keeps one DataLoader (its workers live on across epoch ends); the batches,
+    epoch by epoch, must be exactly those of a fresh loader per epoch from the same position."""
+    s = spec(shards_url, rank=1, world_size=2, num_workers=workers)  # 102 samples per rank: 13 batches
+    expected, position = [], start
+    for _ in range(3):
+        expected += [(position.epoch, keys) for keys in keys_of(s, position)]
+        position = Position(position.epoch + 1, 0)
+    loader = torch.utils.data.DataLoader(ShardStream(s, start, epochs=None), batch_size=None, num_workers=workers)
+    got = []
+    for batch in loader:
+        got.append((batch["epoch"], batch["key"]))
+        if len(got) == len(expected):
+            break
+    assert got == expected

@@ -37,6 +37,6 @@ def diffusion_loss(model: Denoiser, schedule: NoiseSchedule, x0: torch.Tensor,
     output = model(x_t, t, labels)
     per_sample = (output.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     if min_snr_gamma > 0:
-        snr = schedule.snr(t.cpu()).to(per_sample.device)
+        snr = schedule.snr(t.to(schedule.alphas_cumprod.device)).to(per_sample.device)
         per_sample = per_sample * min_snr_weight(snr, min_snr_gamma, prediction)
     return per_sample

@@ -27,6 +27,10 @@ class NoiseSchedule:
     def num_timesteps(self) -> int:
         return self.betas.shape[0]
 
+    def to(self, device: torch.device | str) -> "NoiseSchedule":
+        """The same schedule on ``device``: move it once, so no step copies its tables."""
+        return NoiseSchedule(self.betas.to(device), self.alphas_cumprod.to(device))
+
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         """alpha_bar_t for integer timesteps t of shape (B,); t = -1 means 'clean' (1.0)."""
         padded = torch.cat([self.alphas_cumprod, self.alphas_cumprod.new_ones(1)])

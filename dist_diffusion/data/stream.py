@@ -10,6 +10,9 @@ which is the order a ``DataLoader`` returns them in. So the position of a rank i
 (epoch, batches consumed); on restore each worker skips its consumed batches without
 downloading the shards they came from, and the workers are rotated so the DataLoader's
 round-robin resumes at the right one. Order depends on (seed, world, workers, batch).
+A training stream (``epochs=None``) walks epoch after epoch in the same workers: the
+rotation of each new epoch continues the DataLoader's round-robin where the last one
+ended, so the workers never restart and the batch order equals one loader per epoch.
 
 Downloads retry transient S3 faults and continue at the byte where they broke.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import random
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -146,11 +150,12 @@ def batches_per_epoch(manifest: dict, spec: StreamSpec) -> int:
 
 class ShardStream(torch.utils.data.IterableDataset):
     """Yields dicts {image (B,3,H,W) in [-1,1] | latent (B,c,h,w): ..., label: (B,), key: list,
-    skipped: int} for one epoch
-    from ``position``; use with ``DataLoader(batch_size=None, num_workers=spec.num_workers)``."""
+    skipped: int, epoch: int} from ``position``, for ``epochs`` epochs (None: forever);
+    use with ``DataLoader(batch_size=None, num_workers=spec.num_workers)``."""
 
-    def __init__(self, spec: StreamSpec, position: Position | None = None, manifest: dict | None = None):
-        self.spec, self.position = spec, position or Position()
+    def __init__(self, spec: StreamSpec, position: Position | None = None, manifest: dict | None = None,
+                 epochs: int | None = 1):
+        self.spec, self.position, self.epochs = spec, position or Position(), epochs
         self.manifest = manifest or load_manifest(spec.url)
         self.field = "latent" if self.manifest["kind"] == "latents" else "image"
         self.stats = {"corrupt": 0, "retries": 0}
@@ -158,27 +163,41 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         physical = info.id if info else 0
-        k = (physical + self.position.batches) % self.spec.slots  # rotation, see module doc
-        done = _consumed_by_worker(self.position.batches, k, self.spec.slots)
-        order = epoch_samples(self.manifest, self.spec.seed, self.position)
-        start, end = worker_spans(len(order), self.spec)[k]
-        yield from self._batches(order, start + done * self.spec.batch_size, end)
+        position, first_batch = self.position, -self.position.batches  # loader index of the epoch's batch 0
+        for _ in itertools.count() if self.epochs is None else range(self.epochs):
+            k = (physical - first_batch) % self.spec.slots  # rotation, see module doc
+            order = epoch_samples(self.manifest, self.spec.seed, position)
+            start, end = worker_spans(len(order), self.spec)[k]
+            start += _consumed_by_worker(position.batches, k, self.spec.slots) * self.spec.batch_size
+            self.stats["corrupt"] = 0  # the corrupt-sample limit is per epoch
+            yield from self._batches(order, start, end, position.epoch)
+            first_batch += self._epoch_batches(order, position)
+            position = Position(position.epoch + 1, 0)
 
-    def _batches(self, order, start: int, end: int) -> Iterator[dict]:
+    def _epoch_batches(self, order: list, position: Position) -> int:
+        count = -(-(len(order) // self.spec.world_size) // self.spec.batch_size)
+        if count == 0 and position.remaining is None:  # a forever stream would spin without a batch
+            raise DataError(f"{self.spec.url} has {len(order)} samples: fewer than one batch of "
+                            f"{self.spec.batch_size} per process for {self.spec.world_size} processes; "
+                            f"lower train.batch_size or add data")
+        return count
+
+    def _batches(self, order, start: int, end: int, epoch: int) -> Iterator[dict]:
         upcoming = list(dict.fromkeys(s for s, _ in order[start:end]))  # this worker's shards, in order
         reader = _ShardReader(self.spec, self.manifest, self.stats, upcoming)
         for b in range(start, end, self.spec.batch_size):
             picks = order[b:min(b + self.spec.batch_size, end)]
             samples = [reader.sample(s, j) for s, j in picks]
-            decoded = [self._decode(x, s, j) for x, (s, j) in zip(samples, picks)]
+            decoded = [self._decode(x, epoch, s, j) for x, (s, j) in zip(samples, picks)]
             batch = _collate([d for d in decoded if d is not None], self.field)
             batch["skipped"] = len(picks) - len(batch["key"])  # corrupt samples, counted by the caller
+            batch["epoch"] = epoch
             yield batch
 
-    def _decode(self, sample: dict, shard: int, index: int):
+    def _decode(self, sample: dict, epoch: int, shard: int, index: int):
         """(tensor, label, key), or None for a corrupt sample. Every random draw (flip,
         posterior noise) comes from a generator seeded by (seed, epoch, shard, index)."""
-        rng = np.random.default_rng([self.spec.seed, self.position.epoch, shard, index])
+        rng = np.random.default_rng([self.spec.seed, epoch, shard, index])
         try:
             label = int(sample["cls"])
             if self.manifest["kind"] == "latents":

@@ -36,47 +36,54 @@ class Extractor(Protocol):
 class InceptionExtractor:
     dim, classes, judges_labels = 2048, 1008, False
 
-    def __init__(self, weights: Path):
+    def __init__(self, weights: Path, where: torch.device):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                               feature_extractor_weights_path=str(weights)).eval()
+                                               feature_extractor_weights_path=str(weights)).eval().to(where)
+        self.where = where
         self.id = f"inception-v3-compat-{_file_hash(weights)}"
 
     @torch.no_grad()
     def __call__(self, images):
-        feats, logits = self.net(images.to(torch.uint8).cpu())
-        return feats.double().numpy(), logits.double().numpy()
+        feats, logits = self.net(images.to(self.where, torch.uint8))
+        return _host(feats), _host(logits)
 
 
 class ClassifierExtractor:
     judges_labels = True
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, where: torch.device):
         from ..core.classifier import DomainClassifier
 
-        self.net = DomainClassifier.from_pretrained(str(directory)).eval().float()
+        self.net = DomainClassifier.from_pretrained(str(directory)).eval().float().to(where)
+        self.where = where
         self.resolution = self.net.config.resolution
         self.dim, self.classes = self.net.head.in_features, self.net.head.out_features
         self.id = f"classifier-{_file_hash(directory / 'diffusion_pytorch_model.safetensors')}"
 
     @torch.no_grad()
     def __call__(self, images):
-        x = images.float() / 127.5 - 1
+        x = images.to(self.where).float() / 127.5 - 1
         if x.shape[-1] != self.resolution:
             x = torch.nn.functional.interpolate(x, size=self.resolution, mode="bilinear", antialias=True)
         feats = self.net.features(x)
-        return feats.double().numpy(), self.net.head(feats).double().numpy()
+        return _host(feats), _host(self.net.head(feats))
 
 
-def build_extractor(cfg: Config) -> Extractor:
+def _host(t: torch.Tensor) -> np.ndarray:
+    """float64 numpy on the host (the sums that FID reduces are float64)."""
+    return t.detach().double().cpu().numpy()
+
+
+def build_extractor(cfg: Config, where: torch.device = torch.device("cpu")) -> Extractor:
     e = cfg.eval
     if e.features == "inception":
         if not e.inception_weights:
             raise ConfigError("eval.features=inception needs eval.inception_weights: a path or s3:// URL of "
                               "the FID Inception weights (pt_inception-2015-12-05-6726825d.pth); nothing is "
                               "downloaded at run time. Or use eval.features=classifier")
-        return InceptionExtractor(_local_file(e.inception_weights, "eval.inception_weights"))
+        return InceptionExtractor(_local_file(e.inception_weights, "eval.inception_weights"), where)
     if not e.classifier:
         raise ConfigError("eval.features=classifier needs eval.classifier: the directory `dist-diffusion export` "
                           "wrote for a run with train.target=classifier")
@@ -84,7 +91,7 @@ def build_extractor(cfg: Config) -> Extractor:
     if not (directory / "config.json").is_file():
         raise ConfigError(f"eval.classifier={e.classifier} holds no exported classifier (config.json missing); "
                           f"export one with `dist-diffusion export --run-dir RUN --out DIR`")
-    return ClassifierExtractor(directory)
+    return ClassifierExtractor(directory, where)
 
 
 def _local_file(url: str, key: str) -> Path:

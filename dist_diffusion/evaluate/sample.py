@@ -24,12 +24,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..config import Config, ConfigError
-from ..core.models import decode_latents
 from ..data import storage
 from ..data.shards import write_tar
-from ..generate import generate
+from ..generate import decode_on_its_device, generate
 from ..imaging import save_grid, to_uint8
-from ..runtime.distributed import all_reduce_sum, barrier, init_process_group
+from ..runtime.distributed import all_reduce_sum, barrier, describe, device, init_process_group
 from .features import Extractor, build_extractor
 from .reference import reference_stats
 from .report import result_row, write_report
@@ -56,11 +55,13 @@ def sweep(cfg: Config) -> list[Point]:
 
 def evaluate(cfg: Config) -> list[dict]:
     """Sample every point of the sweep; with eval.metrics, score it. Returns report rows."""
-    env = init_process_group()
-    unet, vae = load_models(cfg)
+    env = init_process_group(cfg.runtime.device, require_gpu=cfg.launch.gpus_per_worker > 0)
+    if env.is_main:
+        print(f"[eval] {describe(env)}", flush=True)
+    unet, vae = load_models(cfg, device())
     extractor, reference = None, None
     if cfg.eval.metrics:
-        extractor = build_extractor(cfg)
+        extractor = build_extractor(cfg, device())
         shards = cfg.eval.reference or cfg.data.shards
         if not shards:
             raise ConfigError("eval.metrics needs reference images: set eval.reference (or data.shards) to the "
@@ -84,7 +85,8 @@ def evaluate(cfg: Config) -> list[dict]:
     return rows
 
 
-def load_models(cfg: Config):
+def load_models(cfg: Config, where: torch.device):
+    """The exported UNet and (latent space) the VAE, in fp32 on ``where``."""
     from diffusers import UNet2DModel
 
     from ..core.models import build_vae
@@ -92,8 +94,8 @@ def load_models(cfg: Config):
     if not cfg.eval.unet or not _is_model_dir(cfg.eval.unet):
         raise ConfigError(f"eval.unet={cfg.eval.unet!r} is not an exported UNet directory; run "
                           f"`dist-diffusion export --run-dir RUN --out DIR` and pass eval.unet=DIR")
-    unet = UNet2DModel.from_pretrained(cfg.eval.unet).eval().float()
-    vae = build_vae(cfg).eval().float() if cfg.vae.enabled else None
+    unet = UNet2DModel.from_pretrained(cfg.eval.unet).eval().float().to(where)
+    vae = build_vae(cfg).eval().float().to(where) if cfg.vae.enabled else None
     return unet, vae
 
 
@@ -137,8 +139,8 @@ def _make_shard(cfg: Config, unet, vae, extractor, indices: list[int], out, k: i
         idx = indices[start:start + cfg.sample.batch_size]
         x = generate(cfg, unet, labels_for(cfg, idx), idx)
         if vae is not None:
-            x = decode_latents(vae, x)
-        images.append(to_uint8(x[:, :3]))
+            x = decode_on_its_device(vae, x)
+        images.append(to_uint8(x[:, :3]).cpu())
         bar.update(len(idx))
         bar.set_postfix(img_per_s=f"{bar.n / max(bar.format_dict['elapsed'], 1e-9):.1f}")
     images = torch.cat(images)

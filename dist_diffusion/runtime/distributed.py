@@ -1,56 +1,125 @@
 """The process group, one place: rank discovery (env.py) + initialisation + collectives.
 
 torchrun / env:// variables, SLURM variables (master address from the node list), or a
-process group someone else already made (Ray Train). NCCL on GPUs, gloo on CPU.
+process group someone else already made (Ray Train). NCCL on GPUs, gloo on CPU: the
+device is chosen once (``runtime.device``), and every collective here moves its tensor
+there, so an NCCL-only group never sees a CPU tensor.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
 from .env import ProcessEnv, process_env
 
+_DEVICE = torch.device("cpu")  # this process's device, chosen once by select_device()
 
-def init_process_group() -> ProcessEnv:
-    """Join (or create) the default process group; returns who this process is."""
+
+def init_process_group(requested_device: str = "auto", require_gpu: bool = False) -> ProcessEnv:
+    """Join (or create) the default process group on this process's device; returns who
+    this process is. ``requested_device`` is ``runtime.device``; ``require_gpu`` is set
+    when the launcher gave this process GPUs, so a CPU fallback is an error, not a slow run."""
     if dist.is_available() and dist.is_initialized():  # Ray Train and friends
-        return ProcessEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        env = ProcessEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        select_device(requested_device, env.local_rank, require_gpu)
+        return env
     env = process_env()
+    chosen = select_device(requested_device, env.local_rank, require_gpu)
     _default_rendezvous(env)
-    _quiet_known_noise()
+    _quiet_known_noise(chosen)
     import deepspeed
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, rank=env.rank, world_size=env.world_size,
-                               timeout=timedelta(minutes=30), verbose=False)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
-    else:
-        _share_cpu_cores()
+    deepspeed.init_distributed(dist_backend="nccl" if chosen.type == "cuda" else "gloo", rank=env.rank,
+                               world_size=env.world_size, timeout=timedelta(minutes=30), verbose=False)
     return env
 
 
+def select_device(requested: str = "auto", local_rank: int = 0, require_gpu: bool = False) -> torch.device:
+    """Resolve ``runtime.device`` for this process, check it is usable, make it current.
+    Every collective and every model of this process then lives on :func:`device`."""
+    global _DEVICE
+    wants_cuda = requested == "cuda" or require_gpu or (requested == "auto" and torch.cuda.is_available())
+    if wants_cuda:
+        check_cuda_usable(requested, require_gpu)
+        check_local_gpu(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(local_rank)
+        _DEVICE = torch.device("cuda", local_rank)
+    else:
+        _DEVICE = torch.device("cpu")
+    _share_cpu_cores()
+    return _DEVICE
+
+
+def check_cuda_usable(requested: str, require_gpu: bool) -> None:
+    """When a GPU was asked for, fail loudly if there is none, instead of training on the
+    CPU (a CUDA build of torch on a too-old driver reports no GPU; the run only looks slow).
+    Launchers call this before they start any worker."""
+    if torch.cuda.is_available() or not (requested == "cuda" or require_gpu):
+        return
+    why = "runtime.device=cuda" if requested == "cuda" else "launch.gpus_per_worker > 0"
+    raise ConfigError(f"{why} but CUDA is unavailable here: torch {torch.__version__} is built for CUDA "
+                      f"{torch.version.cuda or 'none (a CPU build)'}, NVIDIA driver {nvidia_driver() or 'not found'}. "
+                      f"Install a driver that supports that CUDA (CUDA 13.0 needs >= 580) or a torch build "
+                      f"for your driver, or set runtime.device=cpu and launch.gpus_per_worker=0")
+
+
+def check_local_gpu(local_rank: int, visible: int) -> None:
+    """Local rank r binds cuda:r, so this process must see at least r+1 GPUs."""
+    if local_rank < visible:
+        return
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    raise ConfigError(f"local rank {local_rank} needs cuda:{local_rank} but this process sees {visible} GPU(s) "
+                      f"(CUDA_VISIBLE_DEVICES={shown}); under SLURM --gpus-per-task binds one GPU per task: "
+                      f"use --gpus-per-node (as slurm/train_latent.sh does) or --gpu-bind=none, or start "
+                      f"at most {visible} processes per node")
+
+
+def nvidia_driver() -> str | None:
+    """The loaded NVIDIA kernel driver's version, read without CUDA (None if there is none)."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", text)
+    return match.group(1) if match else text.splitlines()[0].strip()
+
+
+def describe(env: ProcessEnv) -> str:
+    """One line for the start of a run: world layout, device, backend, GPU."""
+    local_world = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "?"))
+    backend = dist.get_backend() if dist.is_initialized() else "none"
+    where = str(device())
+    if device().type == "cuda":
+        where += f" ({torch.cuda.get_device_name(device())}, CUDA {torch.version.cuda}, driver {nvidia_driver()})"
+    return (f"{env.world_size} process(es), {local_world} per node; rank {env.rank} on {where}, "
+            f"backend {backend}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+
+
 def _share_cpu_cores() -> None:
-    """On CPU, N ranks on one machine each default to every core: 2N threads fight over N
-    cores and a step gets ~3x slower. Give each rank its share (an explicit
-    OMP_NUM_THREADS wins: torch has already applied it)."""
+    """N ranks on one machine each default to every core: 2N threads fight over N cores
+    (a CPU step got ~3x slower; on GPUs the data workers and launch threads starve). Give
+    each rank its share (an explicit OMP_NUM_THREADS wins: torch has already applied it)."""
     if os.environ.get("OMP_NUM_THREADS"):
         return
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", 1)))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
 
 
-def _quiet_known_noise() -> None:
-    """Name the accelerator instead of letting DeepSpeed probe and warn, and hide a
-    deprecation warning DeepSpeed's own ZeRO code triggers on every save."""
+def _quiet_known_noise(chosen: torch.device) -> None:
+    """Name the accelerator instead of letting DeepSpeed probe and warn (and pick the GPU
+    under runtime.device=cpu), and hide a deprecation warning DeepSpeed's own ZeRO code
+    triggers on every save."""
     import warnings
 
-    if not torch.cuda.is_available():
+    if chosen.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
 
@@ -82,10 +151,18 @@ def _free_port() -> int:
 
 
 def device() -> torch.device:
-    """Where this process computes: its GPU, or the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """Where this process computes (set by :func:`select_device`): its GPU, or the CPU."""
+    return _DEVICE
+
+
+def _multi_process() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _on_group_device(t: torch.Tensor) -> torch.Tensor:
+    """A private copy of ``t`` where the process group can carry it (NCCL: the GPU only).
+    Every collective below passes its tensor through here."""
+    return t.detach().to(device(), copy=True).contiguous()
 
 
 def barrier() -> None:
@@ -94,28 +171,29 @@ def barrier() -> None:
 
 
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Average a small float tensor over ranks (for logging)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= dist.get_world_size()
-    return values
+    """Average a small float tensor over ranks (for logging); on :func:`device`."""
+    if not _multi_process():
+        return values
+    t = _on_group_device(values)
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
 
 
 def all_gather_flat(local: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's 1-D tensor (equal sizes) in rank order."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    """Concatenate every rank's 1-D tensor (equal sizes) in rank order; on :func:`device`."""
+    if not _multi_process():
         return local
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local.contiguous())
+    t = _on_group_device(local)
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
     return torch.cat(parts)
 
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when it is True on some rank (e.g. a preemption signal)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not _multi_process():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device())
+    t = _on_group_device(torch.tensor([1.0 if flag else 0.0]))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -124,8 +202,8 @@ def all_reduce_sum(values: "np.ndarray") -> "np.ndarray":
     """Elementwise float64 sum of a numpy vector over ranks (gloo and NCCL both carry f64)."""
     import numpy as np
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not _multi_process():
         return values
-    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(device())
+    t = _on_group_device(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)))
     dist.all_reduce(t)
     return t.cpu().numpy()

@@ -21,18 +21,31 @@ def micro_batch_size(cfg: Config, world_size: int) -> int:
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed JSON for this run (optimizer and schedule are passed as objects)."""
+    """The DeepSpeed JSON for this run (optimizer and schedule are passed as objects).
+
+    ``check_grad_overflow`` is spelled out because the loop relies on it: ZeRO 1-3 skip a
+    step whose gradients hold inf/NaN (the all-reduce they already do), and the loop reads
+    ``engine.was_step_applied()`` instead of syncing on the loss every micro-step."""
+    r = cfg.runtime
     return {
         "train_batch_size": cfg.train.batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "gradient_clipping": cfg.train.grad_clip,
-        "bf16": {"enabled": cfg.runtime.precision == "bf16"},
-        "zero_optimization": {"stage": cfg.runtime.zero_stage, "overlap_comm": False,
-                              "contiguous_gradients": True},
+        "bf16": {"enabled": r.precision == "bf16", "check_grad_overflow": True},
+        "zero_optimization": {"stage": r.zero_stage, "overlap_comm": r.overlap_comm,
+                              "contiguous_gradients": True, "reduce_bucket_size": r.bucket_size,
+                              "allgather_bucket_size": r.bucket_size},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+
+
+def engine_checks_overflow(cfg: Config) -> bool:
+    """Whether DeepSpeed itself skips a step with non-finite gradients (ZeRO 1-3 do, in
+    bf16 through check_grad_overflow and in fp32 through the grad-norm check; ZeRO-0
+    hands the step to the plain optimizer)."""
+    return cfg.runtime.zero_stage >= 1
 
 
 def lr_lambda(cfg: Config):
@@ -64,4 +77,18 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, run_dir: 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    if cfg.runtime.compile:
+        engine.compile()
     return engine
+
+
+def apply_numerics(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """TF32, cuDNN autotuning and the memory format, before the engine wraps the model.
+    The defaults leave CPU arithmetic exactly as it was (TF32 and cuDNN are GPU-only)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.runtime.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.runtime.tf32
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv once
+    if cfg.runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
