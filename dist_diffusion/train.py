@@ -8,6 +8,7 @@ DeepSpeed step -> EMA -> log -> checkpoint / sample grid / preemption check.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -26,12 +27,13 @@ from .core.schedule import make_schedule
 from .core.vae_loss import vae_loss
 from .data.stream import Position, ShardStream, StreamSpec, load_manifest, unconsumed
 from .runtime import checkpoint
-from .runtime.distributed import any_rank, describe, device, init_process_group
+from .runtime.distributed import any_rank, barrier, describe, device, init_process_group
 from .runtime.ema import EngineEMA
 from .runtime.engine import apply_numerics, build_engine, engine_checks_overflow, micro_batch_size
 from .train_log import TrainLogger
 
 REQUEUE_EXIT_CODE = 124  # launchers treat it as "preempted, checkpoint saved: run me again"
+REQUEUE_MARKER = "REQUEUE"  # the same news as a file in the run directory (see _mark_requeue)
 
 
 class TrainingStopped(RuntimeError):
@@ -92,6 +94,7 @@ def train(cfg: Config, on_checkpoint: Callable[[int, Path], None] | None = None)
         if check and any_rank(guard.requested or _out_of_time(cfg, started)):
             if run.step % cfg.train.ckpt_every and run.step != cfg.train.max_steps:
                 save(run)
+            _mark_requeue(run)
             run.logger.info(f"preempted at step {run.step}: checkpoint saved, exiting {REQUEUE_EXIT_CODE}")
             run.logger.close()
             raise Preempted()
@@ -331,6 +334,16 @@ def _merge_positions(run: Run, states: list[dict]) -> Position:
         old = StreamSpec(**{**state["stream"], "url": run.spec.url, "rank": rank})
         left += unconsumed(run.manifest, old, Position(**state["position"]))
     return Position(epoch=states[0]["position"]["epoch"], batches=0, remaining=left)
+
+
+def _mark_requeue(run: Run) -> None:
+    """RUN/REQUEUE names the SLURM job that should run again: slurm/train_latent.sh reads
+    it, so requeueing does not hang on exit code 124 surviving every launcher (torchrun
+    turns it into 1)."""
+    if run.env.is_main:
+        marker = {"step": run.step, "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
+        (Path(run.cfg.train.run_dir) / REQUEUE_MARKER).write_text(json.dumps(marker) + "\n")
+    barrier()  # no rank exits (and gets the others killed by srun) before the marker exists
 
 
 class PreemptionGuard:

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without install
 
 from dist_diffusion.config import Config, ConfigError, load_config, to_yaml  # noqa: E402
+from dist_diffusion.extras import require  # noqa: E402
 
 
 def train_worker(loop_config: dict) -> None:
@@ -128,6 +129,7 @@ def config_from_argv(argv: list[str] | None, doc: str) -> Config:
         print(doc, file=sys.stderr)
         raise SystemExit(2)
     try:
+        require("ray.train", "ray", "launchers/ray_train.py")
         cfg = load_config(args[0], args[1:])
         connect_and_check(cfg)
     except ConfigError as err:

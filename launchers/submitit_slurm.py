@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -18,11 +19,18 @@ import sys
 import time
 from pathlib import Path
 
-import submitit
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from dist_diffusion.config import Config, ConfigError, load_config  # noqa: E402
+from dist_diffusion.extras import MissingExtra, require  # noqa: E402
+
+try:
+    submitit = require("submitit", "slurm", "launchers/submitit_slurm.py")
+except MissingExtra as err:
+    if __name__ != "__main__":
+        raise
+    print(f"error: {err}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 SUBMITIT_SIGNAL = "SIGUSR2"  # what submitit asks SLURM to send before the time limit
 
@@ -36,6 +44,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         from dist_diffusion.train import Preempted, train
 
+        _export_local_ranks()
         cfg = load_config(self.config, self.overrides)
         cfg.train.preempt_signals = sorted(set(cfg.train.preempt_signals) | {SUBMITIT_SIGNAL})
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint() + scontrol requeue
@@ -49,6 +58,18 @@ class TrainJob(submitit.helpers.Checkpointable):
                 requeue(signal.SIGUSR2, None)
             time.sleep(cfg.launch.signal_delay_s)
             raise
+
+
+def _export_local_ranks() -> None:
+    """submitit's local executor starts its tasks with SUBMITIT_LOCAL_* variables only
+    (SLURM tasks have SLURM_*): turn them into torchrun's variables, with a rendezvous
+    port all tasks derive from the job id."""
+    if "SUBMITIT_LOCAL_JOB_ID" not in os.environ:
+        return
+    job = submitit.JobEnvironment()
+    os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank),
+                      LOCAL_WORLD_SIZE=str(job.num_tasks), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(20000 + int(job.job_id) % 20000))
 
 
 def make_executor(cfg: Config, local: bool) -> submitit.Executor:

@@ -28,13 +28,18 @@ cd "${SLURM_SUBMIT_DIR:-.}"  # submit from the checkout: configs/ and the venv a
 python="${DD_PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python )}"
 
 # Bad config: one message here, before any rank starts or any GPU is touched.
-"$python" -m dist_diffusion.cli config "$config" "$@" >/dev/null || exit 2
+run_dir=$("$python" -m dist_diffusion.cli config "$config" "$@" --get train.run_dir) || exit 2
 
 echo "$(date -Is) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NTASKS tasks on $SLURM_JOB_NODELIST"
 srun --kill-on-bad-exit=1 "$python" -m dist_diffusion.train "$config" "$@"
 status=$?
 
-if [ "$status" -eq 124 ]; then  # preempted or out of time, checkpoint saved: run again
+# Preempted or out of time, checkpoint saved: run again. Exit code 124 says so, and so
+# does RUN/REQUEUE naming this job (the code alone would not survive a wrapper such as
+# torchrun, which turns it into 1).
+marker="$run_dir/REQUEUE"
+if [ "$status" -eq 124 ] || grep -qs "\"slurm_job_id\": \"$SLURM_JOB_ID\"" "$marker"; then
+  rm -f "$marker"
   echo "$(date -Is) checkpoint saved; requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0

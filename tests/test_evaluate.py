@@ -168,4 +168,6 @@ def test_bf16_sampling_fid_parity_with_fp32(models, one_process):
     assert abs(bf16["class_accuracy"] - fp32["class_accuracy"]) <= 2 / 32  # at most 2 of 32 samples flip
 
 
-BF16_FID_REL = 0.05
+# Measured here: FID 0.509049 (bf16) against 0.508875 (fp32), 3.4e-4 apart; the bound is
+# 1%, about 30x that, so that another CPU's bf16 kernels pass while a broken cast fails.
+BF16_FID_REL = 0.01

@@ -65,8 +65,20 @@ def test_sbatch_trains_with_two_tasks(slurm, tmp_path, pixel_shards):
     assert logged_steps(run) == list(range(1, 9))
 
 
-def test_usr1_saves_requeues_and_resumes(slurm, tmp_path, pixel_shards):
+def exit_code_masking_python(tmp_path) -> Path:
+    """A python that turns exit code 124 into 1, as torchrun does."""
+    wrapper = tmp_path / "python-like-torchrun"
+    wrapper.write_text(f"#!/bin/sh\n{sys.executable} \"$@\"\nstatus=$?\n"
+                       f"[ $status -eq 124 ] && exit 1\nexit $status\n")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+@pytest.mark.parametrize("python", ["plain", "masks-124"])
+def test_usr1_saves_requeues_and_resumes(slurm, tmp_path, pixel_shards, python):
     run, log = tmp_path / "run", tmp_path / "job.out"
+    if python == "masks-124":  # the requeue must not hang on the exit code alone
+        slurm = {**slurm, "DD_PYTHON": str(exit_code_masking_python(tmp_path))}
     out = sbatch_train(slurm, "--parsable", log, run, pixel_shards, steps=150, ckpt_every=50, timeout=60)
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip().split(";")[0]
@@ -76,8 +88,10 @@ def test_usr1_saves_requeues_and_resumes(slurm, tmp_path, pixel_shards):
         wait_until(lambda: log.exists() and "requeueing" in log.read_text(errors="replace"), 120, "the requeue")
         # A requeued job waits ~2 min (reason BeginTime) before it may start again; a real
         # cluster keeps that back-off, the test lifts it once the job is back in the queue.
+        # Not to "now": slurmd revokes the old credential with a 1-second clock, and a
+        # restart within that second is killed ("Job credential revoked").
         wait_until(lambda: squeue_reason(slurm, job) == "BeginTime", 60, "the job to be requeued")
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True, timeout=30)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"], env=slurm, check=True, timeout=30)
         wait_until(lambda: job_state(slurm, job) == "COMPLETED", 400, f"job {job} to complete")
     finally:
         subprocess.run(["scancel", job], env=slurm, capture_output=True, timeout=30)
@@ -113,7 +127,7 @@ def test_submitit_preemption_saves_requeues_and_finishes(slurm, tmp_path, pixel_
         # what SLURM sends signal_delay_s before the time limit, or on preemption
         subprocess.run(["scancel", "--signal=USR2", job], env=slurm, check=True, timeout=30)
         wait_until(lambda: squeue_reason(slurm, job) == "BeginTime", 120, "the job to be requeued")
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True, timeout=30)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"], env=slurm, check=True, timeout=30)
         stdout, stderr = proc.communicate(timeout=400)
     finally:
         proc.kill()
@@ -147,3 +161,18 @@ def test_sample_fid_job_with_two_tasks(slurm, tmp_path, pixel_shards, random_mod
     assert "2 sampling tasks" in log.read_text(errors="replace")
     result = json.loads((out / "report.json").read_text())["results"][0]
     assert result["num_samples"] == 16 and result["resumed_shards"] == 0
+
+
+def test_submitit_local_two_tasks_are_two_distinct_ranks(tmp_path, pixel_shards):
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "launchers/submitit_slurm.py", "--local", "configs/tiny.yaml", *PIXEL16,
+                          "train.max_steps=4", f"train.run_dir={run}", f"data.shards={pixel_shards}",
+                          "launch.workers_per_node=2", f"launch.job_dir={tmp_path / 'submitit'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert '"step": 4' in out.stdout.strip().splitlines()[-1]
+    records = {p.name: p.read_text().splitlines() for p in run.glob("samples_rank*.jsonl")}
+    assert sorted(records) == ["samples_rank000.jsonl", "samples_rank001.jsonl"]
+    keys = [set(json.loads(line)["keys"]) for lines in records.values() for line in lines[:1]]
+    assert keys[0].isdisjoint(keys[1])  # each rank its own half of the batch
+    assert json.loads((run / "checkpoints/step00000004/COMPLETE").read_text())["world_size"] == 2

@@ -37,8 +37,10 @@ class InceptionExtractor:
     dim, classes, judges_labels = 2048, 1008, False
 
     def __init__(self, weights: Path, where: torch.device):
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from ..extras import require
 
+        fidelity = require("torch_fidelity.feature_extractor_inceptionv3", "eval", "eval.features=inception")
+        FeatureExtractorInceptionV3 = fidelity.FeatureExtractorInceptionV3
         self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                                feature_extractor_weights_path=str(weights)).eval().to(where)
         self.where = where
