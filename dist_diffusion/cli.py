@@ -50,7 +50,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
 
     root = Path(args.root)
     if args.action == "up":
-        server = stack.stack_up(root)
+        server = stack.stack_up(root, args.host)
         print(f"S3 (SeaweedFS) on {server.endpoint}, pid {server.pid}, data in {server.root}")
         print("# export these so every command and boto3 reach it:")
         print(stack.export_lines(server))
@@ -113,13 +113,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     nproc = args.nproc or cfg.runtime.nproc
     if nproc > 1:
         return spawn_local(["train", "--config", args.config, "--nproc", "1", *args.overrides], nproc)
+    from .runtime.distributed import RendezvousFailed
     from .train import TrainingStopped, train
 
     try:
         summary = train(cfg)
-    except (StorageError, TrainingStopped) as err:
+    except (StorageError, TrainingStopped, RendezvousFailed) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 3 if isinstance(err, TrainingStopped) else 2
+        return 2 if isinstance(err, StorageError) else 3
     from .runtime.env import process_env
 
     if process_env().is_main:
@@ -159,12 +160,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         return spawn_local([args.command, "--config", args.config, "--nproc", "1", *overrides], args.nproc)
     from .evaluate.sample import evaluate
+    from .runtime.distributed import RendezvousFailed
 
     try:
         evaluate(cfg)
-    except StorageError as err:
+    except (StorageError, RendezvousFailed) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(err, StorageError) else 3
     return 0
 
 
@@ -183,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stack", help="start/stop the embedded local S3 (SeaweedFS on 127.0.0.1)")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--root", default=".stack", help="where the stack keeps data and state")
+    p.add_argument("--host", default="127.0.0.1", help="address S3 binds to (cluster.sh: the bridge's)")
     p.set_defaults(func=_cmd_stack)
     p = sub.add_parser("prepare", help="class-folder images -> WebDataset shards (local or s3://)")
     p.add_argument("--src", required=True, help="root of SRC/<class>/<images>")

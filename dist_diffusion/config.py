@@ -178,6 +178,10 @@ class RuntimeConfig:
                           "CPU or on bf16 math)")
     overlap_comm: bool = _f(False, "ZeRO: overlap gradient reduction with the backward pass (worth it "
                                    "for models of hundreds of millions of parameters)")
+    socket_ifname: str = _f("", "network interface the process group talks over (GLOO_SOCKET_IFNAME / "
+                                "NCCL_SOCKET_IFNAME); empty: the one that routes to the master address")
+    rendezvous_timeout_s: float = _f(600.0, "a rank whose peers do not all join (or answer a collective) "
+                                            "within this many seconds stops with an error", gt=0.0)
     bucket_size: int = _f(50_000_000, "ZeRO reduce/all-gather bucket size in elements (the staging "
                                       "buffer is this many gradient elements)", ge=1_000_000)
 

@@ -40,13 +40,13 @@ class S3Server:
                 "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel says are free on loopback now (held open together so they differ)."""
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports the kernel says are free on ``host`` now (held open together so they differ)."""
     socks = []
     try:
         for _ in range(count):
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
@@ -66,11 +66,11 @@ def weed_binary() -> str:
     return found
 
 
-def _weed_command(weed: str, data_dir: Path, identities: Path, ports: list[int]) -> list[str]:
+def _weed_command(weed: str, data_dir: Path, identities: Path, ports: list[int], host: str) -> list[str]:
     # Every bucket grows its own set of volumes: with the default 8 volume slots a handful of
     # buckets exhausts the server (PutObject -> InternalError). Many small volumes instead.
     s3, s3_grpc, master, master_grpc, volume, volume_grpc, filer, filer_grpc = ports
-    return [weed, "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+    return [weed, "server", f"-dir={data_dir}", f"-ip={host}", f"-ip.bind={host}",
             "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={identities}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-iam=false",
             f"-master.port={master}", f"-master.port.grpc={master_grpc}",
@@ -87,19 +87,21 @@ def _write_identities(path: Path, access_key: str, secret_key: str) -> None:
     path.chmod(0o600)
 
 
-def start_s3(root: Path, ready_timeout: float = READY_TIMEOUT_S) -> S3Server:
-    """Start SeaweedFS with data under ``root``; returns once S3 answers a signed request.
-    On a failed start the process is stopped and its log tail is in the error."""
+def start_s3(root: Path, ready_timeout: float = READY_TIMEOUT_S, host: str = "127.0.0.1") -> S3Server:
+    """Start SeaweedFS with data under ``root``, bound to ``host`` only (loopback; or the
+    bridge address of infra/local/cluster.sh, so every node reaches it); returns once S3
+    answers a signed request. On a failed start the process is stopped and its log tail
+    is in the error."""
     weed = weed_binary()  # a missing [local] extra: one line, before anything is written
     root.mkdir(parents=True, exist_ok=True)
     (root / "data").mkdir(exist_ok=True)
     access_key, secret_key = "dd" + secrets.token_hex(8), secrets.token_hex(20)
     _write_identities(root / "identities.json", access_key, secret_key)
-    ports = free_ports(8)
+    ports = free_ports(8, host)
     log = open(root / "weed.log", "ab")
-    proc = subprocess.Popen(_weed_command(weed, root / "data", root / "identities.json", ports),
+    proc = subprocess.Popen(_weed_command(weed, root / "data", root / "identities.json", ports, host),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = S3Server(f"http://127.0.0.1:{ports[0]}", access_key, secret_key, proc.pid, str(root))
+    server = S3Server(f"http://{host}:{ports[0]}", access_key, secret_key, proc.pid, str(root))
     try:
         _wait_ready(server, proc, ready_timeout)
     except BaseException:
@@ -185,12 +187,12 @@ def _load_state(root: Path) -> S3Server | None:
     return S3Server(**json.loads(path.read_text()))
 
 
-def stack_up(root: Path = DEFAULT_ROOT) -> S3Server:
+def stack_up(root: Path = DEFAULT_ROOT, host: str = "127.0.0.1") -> S3Server:
     """Idempotent: an already running stack is reported, not started twice."""
     running = _load_state(root)
     if running and _alive(running.pid):
         return running
-    server = start_s3(root / "s3")
+    server = start_s3(root / "s3", host=host)
     _state_path(root).write_text(json.dumps(asdict(server), indent=2))
     _state_path(root).chmod(0o600)
     return server

@@ -27,7 +27,7 @@ from .core.schedule import make_schedule
 from .core.vae_loss import vae_loss
 from .data.stream import Position, ShardStream, StreamSpec, load_manifest, unconsumed
 from .runtime import checkpoint
-from .runtime.distributed import any_rank, barrier, describe, device, init_process_group
+from .runtime.distributed import any_rank, barrier, describe, device, init_process_group, placement
 from .runtime.ema import EngineEMA
 from .runtime.engine import apply_numerics, build_engine, engine_checks_overflow, micro_batch_size
 from .train_log import TrainLogger
@@ -103,7 +103,8 @@ def train(cfg: Config, on_checkpoint: Callable[[int, Path], None] | None = None)
 
 
 def build_run(cfg: Config) -> Run:
-    env = init_process_group(cfg.runtime.device, require_gpu=cfg.launch.gpus_per_worker > 0)
+    env = init_process_group(cfg.runtime.device, cfg.launch.gpus_per_worker > 0, cfg.runtime.socket_ifname,
+                             cfg.runtime.rendezvous_timeout_s)
     run_dir = Path(cfg.train.run_dir)
     manifest = load_manifest(cfg.data.shards) if cfg.data.shards else _no_shards()
     _check_data_matches(cfg, manifest)
@@ -119,12 +120,20 @@ def build_run(cfg: Config) -> Run:
                       hflip=cfg.data.hflip, max_corrupt_fraction=cfg.data.max_corrupt_fraction)
     if env.is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    _record_placement(run_dir, env)
     logger = TrainLogger(cfg, env, run_dir)
     logger.info(describe(env))
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_train_timesteps,
                              cfg.diffusion.beta_start, cfg.diffusion.beta_end).to(device())
     return Run(cfg, env, engine, EngineEMA(engine, cfg.runtime.zero_stage), schedule, vae, spec,
                manifest, logger, resume_tag=resume, elastic=elastic)
+
+
+def _record_placement(run_dir: Path, env) -> None:
+    """Each rank notes its host, address and interface: which node ran what, after the fact."""
+    hosts = run_dir / "hosts"
+    hosts.mkdir(parents=True, exist_ok=True)
+    (hosts / f"rank{env.rank:03d}.json").write_text(json.dumps(placement(env)) + "\n")
 
 
 def build_trainable(cfg: Config) -> torch.nn.Module:
@@ -363,14 +372,15 @@ def _out_of_time(cfg: Config, started: float) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry for torchrun / srun: ``python -m dist_diffusion.train CONFIG [key=value...]``."""
-    from .config import load_config
+    """Entry for torchrun / srun: ``python -m dist_diffusion.train CONFIG [key=value...]``,
+    one process of the job; errors are the CLI's one-line errors and exit codes."""
+    from .cli import main as cli_main
 
     args = sys.argv[1:] if argv is None else argv
-    cfg = load_config(args[0] if args else None, args[1:])
-    summary = train(cfg)
-    print(json.dumps(summary))
-    return 0
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: python -m dist_diffusion.train CONFIG [key=value ...]   (one rank; see torchrun/srun)")
+        return 0 if args else 2
+    return cli_main(["train", "--config", args[0], "--nproc", "1", *args[1:]])
 
 
 if __name__ == "__main__":

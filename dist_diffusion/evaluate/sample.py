@@ -55,7 +55,8 @@ def sweep(cfg: Config) -> list[Point]:
 
 def evaluate(cfg: Config) -> list[dict]:
     """Sample every point of the sweep; with eval.metrics, score it. Returns report rows."""
-    env = init_process_group(cfg.runtime.device, require_gpu=cfg.launch.gpus_per_worker > 0)
+    env = init_process_group(cfg.runtime.device, cfg.launch.gpus_per_worker > 0, cfg.runtime.socket_ifname,
+                             cfg.runtime.rendezvous_timeout_s)
     if env.is_main:
         print(f"[eval] {describe(env)}", flush=True)
     unet, vae = load_models(cfg, device())

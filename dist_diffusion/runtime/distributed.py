@@ -23,10 +23,16 @@ from .env import ProcessEnv, process_env
 _DEVICE = torch.device("cpu")  # this process's device, chosen once by select_device()
 
 
-def init_process_group(requested_device: str = "auto", require_gpu: bool = False) -> ProcessEnv:
+class RendezvousFailed(RuntimeError):
+    """The process group could not form (a peer never came, or cannot be reached)."""
+
+
+def init_process_group(requested_device: str = "auto", require_gpu: bool = False, socket_ifname: str = "",
+                       timeout_s: float = 600.0) -> ProcessEnv:
     """Join (or create) the default process group on this process's device; returns who
     this process is. ``requested_device`` is ``runtime.device``; ``require_gpu`` is set
-    when the launcher gave this process GPUs, so a CPU fallback is an error, not a slow run."""
+    when the launcher gave this process GPUs, so a CPU fallback is an error, not a slow run.
+    ``timeout_s`` bounds the rendezvous and every collective: a dead peer stops the run."""
     if dist.is_available() and dist.is_initialized():  # Ray Train and friends
         env = ProcessEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
         select_device(requested_device, env.local_rank, require_gpu)
@@ -34,12 +40,63 @@ def init_process_group(requested_device: str = "auto", require_gpu: bool = False
     env = process_env()
     chosen = select_device(requested_device, env.local_rank, require_gpu)
     _default_rendezvous(env)
+    bind_interface(socket_ifname)
     _quiet_known_noise(chosen)
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if chosen.type == "cuda" else "gloo", rank=env.rank,
-                               world_size=env.world_size, timeout=timedelta(minutes=30), verbose=False)
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if chosen.type == "cuda" else "gloo", rank=env.rank,
+                                   world_size=env.world_size, timeout=timedelta(seconds=timeout_s), verbose=False)
+    except (RuntimeError, ValueError) as err:  # DistStoreError and gloo's connect errors are RuntimeErrors
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise RendezvousFailed(f"rank {env.rank} of {env.world_size} could not form the process group at {where} "
+                               f"within {timeout_s:g}s ({str(err).splitlines()[0][:200]}); did another rank or "
+                               f"node fail to start? Check its log, or raise runtime.rendezvous_timeout_s") from None
     return env
+
+
+def bind_interface(ifname: str = "") -> None:
+    """Make gloo and NCCL talk over ``ifname``, by default the interface that routes to the
+    master: both otherwise take the address of this host's name, which on many nodes (and
+    in a network namespace) resolves to loopback, and peers on other hosts cannot connect.
+    Variables already set by the user win."""
+    ifname = ifname or route_interface(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    if ifname:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", ifname)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", ifname)
+
+
+def local_address(toward: str) -> str | None:
+    """This host's address on the route to ``toward`` (None if it does not resolve)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((toward, 9))  # UDP: no packet is sent, the kernel only picks a route
+            return probe.getsockname()[0]
+    except OSError:
+        return None
+
+
+def route_interface(address: str) -> str | None:
+    """The interface this host sends to ``address`` through (None for loopback, or when
+    the address does not resolve)."""
+    import fcntl
+    import socket
+    import struct
+
+    local = local_address(address)
+    if local is None or local.startswith("127."):
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+            except OSError:
+                continue
+            if socket.inet_ntoa(packed[20:24]) == local:
+                return name
+    return None
 
 
 def select_device(requested: str = "auto", local_rank: int = 0, require_gpu: bool = False) -> torch.device:
@@ -92,6 +149,17 @@ def nvidia_driver() -> str | None:
     return match.group(1) if match else text.splitlines()[0].strip()
 
 
+def placement(env: ProcessEnv) -> dict:
+    """Where this rank runs and how it reaches the others (RUN/hosts/rankNNN.json)."""
+    import socket
+
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    return {"rank": env.rank, "world_size": env.world_size, "local_rank": env.local_rank,
+            "hostname": socket.gethostname(), "address": local_address(master), "master": master,
+            "socket_ifname": os.environ.get("GLOO_SOCKET_IFNAME") or route_interface(master),
+            "backend": dist.get_backend() if dist.is_initialized() else None, "device": str(device())}
+
+
 def describe(env: ProcessEnv) -> str:
     """One line for the start of a run: world layout, device, backend, GPU."""
     local_world = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "?"))
@@ -138,8 +206,13 @@ def _default_rendezvous(env: ProcessEnv) -> None:
 
 
 def _first_host(nodelist: str) -> str:
+    """The address of the job's first node: its SLURM NodeAddr (which may differ from its
+    name, and is what the other nodes can reach), else its name."""
     out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
-    return out.stdout.split()[0] if out.returncode == 0 and out.stdout.split() else nodelist.split(",")[0]
+    first = out.stdout.split()[0] if out.returncode == 0 and out.stdout.split() else nodelist.split(",")[0]
+    node = subprocess.run(["scontrol", "show", "node", first, "-o"], capture_output=True, text=True)
+    match = re.search(r"\bNodeAddr=(\S+)", node.stdout) if node.returncode == 0 else None
+    return match.group(1) if match else first
 
 
 def _free_port() -> int:

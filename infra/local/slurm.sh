@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# A single-node SLURM cluster on this machine: up | down | status.
+# A SLURM cluster on this machine: up | down | status.
 #
 # Real daemons from Debian's slurm-wlm: a private munged, a private MariaDB (bound to
 # 127.0.0.1) behind slurmdbd so `sacct` and submitit see job states, slurmctld and
-# slurmd, all on free loopback ports. State lives in $SLURM_STACK_DIR (default
-# .stack/slurm). `up` is idempotent; `down` stops only the PIDs `up` recorded.
+# slurmd, all on free ports. State lives in $SLURM_STACK_DIR (default .stack/slurm).
+# `up` is idempotent; `down` stops only the PIDs `up` recorded.
 # Clients find the cluster through SLURM_CONF: `source $SLURM_STACK_DIR/env.sh`.
+#
+# One node on loopback by default. infra/local/cluster.sh sets SLURM_CTLD_ADDR (the
+# bridge address slurmctld listens on) and SLURM_NODES ("node1=ADDR@NETNS ..."): then
+# one slurmd per node runs inside that node's network and UTS namespace, as nodeN.
 set -Eeuo pipefail
 here="$(cd "$(dirname "$0")/../.." && pwd)"
 dir="$(mkdir -p "${SLURM_STACK_DIR:-$here/.stack/slurm}" && cd "${SLURM_STACK_DIR:-$here/.stack/slurm}" && pwd)"
 pids="$dir/pids"
 cluster=dd
 hostname_="$(hostname)"
+ctld_addr="${SLURM_CTLD_ADDR:-127.0.0.1}"
+nodes="${SLURM_NODES-$(cat "$dir/nodes" 2>/dev/null || true)}"  # empty: this machine is the one node
 
 need() {
   local missing=()
@@ -44,15 +50,16 @@ write_configs() {
   chown munge:munge "$munge_dir"; chmod 755 "$munge_dir"
   local db_port dbd_port ctl_port d_port node
   db_port=$(free_port); dbd_port=$(free_port); ctl_port=$(free_port); d_port=$(free_port)
-  node="$(slurmd -C | head -1 | sed 's/ UpTime.*//') NodeAddr=127.0.0.1 State=UNKNOWN"
+  node="$(node_lines)"
   mkdir -p "$dir/state" "$dir/spool" "$dir/log" "$pids"
+  echo "$nodes" >"$dir/nodes"  # status and down find the same nodes without the variable
   cat >"$dir/ports.env" <<EOF
 MUNGE_DIR=$munge_dir
 DB_PORT=$db_port
 EOF
   cat >"$dir/slurm.conf" <<EOF
 ClusterName=$cluster
-SlurmctldHost=$hostname_(127.0.0.1)
+SlurmctldHost=$hostname_($ctld_addr)
 SlurmctldPort=$ctl_port
 SlurmdPort=$d_port
 SlurmUser=root
@@ -60,11 +67,11 @@ SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=socket=$munge_dir/munge.socket
 StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool
+SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/slurmctld.pid
-SlurmdPidFile=$dir/slurmd.pid
+SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
-SlurmdLogFile=$dir/log/slurmd.log
+SlurmdLogFile=$dir/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -102,6 +109,35 @@ EOF
   echo "export SLURM_CONF=$dir/slurm.conf" >"$dir/env.sh"
 }
 
+node_lines() {  # this machine as one node, or one line per namespace node (1 CPU each)
+  if [ -z "$nodes" ]; then
+    echo "$(slurmd -C | head -1 | sed 's/ UpTime.*//') NodeAddr=127.0.0.1 State=UNKNOWN"
+    return
+  fi
+  local spec
+  for spec in $nodes; do
+    local name="${spec%%=*}" rest="${spec#*=}"
+    echo "NodeName=$name NodeAddr=${rest%@*} CPUs=1 State=UNKNOWN"
+  done
+}
+
+node_names() {
+  if [ -z "$nodes" ]; then slurmd -C | head -1 | sed 's/^NodeName=\([^ ]*\).*/\1/'; return; fi
+  local spec; for spec in $nodes; do echo "${spec%%=*}"; done
+}
+
+start_slurmd() {  # start_slurmd NAME [NETNS]: in that namespace with that hostname
+  local name=$1 netns=${2:-}
+  if [ -n "$netns" ]; then
+    # nsenter, not `ip netns exec`: that remounts /sys, and slurmd then finds no cgroup fs
+    nsenter --net="/var/run/netns/$netns" unshare --uts sh -c "hostname $name; exec slurmd -f '$dir/slurm.conf' -N $name"
+  else
+    slurmd -f "$dir/slurm.conf" -N "$name"
+  fi
+  wait_for "slurmd $name" 30 test -s "$dir/slurmd-$name.pid"
+  cp "$dir/slurmd-$name.pid" "$pids/slurmd-$name.pid"
+}
+
 start_munge() {
   # shellcheck disable=SC1091
   source "$dir/ports.env"
@@ -133,10 +169,13 @@ start_slurm() {
   slurmctld -f "$dir/slurm.conf"
   wait_for slurmctld 30 scontrol ping
   cp "$dir/slurmctld.pid" "$pids/slurmctld.pid"
-  slurmd -f "$dir/slurm.conf"
-  wait_for slurmd 30 test -s "$dir/slurmd.pid"
-  cp "$dir/slurmd.pid" "$pids/slurmd.pid"
-  wait_for "node $hostname_" 30 bash -c "sinfo -h -N -o %t | grep -qx idle"
+  local spec
+  if [ -z "$nodes" ]; then
+    start_slurmd "$(node_names)"
+  else
+    for spec in $nodes; do start_slurmd "${spec%%=*}" "${spec##*@}"; done
+  fi
+  wait_for "every node idle" 30 bash -c '[ -z "$(sinfo -h -N -o %t | grep -vx idle)" ]'
 }
 
 up() {
@@ -153,7 +192,7 @@ up() {
 }
 
 status() {
-  for daemon in munged mariadbd slurmdbd slurmctld slurmd; do
+  for daemon in munged mariadbd slurmdbd slurmctld $(node_names | sed 's/^/slurmd-/'); do
     alive "$daemon" || { echo "slurm stack: $daemon not running (state in $dir)"; return 1; }
   done
   SLURM_CONF="$dir/slurm.conf" sinfo -h -o "partition %P: %D node(s), %t" | sed 's/^/slurm stack up: /'
@@ -189,7 +228,9 @@ kill_orphan_steps() {  # a slurmstepd still holding our spool dir (its slurmd is
 
 down() {
   cancel_jobs
-  for daemon in slurmd slurmctld slurmdbd mariadbd munged; do stop_pid "$daemon"; done
+  local pidfile
+  for pidfile in "$pids"/slurmd-*.pid; do [ -e "$pidfile" ] && stop_pid "$(basename "$pidfile" .pid)"; done
+  for daemon in slurmctld slurmdbd mariadbd munged; do stop_pid "$daemon"; done
   kill_orphan_steps
   if [ -f "$dir/ports.env" ]; then source "$dir/ports.env"; rm -rf "$MUNGE_DIR"; fi
   echo "slurm stack down"

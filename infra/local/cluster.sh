@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# N nodes on this one machine: up | down | status   (CLUSTER_NODES, default 2; needs root)
+#
+# Each node is a network namespace ($prefix"node"I) whose processes run in their own UTS
+# namespace with hostname nodeI, at $subnet.(10+I) on eth0. The namespaces are joined by
+# a bridge ($prefix"br0", $subnet.1) in this namespace; the subnet exists only there, and
+# no route leads anywhere else, so no traffic leaves what this script made.
+# On that cluster:
+#   - the embedded S3 (SeaweedFS) bound to the bridge address, reachable from every node;
+#   - SLURM (infra/local/slurm.sh): slurmctld on the bridge address, one slurmd per node;
+#   - Ray: the head on node1, `ray start --address` on the others.
+# State lives in $CLUSTER_DIR (default .stack/cluster); clients: `source $CLUSTER_DIR/env.sh`.
+# `down` stops every process it started (by PID, then whatever is still inside a node's
+# namespace), deletes the namespaces, links and bridge, and removes the state.
+# Exit codes: 0 ok, 2 missing tools, 3 namespaces cannot be created here (the reason is
+# printed; tests that need the cluster skip with it).
+set -Eeuo pipefail
+here="$(cd "$(dirname "$0")/../.." && pwd)"
+dir="$(mkdir -p "${CLUSTER_DIR:-$here/.stack/cluster}" && cd "${CLUSTER_DIR:-$here/.stack/cluster}" && pwd)"
+count="${CLUSTER_NODES:-2}"
+prefix="${CLUSTER_PREFIX:-dd}"   # interface names stay under 15 characters
+subnet="${CLUSTER_SUBNET:-10.77.0}"
+bridge="${prefix}br0"
+python="${DD_PYTHON:-$here/.venv/bin/python}"
+ray="$(dirname "$python")/ray"
+
+node_ns() { echo "${prefix}node$1"; }
+node_addr() { echo "$subnet.$((10 + $1))"; }
+
+can_create_namespaces() {
+  for bin in ip nsenter unshare; do
+    command -v "$bin" >/dev/null || { echo "missing $bin (Debian: iproute2, util-linux)" >&2; exit 2; }
+  done
+  [ -x "$python" ] || { echo "$python not found: run 'make venv' first" >&2; exit 2; }
+  if [ "$(id -u)" != 0 ] || ! unshare --net true 2>/dev/null; then
+    echo "cannot create network namespaces here (needs root and CAP_SYS_ADMIN)" >&2; exit 3
+  fi
+  if ip route show | grep -q "^$subnet\."; then
+    echo "subnet $subnet.0/24 is already routed on this machine; set CLUSTER_SUBNET" >&2; exit 3
+  fi
+}
+
+make_network() {
+  ip link add "$bridge" type bridge
+  ip addr add "$subnet.1/24" dev "$bridge"
+  ip link set "$bridge" up
+  local i
+  for i in $(seq "$count"); do
+    ip netns add "$(node_ns "$i")"
+    ip link add "${prefix}v$i" type veth peer name "${prefix}e$i"
+    ip link set "${prefix}e$i" netns "$(node_ns "$i")"
+    ip -n "$(node_ns "$i")" link set "${prefix}e$i" name eth0
+    ip -n "$(node_ns "$i")" addr add "$(node_addr "$i")/24" dev eth0
+    ip -n "$(node_ns "$i")" link set eth0 up
+    ip -n "$(node_ns "$i")" link set lo up
+    ip link set "${prefix}v$i" master "$bridge" up
+  done
+}
+
+start_s3() {
+  "$python" -m dist_diffusion.cli stack up --root "$dir/s3" --host "$subnet.1" | tail -n +3 >"$dir/s3.env"
+}
+
+start_slurm() {
+  local spec="" i
+  for i in $(seq "$count"); do spec+="node$i=$(node_addr "$i")@$(node_ns "$i") "; done
+  SLURM_STACK_DIR="$dir/slurm" SLURM_CTLD_ADDR="$subnet.1" SLURM_NODES="$spec" "$here/infra/local/slurm.sh" up >/dev/null
+}
+
+ray_node() {  # ray_node I ARGS...: `ray start --block` on node I in its own session, pid recorded
+  local i=$1; shift
+  local tmp; tmp="$(mktemp -d /tmp/ddray-n"$i".XXXXXX)"  # socket paths must stay short
+  echo "$tmp" >>"$dir/ray_temp_dirs"
+  # setsid first, as a plain command: $! is then the session leader, and `down` stops the
+  # whole session (raylet, GCS, workers) by its id. GLOO_SOCKET_IFNAME: Ray Train forms the
+  # gloo group itself, before our code could bind it. The S3 variables play the part of a
+  # cloud node's instance profile.
+  local s3vars; mapfile -t s3vars < <(sed -n 's/^export //p' "$dir/s3.env")
+  setsid nsenter --net="/var/run/netns/$(node_ns "$i")" unshare --uts sh -c 'hostname "$0"; exec "$@"' "node$i" \
+    env "${s3vars[@]}" PATH="$(dirname "$python"):$PATH" GLOO_SOCKET_IFNAME=eth0 \
+    "$ray" start --block --node-ip-address="$(node_addr "$i")" --num-cpus=1 --temp-dir="$tmp" \
+    --disable-usage-stats "$@" >"$dir/ray-node$i.log" 2>&1 &
+  echo $! >"$dir/ray-node$i.pid"
+}
+
+start_ray() {
+  # each node has its own network namespace, so Ray's default ports never collide
+  local head gcs=6379 dash=8265 i; head="$(node_addr 1)"
+  ray_node 1 --head --port="$gcs" --dashboard-host="$head" --dashboard-port="$dash" --include-dashboard=true
+  echo "export RAY_ADDRESS=http://$head:$dash" >"$dir/ray.env"
+  echo "$head:$gcs" >"$dir/ray_gcs"
+  wait_for "the Ray head" 120 "$python" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=3)" \
+    "http://$head:$dash/api/version"
+  for i in $(seq 2 "$count"); do ray_node "$i" --address="$head:$gcs"; done
+  wait_for "$count Ray nodes" 120 "$python" -c "import json,sys,urllib.request; n=json.load(urllib.request.urlopen(
+sys.argv[1], timeout=3)); sys.exit(0 if sum(x['raylet']['state'] == 'ALIVE' for x in n['data']['summary']) >= int(
+sys.argv[2]) else 1)" "http://$head:$dash/nodes?view=summary" "$count"
+}
+
+wait_for() {  # wait_for WHAT SECONDS COMMAND...
+  local what=$1 limit=$2; shift 2
+  local deadline=$((SECONDS + limit))
+  until timeout 10 "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || { echo "$what did not come up in ${limit}s; see $dir" >&2; return 1; }
+    sleep 0.5
+  done
+}
+
+write_env() {
+  {
+    echo "# source me: SLURM, Ray and S3 of the $count-node cluster on this machine"
+    echo "export SLURM_CONF=$dir/slurm/slurm.conf"
+    cat "$dir/ray.env" "$dir/s3.env"
+    echo "export CLUSTER_NODE_ADDRS='$(for i in $(seq "$count"); do printf '%s ' "$(node_addr "$i")"; done)'"
+  } >"$dir/env.sh"
+}
+
+up() {
+  if status >/dev/null 2>&1; then status; return 0; fi
+  can_create_namespaces
+  down >/dev/null 2>&1 || true
+  trap 'echo "cluster failed to start; removing what started" >&2; down >&2' ERR
+  echo "$count" >"$dir/count"
+  make_network
+  start_s3
+  start_slurm
+  start_ray
+  write_env
+  trap - ERR
+  status
+}
+
+status() {
+  [ -f "$dir/env.sh" ] || { echo "cluster down (state in $dir)"; return 1; }
+  local i
+  for i in $(seq "$(cat "$dir/count")"); do
+    ip netns list | grep -qw "$(node_ns "$i")" || { echo "cluster: node$i has no namespace"; return 1; }
+    kill -0 "$(cat "$dir/ray-node$i.pid" 2>/dev/null)" 2>/dev/null || { echo "cluster: ray on node$i down"; return 1; }
+  done
+  SLURM_STACK_DIR="$dir/slurm" "$here/infra/local/slurm.sh" status >/dev/null || { echo "cluster: slurm down"; return 1; }
+  echo "cluster up: $(cat "$dir/count") nodes on $subnet.0/24 (bridge $bridge); source $dir/env.sh"
+}
+
+stop_session() {  # TERM a `ray start --block` session, KILL what is left after 10 s
+  local pid=$1 members
+  for signal in TERM KILL; do
+    members="$(ps -eo pid=,sid= | awk -v s="$pid" '$2 == s {print $1}')"
+    [ -n "$members" ] || return 0
+    # shellcheck disable=SC2086
+    kill -s "$signal" $members 2>/dev/null || true
+    for _ in $(seq 50); do
+      [ -z "$(ps -eo pid=,sid= | awk -v s="$pid" '$2 == s {print $1}')" ] && return 0
+      sleep 0.2
+    done
+  done
+}
+
+down() {
+  local n i pidfile ns
+  n="$(cat "$dir/count" 2>/dev/null || echo "$count")"
+  for pidfile in "$dir"/ray-node*.pid; do
+    [ -e "$pidfile" ] && { stop_session "$(cat "$pidfile")"; rm -f "$pidfile"; }
+  done
+  [ -d "$dir/slurm" ] && SLURM_STACK_DIR="$dir/slurm" "$here/infra/local/slurm.sh" down >/dev/null 2>&1 || true
+  [ -d "$dir/s3" ] && "$python" -m dist_diffusion.cli stack down --root "$dir/s3" >/dev/null 2>&1 || true
+  for i in $(seq "$n"); do
+    ns="$(node_ns "$i")"
+    ip netns list | grep -qw "$ns" || continue
+    # anything still inside the node (a training rank, a slurmstepd): stop it, then the namespace
+    local left; left="$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')"
+    # shellcheck disable=SC2086
+    [ -z "$left" ] || { kill $left 2>/dev/null || true; sleep 1; kill -9 $(ip netns pids "$ns") 2>/dev/null || true; }
+    ip netns del "$ns"
+  done
+  for i in $(seq "$n"); do ip link del "${prefix}v$i" 2>/dev/null || true; done
+  ip link del "$bridge" 2>/dev/null || true
+  if [ -f "$dir/ray_temp_dirs" ]; then xargs rm -rf <"$dir/ray_temp_dirs"; fi
+  rm -f "$dir/ray_temp_dirs" "$dir/env.sh" "$dir/ray.env" "$dir/s3.env" "$dir/ray_gcs" "$dir/count"
+  echo "cluster down"
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac
