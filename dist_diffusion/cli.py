@@ -113,11 +113,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     nproc = args.nproc or cfg.runtime.nproc
     if nproc > 1:
         return spawn_local(["train", "--config", args.config, "--nproc", "1", *args.overrides], nproc)
-    from .runtime.distributed import RendezvousFailed
+    from .runtime.distributed import RendezvousFailed, shutdown
     from .train import TrainingStopped, train
 
     try:
         summary = train(cfg)
+        shutdown()
     except (StorageError, TrainingStopped, RendezvousFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, StorageError) else 3
@@ -160,10 +161,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         return spawn_local([args.command, "--config", args.config, "--nproc", "1", *overrides], args.nproc)
     from .evaluate.sample import evaluate
-    from .runtime.distributed import RendezvousFailed
+    from .runtime.distributed import RendezvousFailed, shutdown
 
     try:
         evaluate(cfg)
+        shutdown()
     except (StorageError, RendezvousFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, StorageError) else 3

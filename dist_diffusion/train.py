@@ -78,6 +78,17 @@ def train(cfg: Config, on_checkpoint: Callable[[int, Path], None] | None = None)
     guard = PreemptionGuard(cfg.train.preempt_signals)
     started = time.monotonic()
     batches = stream_batches(run)
+    try:
+        _loop(run, batches, guard, started)
+    finally:
+        batches.close()  # the loader's workers and downloads end here, not at interpreter exit
+    run.logger.close()
+    return {"step": run.step, "skipped_steps": run.skipped_steps, "run_dir": cfg.train.run_dir}
+
+
+def _loop(run: Run, batches, guard: "PreemptionGuard", started: float) -> None:
+    """Steps until max_steps; raises Preempted after saving when a signal or the time limit came."""
+    cfg = run.cfg
     while run.step < cfg.train.max_steps:
         metrics = train_step(run, batches)
         run.step += 1
@@ -98,8 +109,6 @@ def train(cfg: Config, on_checkpoint: Callable[[int, Path], None] | None = None)
             run.logger.info(f"preempted at step {run.step}: checkpoint saved, exiting {REQUEUE_EXIT_CODE}")
             run.logger.close()
             raise Preempted()
-    run.logger.close()
-    return {"step": run.step, "skipped_steps": run.skipped_steps, "run_dir": cfg.train.run_dir}
 
 
 def build_run(cfg: Config) -> Run:

@@ -185,14 +185,17 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _batches(self, order, start: int, end: int, epoch: int) -> Iterator[dict]:
         upcoming = list(dict.fromkeys(s for s, _ in order[start:end]))  # this worker's shards, in order
         reader = _ShardReader(self.spec, self.manifest, self.stats, upcoming)
-        for b in range(start, end, self.spec.batch_size):
-            picks = order[b:min(b + self.spec.batch_size, end)]
-            samples = [reader.sample(s, j) for s, j in picks]
-            decoded = [self._decode(x, epoch, s, j) for x, (s, j) in zip(samples, picks)]
-            batch = _collate([d for d in decoded if d is not None], self.field)
-            batch["skipped"] = len(picks) - len(batch["key"])  # corrupt samples, counted by the caller
-            batch["epoch"] = epoch
-            yield batch
+        try:
+            for b in range(start, end, self.spec.batch_size):
+                picks = order[b:min(b + self.spec.batch_size, end)]
+                samples = [reader.sample(s, j) for s, j in picks]
+                decoded = [self._decode(x, epoch, s, j) for x, (s, j) in zip(samples, picks)]
+                batch = _collate([d for d in decoded if d is not None], self.field)
+                batch["skipped"] = len(picks) - len(batch["key"])  # corrupt samples, counted by the caller
+                batch["epoch"] = epoch
+                yield batch
+        finally:
+            reader.close()  # also when the consumer stops early: no download outlives the stream
 
     def _decode(self, sample: dict, epoch: int, shard: int, index: int):
         """(tensor, label, key), or None for a corrupt sample. Every random draw (flip,
@@ -270,6 +273,9 @@ class _ShardReader:
             shard = self.upcoming[position]
             entry = self.manifest["shards"][shard]
             self.pending[shard] = self.pool.submit(fetch_shard, self.spec, entry, self.stats)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _take(self, shard: int) -> bytes:
         future = self.pending.pop(shard, None)

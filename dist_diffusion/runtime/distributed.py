@@ -21,6 +21,7 @@ from ..config import ConfigError
 from .env import ProcessEnv, process_env
 
 _DEVICE = torch.device("cpu")  # this process's device, chosen once by select_device()
+_OWN_GROUP = False  # this module created the default process group (not Ray)
 
 
 class RendezvousFailed(RuntimeError):
@@ -44,6 +45,7 @@ def init_process_group(requested_device: str = "auto", require_gpu: bool = False
     _quiet_known_noise(chosen)
     import deepspeed
 
+    global _OWN_GROUP
     try:
         deepspeed.init_distributed(dist_backend="nccl" if chosen.type == "cuda" else "gloo", rank=env.rank,
                                    world_size=env.world_size, timeout=timedelta(seconds=timeout_s), verbose=False)
@@ -52,7 +54,19 @@ def init_process_group(requested_device: str = "auto", require_gpu: bool = False
         raise RendezvousFailed(f"rank {env.rank} of {env.world_size} could not form the process group at {where} "
                                f"within {timeout_s:g}s ({str(err).splitlines()[0][:200]}); did another rank or "
                                f"node fail to start? Check its log, or raise runtime.rendezvous_timeout_s") from None
+    _OWN_GROUP = True
     return env
+
+
+def shutdown() -> None:
+    """Leave the process group this module made, after every rank got here: tearing it down
+    in interpreter exit instead raced the backend's threads ("terminate called without an
+    active exception")."""
+    global _OWN_GROUP
+    if _OWN_GROUP and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _OWN_GROUP = False
 
 
 def bind_interface(ifname: str = "") -> None:
