@@ -325,10 +325,14 @@ def save(run: Run) -> None:
 
 
 def find_resume_tag(cfg: Config, env) -> str | None:
-    """The newest complete checkpoint of the run directory, else of ``train.ckpt_url``."""
+    """The newest complete checkpoint of the run directory, else of ``train.ckpt_url``.
+
+    Whether to download is decided by all ranks together: download_latest ends in a
+    barrier, and a rank that looked after local rank 0 had finished downloading would
+    otherwise skip it and leave the others waiting there (seen as a hang under load)."""
     root = Path(cfg.train.run_dir) / "checkpoints"
     tag = checkpoint.latest_complete(root)
-    if tag is None and cfg.train.ckpt_url:
+    if cfg.train.ckpt_url and any_rank(tag is None):
         tag = checkpoint.download_latest(cfg.train.ckpt_url, root, env.local_rank)
     return tag
 
