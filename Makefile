@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# The local SLURM cluster (infra/local/slurm.sh) for the launcher tests: Debian packages.
-SYSTEM_PKGS := slurmctld slurmd slurm-client slurmdbd munge mariadb-server
+# The local SLURM cluster (infra/local/slurm.sh) for the launcher tests, and iproute2 for
+# the 2-node cluster (infra/local/cluster.sh): Debian packages.
+SYSTEM_PKGS := slurmctld slurmd slurm-client slurmdbd munge mariadb-server iproute2
 system-deps:
-	@command -v slurmctld >/dev/null && command -v mariadbd >/dev/null || { \
+	@command -v slurmctld >/dev/null && command -v mariadbd >/dev/null && command -v ip >/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PKGS) >/dev/null; }
 
 test: venv

@@ -159,3 +159,35 @@ def test_ray_two_nodes_one_worker_each(cluster, shards, one_node_run, tmp_path):
     assert '"step": 4' in done.stdout
     assert_one_rank_per_node(run, subnet)
     assert_matches_one_node(run, one_node_run)
+
+
+def test_a_rank_whose_peer_never_comes_stops_with_one_line(tmp_path):
+    """Rank 1 of 2 never starts (as if its node died before the rendezvous): rank 0 gives
+    up after runtime.rendezvous_timeout_s with one line, instead of holding the job."""
+    from dist_diffusion.stack import free_ports
+
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_ports(1)[0])}
+    out = subprocess.run([sys.executable, "-m", "dist_diffusion.train", "configs/tiny.yaml",
+                          "runtime.rendezvous_timeout_s=5", f"train.run_dir={tmp_path / 'run'}",
+                          "data.shards=s3://never-read/x"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 3 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: rank 0 of 2 could not form the process group at 127.0.0.1:")
+    assert "within 5s" in line and "runtime.rendezvous_timeout_s" in line
+
+
+def test_the_process_group_binds_the_interface_that_routes_to_the_master(monkeypatch):
+    from dist_diffusion.runtime import distributed
+
+    assert distributed.route_interface("127.0.0.1") is None  # one host: leave gloo alone
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, "route_interface", lambda address: f"if-to-{address}")
+    monkeypatch.setenv("MASTER_ADDR", "10.1.2.3")
+    distributed.bind_interface()
+    assert os.environ["GLOO_SOCKET_IFNAME"] == os.environ["NCCL_SOCKET_IFNAME"] == "if-to-10.1.2.3"
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "ib0")  # the user's choice wins
+    distributed.bind_interface("eth9")
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "ib0"
