@@ -236,12 +236,12 @@ def test_the_process_group_binds_the_interface_that_routes_to_the_master(monkeyp
     from dist_diffusion.runtime import distributed
 
     assert distributed.route_interface("127.0.0.1") is None  # one host: leave gloo alone
-    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-        monkeypatch.delenv(name, raising=False)
+    # a private environment: what bind_interface sets must not reach later tests' subprocesses
+    env = {k: v for k, v in os.environ.items() if k not in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+    monkeypatch.setattr(os, "environ", {**env, "MASTER_ADDR": "10.1.2.3"})
     monkeypatch.setattr(distributed, "route_interface", lambda address: f"if-to-{address}")
-    monkeypatch.setenv("MASTER_ADDR", "10.1.2.3")
     distributed.bind_interface()
     assert os.environ["GLOO_SOCKET_IFNAME"] == os.environ["NCCL_SOCKET_IFNAME"] == "if-to-10.1.2.3"
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "ib0")  # the user's choice wins
+    os.environ["GLOO_SOCKET_IFNAME"] = "ib0"  # the user's choice wins
     distributed.bind_interface("eth9")
     assert os.environ["GLOO_SOCKET_IFNAME"] == "ib0"
