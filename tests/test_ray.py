@@ -4,7 +4,6 @@ restart from that storage after a worker is killed."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -69,9 +68,18 @@ def test_killed_worker_restarts_from_ray_checkpoint(ray_head, tmp_path, pixel_sh
                             f"data.shards={pixel_shards}", "launch.max_failures=1"], wait=False, job_id=job)
     assert out.returncode == 0, out.stderr
     try:
-        wait_until(lambda: (run / "ray/run/step00000020/COMPLETE").exists(), 300, "the first stored checkpoint")
+        # From a step marker, not from time: once a step after the first stored checkpoint is
+        # logged, freeze the workers, check they are still short of the next checkpoint, and
+        # kill one. Steps 21.. then surely run twice after the restart from step 20.
+        wait_until(lambda: (run / "ray/run/step00000020/COMPLETE").exists() and max(logged_steps(run), default=0) >= 22,
+                   300, "a step after the first stored checkpoint", interval=0.02)
         victims = wait_until(ray_train_workers, 30, "the Ray Train workers")
-        os.kill(victims[-1].pid, signal.SIGKILL)
+        for victim in victims:
+            victim.suspend()
+        assert max(logged_steps(run)) < 40, "froze too late: the next checkpoint may be stored"
+        victims[-1].kill()
+        for victim in victims[:-1]:
+            victim.resume()
         wait_until(lambda: job_status(ray_head, job) in ("SUCCEEDED", "FAILED", "STOPPED"), 400, "the job to end")
     finally:
         subprocess.run([RAY, "job", "stop", job], env=ray_head, capture_output=True, timeout=60)
