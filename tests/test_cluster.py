@@ -133,15 +133,22 @@ def one_node_run(cluster, shards, tmp_path_factory):
     return run
 
 
+def sbatch_on_two_nodes(env: dict, log: Path, script: str, *overrides: str) -> str:
+    """``sbatch --wait`` of SCRIPT on the tiny recipe with one task on each node; its log."""
+    done = subprocess.run(["sbatch", "--wait", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
+                           "--cpus-per-task=1", f"--output={log}", script, "configs/tiny.yaml", *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    text = log.read_text(errors="replace") if log.exists() else ""
+    assert done.returncode == 0, done.stderr + text[-3000:]
+    return text
+
+
 def test_sbatch_two_nodes_one_rank_each_equals_one_node(cluster, shards, one_node_run, tmp_path):
     env, subnet = cluster
     run, log = tmp_path / "run", tmp_path / "job.out"
-    done = subprocess.run(["sbatch", "--wait", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
-                           "--cpus-per-task=1", f"--output={log}", "slurm/train_latent.sh", "configs/tiny.yaml",
-                           *TRAIN, f"train.run_dir={run}", f"data.shards={shards}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr + log.read_text(errors="replace")[-3000:]
-    assert "2 tasks on node[1-2]" in log.read_text(errors="replace")
+    text = sbatch_on_two_nodes(env, log, "slurm/train_latent.sh", *TRAIN, f"train.run_dir={run}",
+                               f"data.shards={shards}")
+    assert "2 tasks on node[1-2]" in text
     assert_one_rank_per_node(run, subnet)
     assert_matches_one_node(run, one_node_run)
 
@@ -194,12 +201,8 @@ def assert_same_evaluation(out: Path, reference: Path) -> None:
 def test_sbatch_sampling_on_two_nodes_equals_one_process(cluster, shards, random_models, one_process_eval, tmp_path):
     env, _ = cluster
     out, log = tmp_path / "eval", tmp_path / "job.out"
-    done = subprocess.run(["sbatch", "--wait", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
-                           "--cpus-per-task=1", f"--output={log}", "slurm/sample_fid.sh", "configs/tiny.yaml",
-                           *eval_overrides(random_models, out, shards)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr + log.read_text(errors="replace")[-3000:]
-    assert "2 sampling tasks on node[1-2]" in log.read_text(errors="replace")
+    text = sbatch_on_two_nodes(env, log, "slurm/sample_fid.sh", *eval_overrides(random_models, out, shards))
+    assert "2 sampling tasks on node[1-2]" in text
     assert_same_evaluation(out, one_process_eval)
 
 
