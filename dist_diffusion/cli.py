@@ -105,7 +105,6 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .data.storage import StorageError
     from .runtime.env import spawn_local
 
     cfg = load_config(args.config, args.overrides)  # validate once, before any worker starts
@@ -113,15 +112,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     nproc = args.nproc or cfg.runtime.nproc
     if nproc > 1:
         return spawn_local(["train", "--config", args.config, "--nproc", "1", *args.overrides], nproc)
-    from .runtime.distributed import RendezvousFailed, shutdown
-    from .train import TrainingStopped, train
+    from .train import train
 
-    try:
-        summary = train(cfg)
-        shutdown()
-    except (StorageError, TrainingStopped, RendezvousFailed) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, StorageError) else 3
+    summary, code = _run_rank(train, cfg)
+    if code:
+        return code
     from .runtime.env import process_env
 
     if process_env().is_main:
@@ -152,7 +147,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     """`sample` writes images (metrics off unless asked); `eval` also scores them."""
-    from .data.storage import StorageError
     from .runtime.env import spawn_local
 
     overrides = [*args.overrides, *(["eval.metrics=false"] if args.command == "sample" and not args.metrics else [])]
@@ -161,15 +155,31 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         return spawn_local([args.command, "--config", args.config, "--nproc", "1", *overrides], args.nproc)
     from .evaluate.sample import evaluate
-    from .runtime.distributed import RendezvousFailed, shutdown
+
+    return _run_rank(evaluate, cfg)[1]
+
+
+def _run_rank(work, cfg) -> tuple[object, int]:
+    """``work(cfg)`` in this rank, then leave the process group: (its result, 0), or a
+    failure the user can act on as one line on stderr and (None, exit code): 2 for
+    storage, 3 for a run that stopped (a NaN, a peer that never came or died)."""
+    from .data.storage import StorageError
+    from .runtime.distributed import RendezvousFailed, as_peer_lost, shutdown
+    from .train import TrainingStopped
 
     try:
-        evaluate(cfg)
+        result = work(cfg)
         shutdown()
-    except (StorageError, RendezvousFailed) as err:
+        return result, 0
+    except (StorageError, TrainingStopped, RendezvousFailed) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, StorageError) else 3
-    return 0
+        return None, 2 if isinstance(err, StorageError) else 3
+    except RuntimeError as err:
+        lost = as_peer_lost(err)
+        if lost is None:
+            raise
+        print(f"error: {lost}", file=sys.stderr)
+        return None, 3
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,9 +14,10 @@ GOALS = {  # figure: (comparison, bound)
     "s3_vs_local_ratio": (">=", 0.9),
     "train_overhead_ratio": ("<=", 1.10),
     "gpu_framework_vs_plain_ratio": ("<=", 1.10),
+    "two_node_vs_one_node_step_ratio": ("<=", 1.15),
 }
 SKIP = re.compile(r"^(\S+) bench skipped: (.+)$", re.MULTILINE)  # e.g. "gpu bench skipped: no CUDA"
-NEEDS = {"gpu_framework_vs_plain_ratio": "gpu"}  # figure -> the bench that may skip it
+NEEDS = {"gpu_framework_vs_plain_ratio": "gpu", "two_node_vs_one_node_step_ratio": "multinode"}  # figure -> the bench that may skip it
 FIGURE = re.compile(r"([a-z0-9_]+)=([-+0-9.eE]+)")
 
 

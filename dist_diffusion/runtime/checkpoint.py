@@ -73,19 +73,33 @@ def load(engine, ema, root: Path, tag: str, world_size: int) -> list[dict]:
 
 
 def _to_universal(root: Path, tag: str) -> str:
-    """Convert once (local rank 0 of each machine; others wait) with DeepSpeed's converter."""
-    import os
+    """Convert once with DeepSpeed's converter: rank 0 first, then the local rank 0 of any
+    machine that cannot see its result (a run directory on node-local disk) converts its
+    own copy. Two machines converting into one shared directory at once broke the files."""
+    universal = f"{tag}_universal"
+    for converts in (dist.get_rank() == 0, int(os.environ.get("LOCAL_RANK", 0)) == 0):
+        if converts and not (root / universal / "zero").is_dir():
+            _convert(root, tag, universal)
+        barrier()
+    return universal
+
+
+def _convert(root: Path, tag: str, universal: str) -> None:
+    """ds_to_universal into a private folder, then renamed into place: a reader sees the
+    whole result or nothing."""
+    import socket
     import subprocess
     import sys
 
-    universal = f"{tag}_universal"
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not (root / universal / "zero").is_dir():
-        shutil.rmtree(root / universal, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                        str(root / tag), "--output_folder", str(root / universal)],
-                       check=True, capture_output=True)
-    barrier()
-    return universal
+    staging = root / f"{universal}.{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(root / tag), "--output_folder", str(staging)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"DeepSpeed could not convert {root / tag} for a resume on another process count: "
+                           f"{done.stderr.strip()[-1500:]}")
+    shutil.rmtree(root / universal, ignore_errors=True)  # a partial one from an older version
+    os.replace(staging, root / universal)
 
 
 def upload(root: Path, tag: str, url: str, rank: int, world_size: int) -> None:

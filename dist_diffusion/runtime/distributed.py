@@ -28,6 +28,27 @@ class RendezvousFailed(RuntimeError):
     """The process group could not form (a peer never came, or cannot be reached)."""
 
 
+class PeerLost(RuntimeError):
+    """A collective failed mid-run: another rank died, or its node became unreachable."""
+
+
+# What gloo and NCCL say when the other end of a collective is gone. gloo raises plain
+# RuntimeErrors, so the text is all there is to go by.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out waiting",
+              "Socket Timeout", "NCCL communicator was aborted", "ProcessGroupNCCL")
+
+
+def as_peer_lost(err: BaseException) -> PeerLost | None:
+    """``err`` as a :class:`PeerLost` when it says a peer rank is gone, else None."""
+    text = str(err)
+    if not (isinstance(err, dist.DistError) or any(marker in text for marker in _PEER_GONE)):
+        return None
+    who = f"rank {dist.get_rank()} of {dist.get_world_size()}" if dist.is_initialized() else "this rank"
+    return PeerLost(f"{who} lost contact with another rank mid-run ({text.splitlines()[0][:160]}); that rank or "
+                    f"its node died, and its log says why. Nothing complete is lost: restarted, the run resumes "
+                    f"from its newest complete checkpoint (SLURM requeues the job, Ray restarts the workers)")
+
+
 def init_process_group(requested_device: str = "auto", require_gpu: bool = False, socket_ifname: str = "",
                        timeout_s: float = 600.0) -> ProcessEnv:
     """Join (or create) the default process group on this process's device; returns who
@@ -188,8 +209,13 @@ def describe(env: ProcessEnv) -> str:
 def _share_cpu_cores() -> None:
     """N ranks on one machine each default to every core: 2N threads fight over N cores
     (a CPU step got ~3x slower; on GPUs the data workers and launch threads starve). Give
-    each rank its share (an explicit OMP_NUM_THREADS wins: torch has already applied it)."""
+    each rank its share (an explicit OMP_NUM_THREADS wins: torch has already applied it).
+    Under SLURM the share is the task's --cpus-per-task: the node's core count may include
+    cores the job was not given."""
     if os.environ.get("OMP_NUM_THREADS"):
+        return
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        torch.set_num_threads(max(1, int(os.environ["SLURM_CPUS_PER_TASK"])))
         return
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", 1)))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))

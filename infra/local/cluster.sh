@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# N nodes on this one machine: up | down | status   (CLUSTER_NODES, default 2; needs root)
+# N nodes on this one machine: up | down | status | kill-node I | start-node I   (CLUSTER_NODES, default 2; needs root)
 #
 # Each node is a network namespace ($prefix"node"I) whose processes run in their own UTS
 # namespace with hostname nodeI, at $subnet.(10+I) on eth0. The namespaces are joined by
@@ -10,6 +10,11 @@
 #   - SLURM (infra/local/slurm.sh): slurmctld on the bridge address, one slurmd per node;
 #   - Ray: the head on node1, `ray start --address` on the others.
 # State lives in $CLUSTER_DIR (default .stack/cluster); clients: `source $CLUSTER_DIR/env.sh`.
+# `kill-node I` kills every process inside node I at once (SIGKILL: slurmd, raylet, a
+# training rank), as a node that loses power; `start-node I` brings its slurmd and Ray
+# node back, once the Ray head has noticed the loss. SLURM marks a silent node DOWN after
+# CLUSTER_SLURMD_TIMEOUT seconds (20 here; SLURM's default is 300) and requeues its jobs,
+# which may start again CLUSTER_CRED_EXPIRE seconds later (90 here; SLURM's is 120).
 # `down` stops every process it started (by PID, then whatever is still inside a node's
 # namespace), deletes the namespaces, links and bridge, and removes the state.
 # Exit codes: 0 ok, 2 missing tools, 3 namespaces cannot be created here (the reason is
@@ -64,7 +69,8 @@ start_s3() {
 start_slurm() {
   local spec="" i
   for i in $(seq "$count"); do spec+="node$i=$(node_addr "$i")@$(node_ns "$i") "; done
-  SLURM_STACK_DIR="$dir/slurm" SLURM_CTLD_ADDR="$subnet.1" SLURM_NODES="$spec" "$here/infra/local/slurm.sh" up >/dev/null
+  SLURM_STACK_DIR="$dir/slurm" SLURM_CTLD_ADDR="$subnet.1" SLURM_NODES="$spec" \
+    SLURM_SLURMD_TIMEOUT="${CLUSTER_SLURMD_TIMEOUT:-20}" SLURM_CRED_EXPIRE="${CLUSTER_CRED_EXPIRE:-90}" "$here/infra/local/slurm.sh" up >/dev/null
 }
 
 ray_node() {  # ray_node I ARGS...: `ray start --block` on node I in its own session, pid recorded
@@ -92,15 +98,58 @@ start_ray() {
   wait_for "the Ray head" 120 "$python" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=3)" \
     "http://$head:$dash/api/version"
   for i in $(seq 2 "$count"); do ray_node "$i" --address="$head:$gcs"; done
-  wait_for "$count Ray nodes" 120 "$python" -c "import json,sys,urllib.request; n=json.load(urllib.request.urlopen(
-sys.argv[1], timeout=3)); sys.exit(0 if sum(x['raylet']['state'] == 'ALIVE' for x in n['data']['summary']) >= int(
-sys.argv[2]) else 1)" "http://$head:$dash/nodes?view=summary" "$count"
+  for i in $(seq "$count"); do wait_for_ray_node "$i"; done
+}
+
+ray_node_alive() {  # ray_node_alive I: does the Ray head count a live raylet on node I?
+  timeout 10 "$python" -c "import json,sys,urllib.request; n=json.load(urllib.request.urlopen(sys.argv[1], timeout=3)); sys.exit(
+0 if any(x['raylet']['state'] == 'ALIVE' and x['ip'] == sys.argv[2] for x in n['data']['summary']) else 1)" \
+    "http://$(node_addr 1):8265/nodes?view=summary" "$(node_addr "$1")"
+}
+
+wait_for_ray_node() { wait_for "the Ray node on node$1" 120 ray_node_alive "$1"; }
+
+kill_node() {  # kill_node I: SIGKILL to everything inside node I, as when it loses power
+  local ns left; ns="$(node_ns "${1:?usage: cluster.sh kill-node I}")"
+  ip netns list | grep -qw "$ns" || { echo "no node$1 in this cluster" >&2; return 2; }
+  for _ in $(seq 50); do
+    left="$(ip netns pids "$ns" | tr '\n' ' ')"
+    [ -n "${left// /}" ] || { echo "node$1 lost: every process in it killed"; return 0; }
+    # shellcheck disable=SC2086
+    kill -9 $left 2>/dev/null || true
+    sleep 0.2
+  done
+  echo "node$1: processes survived SIGKILL: $left" >&2; return 1
+}
+
+start_node() {  # start_node I: node I's slurmd and Ray node again, after kill-node
+  local i=${1:?usage: cluster.sh start-node I}
+  [ "$i" != 1 ] || { echo "node1 holds the Ray head: restart the whole cluster (down, then up)" >&2; return 2; }
+  # slurmd first, at once: slurmctld still owes the lost node a signal for the old
+  # step (srun's kill of the failed step), retried about a minute after the loss; it
+  # must land before the requeued job starts there again and reuses the step's id. SLURM
+  # holds a requeued job back cred_expire seconds (90 here), which covers that.
+  SLURM_STACK_DIR="$dir/slurm" "$here/infra/local/slurm.sh" node-up "node$i" >/dev/null
+  # a raylet that comes back before the head has marked its old self dead would be
+  # taken for the lost one: wait for the head's health check first
+  local deadline=$((SECONDS + 120))
+  while ray_node_alive "$i" 2>/dev/null; do
+    [ $SECONDS -lt $deadline ] || { echo "the Ray head still counts node$i alive after 120s: is it lost?" >&2; return 1; }
+    sleep 0.5
+  done
+  ray_node "$i" --address="$(cat "$dir/ray_gcs")"
+  wait_for_ray_node "$i"
+  echo "node$i back: slurmd and Ray"
+}
+
+probe() {  # a command under a 10 s limit; a function of this script (timeout cannot run those) as it is
+  if declare -F "$1" >/dev/null; then "$@"; else timeout 10 "$@"; fi
 }
 
 wait_for() {  # wait_for WHAT SECONDS COMMAND...
   local what=$1 limit=$2; shift 2
   local deadline=$((SECONDS + limit))
-  until timeout 10 "$@" >/dev/null 2>&1; do
+  until probe "$@" >/dev/null 2>&1; do
     [ $SECONDS -lt $deadline ] || { echo "$what did not come up in ${limit}s; see $dir" >&2; return 1; }
     sleep 0.5
   done
@@ -141,26 +190,30 @@ status() {
   echo "cluster up: $(cat "$dir/count") nodes on $subnet.0/24 (bridge $bridge); source $dir/env.sh"
 }
 
-stop_session() {  # TERM a `ray start --block` session, KILL what is left after 10 s
-  local pid=$1 members
+stop_sessions() {  # TERM the `ray start --block` sessions SID..., KILL what is left after 3 s
+  # (a raylet drains for up to 30 s on TERM; nothing of a throwaway cluster needs that)
+  local members
   for signal in TERM KILL; do
-    members="$(ps -eo pid=,sid= | awk -v s="$pid" '$2 == s {print $1}')"
+    members="$(session_members "$@")"
     [ -n "$members" ] || return 0
     # shellcheck disable=SC2086
     kill -s "$signal" $members 2>/dev/null || true
-    for _ in $(seq 50); do
-      [ -z "$(ps -eo pid=,sid= | awk -v s="$pid" '$2 == s {print $1}')" ] && return 0
+    for _ in $(seq 15); do
+      [ -z "$(session_members "$@")" ] && return 0
       sleep 0.2
     done
   done
 }
 
+session_members() { ps -eo pid=,sid= | awk -v sids=" $* " 'index(sids, " " $2 " ") {print $1}'; }
+
 down() {
   local n i pidfile ns
   n="$(cat "$dir/count" 2>/dev/null || echo "$count")"
-  for pidfile in "$dir"/ray-node*.pid; do
-    [ -e "$pidfile" ] && { stop_session "$(cat "$pidfile")"; rm -f "$pidfile"; }
-  done
+  local sessions=()
+  for pidfile in "$dir"/ray-node*.pid; do [ -e "$pidfile" ] && sessions+=("$(cat "$pidfile")"); done
+  [ ${#sessions[@]} -eq 0 ] || stop_sessions "${sessions[@]}"
+  rm -f "$dir"/ray-node*.pid
   [ -d "$dir/slurm" ] && SLURM_STACK_DIR="$dir/slurm" "$here/infra/local/slurm.sh" down >/dev/null 2>&1 || true
   [ -d "$dir/s3" ] && "$python" -m dist_diffusion.cli stack down --root "$dir/s3" >/dev/null 2>&1 || true
   for i in $(seq "$n"); do
@@ -183,5 +236,7 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  kill-node) kill_node "${2:-}" ;;
+  start-node) start_node "${2:-}" ;;
+  *) echo "usage: $0 up|down|status|kill-node I|start-node I" >&2; exit 2 ;;
 esac

@@ -10,6 +10,10 @@
 # One node on loopback by default. infra/local/cluster.sh sets SLURM_CTLD_ADDR (the
 # bridge address slurmctld listens on) and SLURM_NODES ("node1=ADDR@NETNS ..."): then
 # one slurmd per node runs inside that node's network and UTS namespace, as nodeN.
+# `node-up NAME` starts a lost node's slurmd again. SLURM_SLURMD_TIMEOUT (seconds,
+# SLURM's default 300) is how long a silent node stays up before SLURM marks it DOWN
+# and requeues its jobs; a requeued job waits SLURM_CRED_EXPIRE seconds (default 120)
+# before it may start again. SLURM_SLURMD_DEBUG sets slurmd's log level (info).
 set -Eeuo pipefail
 here="$(cd "$(dirname "$0")/../.." && pwd)"
 dir="$(mkdir -p "${SLURM_STACK_DIR:-$here/.stack/slurm}" && cd "${SLURM_STACK_DIR:-$here/.stack/slurm}" && pwd)"
@@ -33,7 +37,10 @@ need() {
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-alive() { [ -f "$pids/$1.pid" ] && kill -0 "$(cat "$pids/$1.pid")" 2>/dev/null; }
+alive() {  # a killed daemon whose parent never reaps it stays a zombie: not alive
+  local pid; pid="$(cat "$pids/$1.pid" 2>/dev/null)" || return 1
+  kill -0 "$pid" 2>/dev/null && [[ "$(ps -o stat= -p "$pid")" != Z* ]]
+}
 
 wait_for() {  # wait_for WHAT SECONDS COMMAND...: poll until COMMAND succeeds
   local what=$1 limit=$2; shift 2
@@ -65,7 +72,7 @@ SlurmdPort=$d_port
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$munge_dir/munge.socket
+AuthInfo=socket=$munge_dir/munge.socket,cred_expire=${SLURM_CRED_EXPIRE:-120}
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/slurmctld.pid
@@ -78,6 +85,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
 KillWait=5
+SlurmdTimeout=${SLURM_SLURMD_TIMEOUT:-300}
+SlurmdDebug=${SLURM_SLURMD_DEBUG:-info}
 MailProg=/bin/true
 JobRequeue=1
 ReturnToService=2
@@ -178,6 +187,20 @@ start_slurm() {
   wait_for "every node idle" 30 bash -c '[ -z "$(sinfo -h -N -o %t | grep -vx idle)" ]'
 }
 
+node_up() {  # node_up NAME: start that node's slurmd again (after its node was lost)
+  local name=${1:?usage: slurm.sh node-up NAME} spec
+  alive "slurmd-$name" && return 0
+  rm -f "$dir/slurmd-$name.pid" "$pids/slurmd-$name.pid"
+  export SLURM_CONF="$dir/slurm.conf"
+  for spec in ${nodes:-$(node_names)}; do
+    [ "${spec%%=*}" = "$name" ] || continue
+    if [ "$spec" = "$name" ]; then start_slurmd "$name"; else start_slurmd "$name" "${spec##*@}"; fi
+    wait_for "$name back in service" 60 bash -c "sinfo -h -n $name -o %t | grep -qxE 'idle|alloc|mix|comp'"
+    return 0
+  done
+  echo "no node $name in $dir/nodes" >&2; return 2
+}
+
 up() {
   need
   if status >/dev/null 2>&1; then status; return 0; fi
@@ -199,14 +222,21 @@ status() {
   echo "clients: source $dir/env.sh   # export SLURM_CONF=$dir/slurm.conf"
 }
 
-stop_pid() {  # TERM, then KILL if it has not gone in 10 s
-  local name=$1 pid; pid="$(cat "$pids/$name.pid" 2>/dev/null)" || return 0
-  if kill -0 "$pid" 2>/dev/null; then
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -9 "$pid" 2>/dev/null || true
-  fi
-  rm -f "$pids/$name.pid"
+stop_pids() {  # stop_pids NAME...: TERM them all at once, KILL whatever has not gone in 10 s
+  local name pid live=()
+  for name in "$@"; do
+    pid="$(cat "$pids/$name.pid" 2>/dev/null)" || continue
+    kill "$pid" 2>/dev/null && live+=("$pid")
+    rm -f "$pids/$name.pid"
+  done
+  for _ in $(seq 50); do
+    local left=()
+    for pid in "${live[@]}"; do kill -0 "$pid" 2>/dev/null && [[ "$(ps -o stat= -p "$pid")" != Z* ]] && left+=("$pid"); done
+    [ ${#left[@]} -gt 0 ] || return 0
+    live=("${left[@]}")
+    sleep 0.2
+  done
+  kill -9 "${live[@]}" 2>/dev/null || true
 }
 
 cancel_jobs() {  # let steps end through slurmd, so none outlive it
@@ -228,9 +258,10 @@ kill_orphan_steps() {  # a slurmstepd still holding our spool dir (its slurmd is
 
 down() {
   cancel_jobs
-  local pidfile
-  for pidfile in "$pids"/slurmd-*.pid; do [ -e "$pidfile" ] && stop_pid "$(basename "$pidfile" .pid)"; done
-  for daemon in slurmctld slurmdbd mariadbd munged; do stop_pid "$daemon"; done
+  # the SLURM daemons first, then what they report to and authenticate with
+  stop_pids slurmctld $(for f in "$pids"/slurmd-*.pid; do [ -e "$f" ] && basename "$f" .pid; done)
+  stop_pids slurmdbd
+  stop_pids mariadbd munged
   kill_orphan_steps
   if [ -f "$dir/ports.env" ]; then source "$dir/ports.env"; rm -rf "$MUNGE_DIR"; fi
   echo "slurm stack down"
@@ -240,5 +271,6 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  node-up) node_up "${2:-}" ;;
+  *) echo "usage: $0 up|down|status|node-up NAME" >&2; exit 2 ;;
 esac
