@@ -71,7 +71,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     try:
-        result = prepare(args.src, args.out, cfg.data)
+        result = prepare(args.src, args.out, cfg.data, overwrite=args.overwrite)
     except (PrepareError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -109,8 +109,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)  # validate once, before any worker starts
     _check_device(cfg)
+    from .runtime import run_lock
+    from .runtime.checkpoint import check_resumable
+
+    check_resumable(cfg)
     nproc = args.nproc or cfg.runtime.nproc
     if nproc > 1:
+        run_lock.check_free(Path(cfg.train.run_dir))
         return spawn_local(["train", "--config", args.config, "--nproc", "1", *args.overrides], nproc)
     from .train import train
 
@@ -171,6 +176,9 @@ def _run_rank(work, cfg) -> tuple[object, int]:
         result = work(cfg)
         shutdown()
         return result, 0
+    except ConfigError as err:  # found once the ranks started (e.g. the run directory is in use)
+        print(f"error: {err}", file=sys.stderr)
+        return None, 2
     except (StorageError, TrainingStopped, RendezvousFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return None, 2 if isinstance(err, StorageError) else 3
@@ -203,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", required=True, help="root of SRC/<class>/<images>")
     p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
     p.add_argument("--config", help="YAML recipe whose data: section applies")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rewrite shards already in --out (needed when they were made with other settings)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.resolution=128")
     p.set_defaults(func=_cmd_prepare)
     p = sub.add_parser("encode", help="image shards -> VAE latent shards (mean and std, float16)")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -403,6 +403,32 @@ def latent_downsample(cfg: Config) -> int:
 def to_yaml(cfg: Config) -> str:
     """The resolved tree as YAML (stored with checkpoints and printed by the CLI)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# What a checkpoint's weights and optimizer state are tied to: the network's shape, the
+# latent space it learned, the forward process and what it predicts. Hyperparameters
+# (learning rate, dropout, steps, batch) may change on a resume; these may not.
+RUN_FINGERPRINT = ("model.preset", "model.num_classes", "model.block_out_channels", "model.layers_per_block",
+                   "model.attention_levels", "model.norm_num_groups", "model.attention_head_dim",
+                   "vae.enabled", "vae.pretrained", "vae.latent_channels", "vae.block_out_channels",
+                   "vae.layers_per_block", "vae.norm_num_groups", "vae.scaling_factor",
+                   "diffusion.num_train_timesteps", "diffusion.schedule", "diffusion.beta_start",
+                   "diffusion.beta_end", "diffusion.prediction", "data.resolution", "data.image_channels",
+                   "train.target")
+
+
+def fingerprint_changes(stored_yaml: str, cfg: Config) -> List[str]:
+    """``key: old -> new`` for each :data:`RUN_FINGERPRINT` key on which a run's stored
+    config (its ``config.yaml``) and ``cfg`` differ."""
+    old, new = OmegaConf.create(stored_yaml), OmegaConf.structured(cfg)
+    changes = []
+    for key in RUN_FINGERPRINT:
+        before, after = OmegaConf.select(old, key, default=None), OmegaConf.select(new, key)
+        before = OmegaConf.to_container(before) if isinstance(before, (DictConfig, ListConfig)) else before
+        after = OmegaConf.to_container(after) if isinstance(after, (DictConfig, ListConfig)) else after
+        if before is not None and before != after:
+            changes.append(f"{key}: {before} -> {after}")
+    return changes
 
 
 def field_docs(node: Any = Config, prefix: str = "") -> List[tuple[str, str]]:

@@ -26,7 +26,7 @@ from .core.models import build_for_target, build_vae, encode_images, null_label,
 from .core.schedule import make_schedule
 from .core.vae_loss import vae_loss
 from .data.stream import Position, ShardStream, StreamSpec, load_manifest, unconsumed
-from .runtime import checkpoint
+from .runtime import checkpoint, run_lock
 from .runtime.distributed import any_rank, barrier, describe, device, init_process_group, placement
 from .runtime.ema import EngineEMA
 from .runtime.engine import apply_numerics, build_engine, engine_checks_overflow, micro_batch_size
@@ -112,9 +112,11 @@ def _loop(run: Run, batches, guard: "PreemptionGuard", started: float) -> None:
 
 
 def build_run(cfg: Config) -> Run:
+    checkpoint.check_resumable(cfg)  # the launchers checked already; a rank started by hand did not
     env = init_process_group(cfg.runtime.device, cfg.launch.gpus_per_worker > 0, cfg.runtime.socket_ifname,
                              cfg.runtime.rendezvous_timeout_s)
     run_dir = Path(cfg.train.run_dir)
+    run_lock.hold(run_dir, env.is_main)  # before anything in the run directory changes
     manifest = load_manifest(cfg.data.shards) if cfg.data.shards else _no_shards()
     _check_data_matches(cfg, manifest)
     resume = find_resume_tag(cfg, env)

@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from dist_diffusion.config import Config, ConfigError, load_config  # noqa: E402
 from dist_diffusion.extras import MissingExtra, require  # noqa: E402
+from dist_diffusion.runtime import run_lock  # noqa: E402
+from dist_diffusion.runtime.checkpoint import check_resumable  # noqa: E402
 
 try:
     submitit = require("submitit", "slurm", "launchers/submitit_slurm.py")
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_resumable(cfg)
+        run_lock.check_free(Path(cfg.train.run_dir))
         if not args.local:
             check_partition(cfg.launch.partition)
     except ConfigError as err:

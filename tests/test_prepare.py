@@ -3,6 +3,7 @@
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -12,6 +13,7 @@ from dist_diffusion.config import DataConfig
 from dist_diffusion.data import storage
 from dist_diffusion.data.prepare import PrepareError, prepare
 
+ROOT = Path(__file__).resolve().parents[1]
 CORRUPT = [(0, "truncated"), (1, "garbage"), (2, "empty")]
 
 
@@ -71,6 +73,30 @@ def test_same_input_gives_the_same_shards_and_rerun_skips(src, tmp_path):
     assert shard.stat().st_mtime_ns == before  # complete shard not rewritten
 
 
+def test_rerun_with_other_settings_is_refused_unless_overwrite(src, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    first = prepare(src, str(out), data_config(), progress=False)
+    before = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    cmd = [sys.executable, "-m", "dist_diffusion.cli", "prepare", "--src", str(src), "--out", str(out),
+           "data.resolution=24", "data.samples_per_shard=100"]
+    refused = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        f"error: {out} holds shards prepared with other settings (data.resolution: 32 -> 24; data.samples_per_shard: 64 -> "
+        f"100); prepare into "
+        f"another --out, or pass --overwrite to rewrite them"], refused.stderr
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == before
+    again = subprocess.run([*cmd, "--overwrite"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resolution"] == 24 and manifest["num_samples"] == first["num_samples"]
+    with Image.open(io.BytesIO(next(v for k, v in read_tar((out / "shard-000000.tar").read_bytes()).items()
+                                    if k.endswith(".jpg")))) as img:
+        assert img.size == (24, 24)  # rewritten, not reused
+
+
 def test_png_format(src, tmp_path):
     result = prepare(src, str(tmp_path), data_config(image_format="png"), progress=False)
     names = read_tar((tmp_path / result["shards"][0]["name"]).read_bytes())
@@ -110,3 +136,41 @@ def test_bad_source_is_a_clear_error(tmp_path):
         prepare(tmp_path / "missing", str(tmp_path / "out"), data_config(), progress=False)
     with pytest.raises(PrepareError, match="no class folders"):
         prepare(tmp_path, str(tmp_path / "out"), data_config(), progress=False)
+
+
+def _gray(mode: str, level: float) -> Image.Image:
+    """A 4x4 image of one gray ``level`` (0-1) in ``mode``, as a file of that mode would open."""
+    import numpy as np
+
+    if mode in ("I;16", "I"):
+        image = Image.fromarray(np.full((4, 4), round(level * 65535), dtype=np.uint16 if mode == "I;16" else np.int32))
+        assert image.mode == mode
+        return image
+    if mode == "F":
+        return Image.fromarray(np.full((4, 4), level, dtype=np.float32))
+    rgb = Image.new("RGB", (4, 4), (round(level * 255),) * 3)
+    return rgb.convert(mode) if mode != "P" else rgb.quantize(colors=4)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F", "RGB"])
+def test_every_image_mode_becomes_the_right_8bit_gray(mode):
+    from dist_diffusion.data.prepare import to_rgb
+
+    for level in (0.0, 0.25, 0.5, 1.0):
+        out = to_rgb(_gray(mode, level))
+        assert out.mode == "RGB" and abs(int(out.getpixel((1, 1))[0]) - round(level * 255)) <= 1, (mode, level)
+
+
+def test_a_16bit_grayscale_png_is_not_stored_white(tmp_path):
+    import numpy as np
+
+    src = tmp_path / "src" / "cls"
+    src.mkdir(parents=True)
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(ramp).save(src / "ramp.png")
+    result = prepare(tmp_path / "src", str(tmp_path / "out"), DataConfig(resolution=32, image_format="png"),
+                     progress=False)
+    (payload,) = [v for k, v in read_tar((tmp_path / "out" / result["shards"][0]["name"]).read_bytes()).items()
+                  if k.endswith(".png")]
+    stored = np.asarray(Image.open(io.BytesIO(payload)))[..., 0].astype(float)
+    assert abs(stored.mean() - ramp.mean() / 257) < 1 and stored.min() == 0

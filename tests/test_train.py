@@ -225,6 +225,52 @@ def test_bad_input_fails_before_training(tmp_path, datasets):
     assert "Traceback" not in out.stderr
 
 
+def test_resume_with_another_model_is_refused_and_the_run_dir_is_untouched(tmp_path, datasets):
+    run = tmp_path / "run"
+    args = PIXEL + ["train.ckpt_every=2", "train.max_steps=2", f"data.shards={datasets['pixels']}"]
+    run_train(run, args, nproc=1)
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    out = run_train(run, args + ["train.max_steps=4", "model.block_out_channels=[16,32]", "train.lr=1e-3",
+                                 "diffusion.prediction=v"], nproc=1, expect=2)
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert f"error: train.run_dir={run} holds checkpoints of another model" in out.stderr
+    assert "model.block_out_channels: [32, 64] -> [16, 32]; diffusion.prediction: epsilon -> v" in out.stderr
+    assert "train.lr" not in out.stderr  # a hyperparameter may change on a resume
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+
+
+def test_a_second_trainer_on_a_run_dir_in_use_is_refused_and_the_first_finishes(tmp_path, datasets):
+    from conftest import logged_steps, wait_until
+
+    run = tmp_path / "run"
+    args = PIXEL + ["train.ckpt_every=5", "train.max_steps=10", f"data.shards={datasets['pixels']}"]
+    first = subprocess.Popen(train_cmd(run, args, nproc=1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        wait_until(lambda: logged_steps(run) or first.poll() is not None, 300, "the first trainer's first step",
+                   interval=0.05)
+        holder = psutil.Process(first.pid)
+        holder.suspend()  # from a step marker: the first trainer is surely mid-run while the others try
+        try:
+            before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+            for nproc in (2, 1):  # refused before spawning ranks, and by rank 0 itself
+                out = run_train(run, args, nproc=nproc, expect=2)
+                lines = out.stderr.strip().splitlines()
+                assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+                line = lines[0]
+                assert line.startswith(f"error: train.run_dir={run} is in use by another trainer") and \
+                    f'"pid": {first.pid}' in line, out.stderr
+            assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+        finally:
+            holder.resume()
+        _, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err[-3000:]
+        assert logged_steps(run) == list(range(1, 11))
+    finally:
+        if first.poll() is None:
+            first.kill()
+
+
 def test_nonfinite_loss_stops_cleanly_naming_the_step(tmp_path, datasets):
     out = run_train(tmp_path / "run", PIXEL + ["train.lr=1e30", "train.max_steps=20", f"data.shards={datasets['pixels']}"],
                     nproc=1, expect=3)

@@ -9,6 +9,8 @@ shards; unreadable images are reported in the manifest and skipped.
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import multiprocessing as mp
 import random
@@ -43,6 +45,7 @@ class ShardJob:
     src: str
     out: str
     data: DataConfig
+    reuse: bool = True  # a complete shard already there is kept (a rerun after a crash)
 
 
 def scan(src: Path, labels_file: str = "") -> tuple[list[str], list[Item]]:
@@ -79,11 +82,32 @@ def plan_shards(items: list[Item], data: DataConfig, src: Path, out: str) -> lis
     return [ShardJob(i // n, tuple(order[i:i + n]), str(src), out, data) for i in range(0, len(order), n)]
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode Pillow reads. 16- and 32-bit integer images (16-bit PNGs
+    open as I;16 or I) are scaled down first: Pillow's own conversion clips them, and a
+    16-bit grayscale photo came out pure white. Float images are taken as 0-1 if they
+    fit there, else as 0-255."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        values = np.asarray(img, dtype=np.float64)
+        gray = np.clip(np.round(values / _full_scale(img.mode, values) * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
+def _full_scale(mode: str, values) -> float:
+    """The value that means white in a high-depth image."""
+    if mode == "F":
+        return 1.0 if values.max(initial=0) <= 1.0 else 255.0
+    return 65535.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+
+
 def load_square(path: Path, resolution: int) -> Image.Image:
     """Resize the shorter side to ``resolution`` (bicubic, antialiased), then center-crop."""
     with Image.open(path) as img:
         img.load()  # decode now: truncated or corrupt files fail here, not later
-        img = img.convert("RGB")
+        img = to_rgb(img)
     scale = resolution / min(img.size)
     size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
     img = img.resize(size, Image.BICUBIC, reducing_gap=None)
@@ -106,7 +130,7 @@ def write_shard(job: ShardJob) -> dict:
     out = storage.parse(job.out)
     name = shards.shard_name(job.data.shard_prefix, job.index)
     sidecar = out.join(shards.sidecar_name(name))
-    if storage.exists(sidecar):
+    if job.reuse and storage.exists(sidecar):
         import json
         return {**json.loads(storage.read_bytes(sidecar)), "reused": True}
     samples, skipped = [], []
@@ -126,12 +150,50 @@ def write_shard(job: ShardJob) -> dict:
     return entry
 
 
-def prepare(src: str | Path, out: str, data: DataConfig, progress: bool = True) -> dict:
+# What the bytes of the shards depend on: a rerun with other values must not reuse them.
+SHARD_SETTINGS = ("resolution", "image_channels", "image_format", "jpeg_quality", "samples_per_shard",
+                  "shard_prefix", "shuffle_seed", "labels_file")
+SETTINGS_FILE = "prepare_settings.json"
+
+
+def _claim_output(out: str, data: DataConfig, overwrite: bool) -> None:
+    """Record the settings in OUT before the first shard; refuse an OUT that holds shards
+    made with other settings (their shards would be reused under a manifest that lies),
+    unless ``overwrite``, which rewrites every shard."""
+    import json
+
+    wanted = {key: getattr(data, key) for key in SHARD_SETTINGS}
+    record = storage.parse(out).join(SETTINGS_FILE)
+    if not overwrite:
+        stored = _stored_settings(out, record)
+        changed = [f"data.{k}: {stored[k]} -> {wanted[k]}" for k in SHARD_SETTINGS
+                   if k in stored and stored[k] != wanted[k]]
+        if changed:
+            raise PrepareError(f"{out} holds shards prepared with other settings ({'; '.join(changed)}); prepare into "
+                               f"another --out, or pass --overwrite to rewrite them")
+    storage.write_bytes(record, json.dumps(wanted, indent=1).encode())
+
+
+def _stored_settings(out: str, record) -> dict:
+    """The settings OUT was prepared with (an older OUT has only its manifest's)."""
+    import json
+
+    if storage.exists(record):
+        return json.loads(storage.read_bytes(record))
+    manifest = storage.parse(out).join(shards.MANIFEST)
+    if storage.exists(manifest):
+        m = json.loads(storage.read_bytes(manifest))
+        return {k: m[k] for k in ("resolution", "image_format") if k in m}
+    return {}
+
+
+def prepare(src: str | Path, out: str, data: DataConfig, progress: bool = True, overwrite: bool = False) -> dict:
     """Run the whole conversion; returns the manifest (also written to OUT/manifest.json)."""
     src = Path(src)
     classes, items = scan(src, data.labels_file)
     storage.check_bucket(out)  # missing bucket / bad credentials: fail before any work
-    jobs = plan_shards(items, data, src, out)
+    _claim_output(out, data, overwrite)
+    jobs = [dataclasses.replace(job, reuse=not overwrite) for job in plan_shards(items, data, src, out)]
     entries = _run_jobs(jobs, data.prepare_workers, progress)
     skipped = [s for e in entries for s in e.pop("skipped")]
     for e in entries:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from ..config import ConfigError, fingerprint_changes
 from .distributed import barrier
 
 COMPLETE = "COMPLETE"
@@ -50,6 +51,20 @@ def latest_complete(root: Path) -> str | None:
         return None
     tags = sorted((p.name for p in root.iterdir() if (p / COMPLETE).is_file()), reverse=True)
     return tags[0] if tags else None
+
+
+def check_resumable(cfg) -> None:
+    """Refuse, before anything in it changes, to go on with a run directory whose
+    checkpoints belong to another model (see ``RUN_FINGERPRINT``): the resume would fail
+    half-way or, worse, load weights into the wrong latent space or objective."""
+    run_dir = Path(cfg.train.run_dir)
+    stored = run_dir / "config.yaml"
+    if not stored.is_file() or latest_complete(run_dir / "checkpoints") is None:
+        return
+    changes = fingerprint_changes(stored.read_text(), cfg)
+    if changes:
+        raise ConfigError(f"train.run_dir={run_dir} holds checkpoints of another model ({'; '.join(changes)}); "
+                          f"resume it with its own settings ({stored}) or start a new train.run_dir")
 
 
 def saved_world_size(root: Path, tag: str) -> int:

@@ -228,7 +228,11 @@ def _quiet_known_noise(chosen: torch.device) -> None:
     import warnings
 
     if chosen.type == "cpu":
+        import logging
+
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # "No CUDA runtime is found": torch's CUDA build on a CPU run, on importing DeepSpeed
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
 
 
