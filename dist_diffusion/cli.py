@@ -157,6 +157,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *(["eval.metrics=false"] if args.command == "sample" and not args.metrics else [])]
     cfg = load_config(args.config, overrides)  # validate once, before any worker starts
     _check_device(cfg)
+    from .evaluate.sample import check_unet_dir
+
+    check_unet_dir(cfg.eval.unet)
     if args.nproc > 1:
         return spawn_local([args.command, "--config", args.config, "--nproc", "1", *overrides], args.nproc)
     from .evaluate.sample import evaluate
@@ -190,6 +193,19 @@ def _run_rank(work, cfg) -> tuple[object, int]:
         return None, 3
 
 
+def _count(least: int):
+    """argparse type: an integer >= ``least`` (a process count of 0 or -1 means nothing)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {least}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dist-diffusion",
@@ -219,12 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, help="image shards from prepare (dir or s3://)")
     p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
     p.add_argument("--config", help="YAML recipe; vae.pretrained names the VAE directory")
-    p.add_argument("--nproc", type=int, default=1, help="local processes to split shards over")
+    p.add_argument("--nproc", type=_count(1), default=1, help="local processes to split shards over")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=_cmd_encode)
     p = sub.add_parser("train", help="train the UNet with DeepSpeed (resumes from the run directory)")
     p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny.yaml")
-    p.add_argument("--nproc", type=int, default=0, help="local processes (default: runtime.nproc)")
+    p.add_argument("--nproc", type=_count(0), default=0, help="local processes (default, 0: runtime.nproc)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("export", help="latest complete checkpoint -> diffusers UNet/VAE (safetensors)")
@@ -236,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("eval", "sample and score: FID / IS / class accuracy, report, CFG and step sweeps")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True, help="YAML recipe; eval.unet names the exported UNet")
-        p.add_argument("--nproc", type=int, default=1, help="local processes to split the samples over")
+        p.add_argument("--nproc", type=_count(1), default=1, help="local processes to split the samples over")
         p.add_argument("--metrics", action="store_true", help=argparse.SUPPRESS if name == "eval" else
                        "also compute the metrics (as eval does)")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sample.num_samples=1000")

@@ -293,6 +293,8 @@ def _read_yaml(path: Path) -> DictConfig:
         raise ConfigError(f"{path}: not valid YAML ({err}); fix the syntax") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
+    if not loaded:
+        raise ConfigError(f"{path} is empty; a recipe sets at least one section (see configs/tiny.yaml)")
     return loaded
 
 
@@ -307,6 +309,10 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
 
 
 def _merge(base: DictConfig, extra: DictConfig, source: str) -> DictConfig:
+    for name in extra:  # a section given a scalar or a list: OmegaConf's own error names no key
+        if name in base and isinstance(base[name], DictConfig) and not isinstance(extra[name], DictConfig):
+            raise ConfigError(f"{source}: {name} must be a mapping of its keys (e.g. {name}.KEY=VALUE, "
+                              f"or `{name}:` with indented keys in YAML), not {OmegaConf.to_container(extra)[name]!r}")
     try:
         return OmegaConf.merge(base, extra)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
@@ -373,6 +379,8 @@ def _cross_problems(cfg: Config) -> List[str]:
     if s.steps > d.num_train_timesteps:
         problems.append(f"sample.steps={s.steps} must be <= diffusion.num_train_timesteps="
                         f"{d.num_train_timesteps}")
+    problems += _sweep_problems(cfg)
+    problems += _signal_problems(cfg.train.preempt_signals)
     problems += _interval_problems(s.guidance_interval, d.num_train_timesteps)
     if cfg.runtime.device == "cpu" and cfg.launch.gpus_per_worker > 0:
         problems.append(f"runtime.device=cpu but launch.gpus_per_worker={cfg.launch.gpus_per_worker}; "
@@ -382,6 +390,29 @@ def _cross_problems(cfg: Config) -> List[str]:
         problems.append(f"data.resolution={cfg.data.resolution} must be divisible by the VAE "
                         f"downsampling factor {latent_downsample(cfg)}")
     return problems
+
+
+def _sweep_problems(cfg: Config) -> List[str]:
+    """eval.cfg_scales and eval.steps obey the bounds of the single value they sweep: found
+    here, not after the job already sampled the points before a bad one."""
+    problems = []
+    if any(scale < 0 for scale in cfg.eval.cfg_scales):
+        problems.append(f"eval.cfg_scales={list(cfg.eval.cfg_scales)}: every scale must be >= 0")
+    T = cfg.diffusion.num_train_timesteps
+    if any(not 1 <= steps <= T for steps in cfg.eval.steps):
+        problems.append(f"eval.steps={list(cfg.eval.steps)}: every step count must be in 1..{T} "
+                        f"(diffusion.num_train_timesteps)")
+    return problems
+
+
+def _signal_problems(names: List[str]) -> List[str]:
+    import signal
+
+    bad = [n for n in names if not n.startswith("SIG") or not isinstance(getattr(signal, n, None), signal.Signals)
+           or n in ("SIGKILL", "SIGSTOP")]
+    if bad:
+        return [f"train.preempt_signals has {bad}: name signals a process can catch, e.g. SIGTERM, SIGUSR1"]
+    return []
 
 
 def _interval_problems(interval: List[int], num_timesteps: int) -> List[str]:

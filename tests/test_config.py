@@ -63,10 +63,23 @@ def test_out_of_range_names_key_and_bound():
     ("sample.guidance_interval=[500,100]", r"guidance_interval"),
     ("sample.sampler=euler", r"sample\.sampler='euler' is not one of"),
     ("model.preset=huge", r"model\.preset='huge' is not one of"),
+    ("eval.cfg_scales=[1,-2]", r"eval\.cfg_scales=\[1\.0, -2\.0\]: every scale must be >= 0"),
+    ("eval.steps=[10,0]", r"eval\.steps=\[10, 0\]: every step count must be in 1\.\.1000"),
+    ("eval.steps=[5000]", r"eval\.steps=\[5000\]"),
+    ("train.preempt_signals=[SIGTERM,SIGBOGUS]", r"train\.preempt_signals has \['SIGBOGUS'\]"),
+    ("train.preempt_signals=[SIGKILL]", r"train\.preempt_signals has \['SIGKILL'\]"),
+    ("model=5", r"command-line override: model must be a mapping of its keys"),
 ])
 def test_bad_values_get_one_clear_error(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_empty_recipe_and_a_section_given_a_scalar_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"recipe\.yaml is empty"):
+        load_config(write(tmp_path, ""))
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: train must be a mapping of its keys .* not \[1, 2\]"):
+        load_config(write(tmp_path, "train: [1, 2]\n"))
 
 
 def test_override_without_equals_sign():
@@ -99,3 +112,17 @@ def test_every_field_has_a_doc():
     docs = field_docs()
     assert len(docs) > 40
     assert all(doc for _, doc in docs), [key for key, doc in docs if not doc]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["sample", "--config", "configs/tiny.yaml", "--nproc", "0"], "--nproc: 0 must be >= 1"),
+    (["eval", "--config", "configs/tiny.yaml", "--nproc", "-1"], "--nproc: -1 must be >= 1"),
+    (["train", "--config", "configs/tiny.yaml", "--nproc", "-1"], "--nproc: -1 must be >= 0"),
+    (["encode", "--shards", "x", "--out", "y", "--nproc", "two"], "--nproc: 'two' is not a whole number"),
+])
+def test_a_process_count_that_means_nothing_is_refused(argv, match, capsys):
+    from dist_diffusion.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and match in capsys.readouterr().err

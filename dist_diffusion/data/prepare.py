@@ -67,6 +67,9 @@ def scan(src: Path, labels_file: str = "") -> tuple[list[str], list[Item]]:
 def _class_names(folders: list[str], labels_file: str) -> list[str]:
     if not labels_file:
         return folders
+    if not Path(labels_file).is_file():
+        raise PrepareError(f"data.labels_file={labels_file} does not exist; give a file of '<folder> <class name>' "
+                           f"lines, or leave it empty to name classes by their folders")
     names = {}
     for line in Path(labels_file).read_text().splitlines():
         folder, _, name = line.strip().partition(" ")
@@ -192,10 +195,15 @@ def prepare(src: str | Path, out: str, data: DataConfig, progress: bool = True, 
     src = Path(src)
     classes, items = scan(src, data.labels_file)
     storage.check_bucket(out)  # missing bucket / bad credentials: fail before any work
+    if not storage.parse(out).is_s3 and Path(out).exists() and not Path(out).is_dir():
+        raise PrepareError(f"--out {out} is a file; give a directory (new or from an earlier prepare) or s3:// prefix")
     _claim_output(out, data, overwrite)
     jobs = [dataclasses.replace(job, reuse=not overwrite) for job in plan_shards(items, data, src, out)]
     entries = _run_jobs(jobs, data.prepare_workers, progress)
     skipped = [s for e in entries for s in e.pop("skipped")]
+    if skipped and len(skipped) == len(items):
+        raise PrepareError(f"--src {src}: none of its {len(items)} images could be read (first: {skipped[0]['path']}: "
+                           f"{skipped[0]['error']}); check the files, or that they are images at all")
     for e in entries:
         e.pop("reused", None)
     result = shards.manifest("images", classes, entries, resolution=data.resolution,

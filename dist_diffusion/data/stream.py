@@ -112,7 +112,11 @@ def load_manifest(url: str) -> dict:
     man_loc = loc.join(shards.MANIFEST)
     if not storage.exists(man_loc):
         raise storage.StorageError(f"{man_loc} not found; run `dist-diffusion prepare` into {url} first")
-    return json.loads(storage.read_bytes(man_loc))
+    try:
+        return json.loads(storage.read_bytes(man_loc))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise storage.StorageError(f"{man_loc} is not a manifest (not JSON: {err}); rerun `dist-diffusion prepare` "
+                                   f"(or `encode`) into {url}") from None
 
 
 def epoch_order(manifest: dict, seed: int, epoch: int) -> list[tuple[int, int]]:

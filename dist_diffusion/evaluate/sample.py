@@ -92,16 +92,23 @@ def load_models(cfg: Config, where: torch.device):
 
     from ..core.models import build_vae
 
-    if not cfg.eval.unet or not _is_model_dir(cfg.eval.unet):
-        raise ConfigError(f"eval.unet={cfg.eval.unet!r} is not an exported UNet directory; run "
-                          f"`dist-diffusion export --run-dir RUN --out DIR` and pass eval.unet=DIR")
+    check_unet_dir(cfg.eval.unet)
     unet = UNet2DModel.from_pretrained(cfg.eval.unet).eval().float().to(where)
     vae = build_vae(cfg).eval().float().to(where) if cfg.vae.enabled else None
     return unet, vae
 
 
-def _is_model_dir(path: str) -> bool:
-    return (Path(path) / "config.json").is_file()
+def check_unet_dir(path: str) -> None:
+    """eval.unet must be a diffusers UNet2DModel directory (an export of a UNet run, not of
+    its VAE or classifier): one line naming what it is instead, before any rank starts."""
+    import json
+
+    config = Path(path) / "config.json" if path else None
+    kind = json.loads(config.read_text()).get("_class_name") if config and config.is_file() else None
+    if kind != "UNet2DModel":
+        what = f"an exported {kind}, not a UNet" if kind else "not an exported UNet directory"
+        raise ConfigError(f"eval.unet={path!r} is {what}; run `dist-diffusion export --run-dir RUN "
+                          f"--out DIR` on a UNet run (train.target=unet) and pass eval.unet=DIR")
 
 
 def sample_point(cfg: Config, point: Point, unet, vae, extractor: Extractor | None, env) -> tuple[FeatureSums, int]:

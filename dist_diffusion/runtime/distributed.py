@@ -64,6 +64,7 @@ def init_process_group(requested_device: str = "auto", require_gpu: bool = False
     _default_rendezvous(env)
     bind_interface(socket_ifname)
     _quiet_known_noise(chosen)
+    use_one_ninja()
     import deepspeed
 
     global _OWN_GROUP
@@ -219,6 +220,20 @@ def _share_cpu_cores() -> None:
         return
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", 1)))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+
+
+def use_one_ninja() -> None:
+    """DeepSpeed JIT-builds its CPU communication op with the `ninja` on PATH, and a ninja
+    of another version (the system's 1.11 against this environment's 1.13, say) rebuilds
+    it from scratch, about a minute on 2 cores, every time the two alternate between
+    processes. Put this interpreter's bin directory first when it holds a ninja, so every
+    rank of every launcher builds with the same one."""
+    import sys
+
+    bin_dir = str(Path(sys.executable).parent)  # not resolved: a venv's bin, not the base Python's
+    path = os.environ.get("PATH", "")
+    if (Path(bin_dir) / "ninja").exists() and path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + path
 
 
 def _quiet_known_noise(chosen: torch.device) -> None:
