@@ -56,7 +56,7 @@ CASES = [  # id, argv (F = the files fixture's directory), exit code, what the l
 ]
 
 
-IN_A_RANK = {"manifest-not-json", "run-dir-is-a-file"}  # found once a rank runs: a real process
+IN_A_RANK = {"manifest-not-json"}  # found once a rank runs: a real process
 
 
 def run_cli(argv: list[str], in_process: bool, capsys) -> tuple[int, str]:

@@ -355,17 +355,28 @@ def processes(*needles: str) -> list[psutil.Process]:
             .startswith(("python", "ray::")) and all(n in " ".join(p.info["cmdline"]) for n in needles)]
 
 
-def lose_node2_after_the_first_checkpoint(env: dict, stored: Path, run: Path, ranks) -> None:
-    """From a step marker, not from time: once a step after the first checkpoint (stored
-    where the launcher restores from) is logged, freeze the ranks, check they are short of
-    the next checkpoint, kill every process of node2 at once, and let node1's rank go on
-    into the lost peer."""
-    wait_until(lambda: (stored / "COMPLETE").exists() and max(logged_steps(run), default=0) > CKPT_EVERY, 300,
-               "a step after the first checkpoint", interval=0.02)
-    frozen = wait_until(ranks, 30, "the training ranks")
-    for rank in frozen:
-        rank.suspend()
-    assert max(logged_steps(run)) < LAST, "froze too late: the run may be complete"
+def freeze_both_after_their_first_checkpoint(runs: list[tuple[Path, Path, object]]) -> list[psutil.Process]:
+    """From step markers, not from time: as soon as a run (run dir, its stored first
+    checkpoint, its ranks) has logged a step after that checkpoint, freeze its ranks and
+    check it is short of the next checkpoint; returns every frozen rank."""
+    frozen, waiting = [], list(runs)
+
+    def one_ready():
+        return next((r for r in waiting if (r[1] / "COMPLETE").exists()
+                     and max(logged_steps(r[0]), default=0) > CKPT_EVERY and r[2]()), None)
+
+    while waiting:
+        run, _, ranks = wait_until(one_ready, 400, "a step after the first checkpoint", interval=0.02)
+        for rank in ranks():
+            rank.suspend()
+            frozen.append(rank)
+        assert max(logged_steps(run)) < LAST, f"froze {run} too late: it may be complete"
+        waiting = [r for r in waiting if r[0] != run]
+    return frozen
+
+
+def lose_node2(env: dict, frozen: list[psutil.Process]) -> None:
+    """Every process of node2 killed at once; node1's ranks then go on into the lost peer."""
     lost = subprocess.run([SCRIPT, "kill-node", "2"], env=env, capture_output=True, text=True, timeout=60)
     assert lost.returncode == 0, lost.stderr
     for rank in frozen:
@@ -386,34 +397,6 @@ def slurm_job_state(env: dict, job: str) -> str:
     return f"{fields.get('JobState', 'gone')} restarts={fields.get('Restarts', '?')}"
 
 
-def test_sbatch_job_that_loses_node2_is_requeued_and_resumes_bitwise(cluster, shards, sbatch_two_node_run, tmp_path):
-    """SLURM notices the silent node (SlurmdTimeout) and requeues the job (--requeue);
-    it starts again once node2 is back and resumes from the checkpoint in the run dir.
-    node1's rank stops with one line, not a traceback."""
-    env, _ = cluster
-    run, log = tmp_path / "run", tmp_path / "job.out"
-    job = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
-                          "--cpus-per-task=1", f"--output={log}", "slurm/train_latent.sh", "configs/tiny.yaml", *TRAIN,
-                          f"train.run_dir={run}", f"data.shards={shards}"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=60)
-    assert job.returncode == 0, job.stderr
-    job_id = job.stdout.strip().split(";")[0]
-    try:
-        lose_node2_after_the_first_checkpoint(env, run / f"checkpoints/step{CKPT_EVERY:08d}", run,
-                                              lambda: processes("dist_diffusion.train", str(run)))
-        wait_until(lambda: slurm_job_state(env, job_id) == "PENDING restarts=1", 300, "SLURM to requeue the job")
-        bring_node2_back(env)
-        wait_until(lambda: slurm_job_state(env, job_id).startswith(("COMPLETED", "FAILED", "CANCELLED", "gone")), 400,
-                   "the requeued job to end", interval=1)
-    finally:
-        subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30)
-    text = log.read_text(errors="replace")
-    assert slurm_job_state(env, job_id) == "COMPLETED restarts=1", text[-3000:]
-    assert "error: rank 0 of 2 lost contact with another rank mid-run" in text and "Traceback" not in text, text[-3000:]
-    assert f"resumed from {run}/checkpoints/step{CKPT_EVERY:08d} at step {CKPT_EVERY}" in text
-    assert_bitwise_the_uninterrupted_run(run, sbatch_two_node_run[0])
-
-
 def ray_job_status(env: dict, job: str) -> str:
     out = subprocess.run([RAY, "job", "status", "--address", env["RAY_ADDRESS"], job], env=env, capture_output=True,
                          text=True, timeout=60)
@@ -421,29 +404,49 @@ def ray_job_status(env: dict, job: str) -> str:
                  .upper()), "?")
 
 
-def test_ray_run_that_loses_node2_restarts_when_it_is_back_and_resumes_bitwise(cluster, shards, ray_two_node_run,
-                                                                               tmp_path):
-    """Ray Train's FailureConfig restarts the worker group; it waits for a second node,
-    then resumes from the checkpoint in Ray's storage."""
+def test_losing_node2_mid_run_requeues_the_sbatch_job_and_restarts_the_ray_run_both_bitwise(
+        cluster, shards, sbatch_two_node_run, ray_two_node_run, tmp_path):
+    """One node loss, two runs on the cluster at once (SLURM and Ray keep their own books).
+    SLURM notices the silent node (SlurmdTimeout) and requeues the job (--requeue); it
+    starts again once node2 is back and resumes from the checkpoint in the run dir, and
+    node1's rank stops with one line, not a traceback. Ray Train's FailureConfig restarts
+    the worker group, which waits for a second node and resumes from Ray's storage."""
     env, _ = cluster
-    run, job = tmp_path / "run", f"dd-node-loss-{os.getpid()}"
-    submitted = subprocess.run([*ray_train_on_two_nodes(env, run, shards, "--no-wait", "--submission-id", job),
+    slurm_run, log, ray_run, ray_job = tmp_path / "sbatch", tmp_path / "job.out", tmp_path / "run", \
+        f"dd-node-loss-{os.getpid()}"
+    job = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
+                          "--cpus-per-task=1", f"--output={log}", "slurm/train_latent.sh", "configs/tiny.yaml", *TRAIN,
+                          f"train.run_dir={slurm_run}", f"data.shards={shards}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert job.returncode == 0, job.stderr
+    job_id = job.stdout.strip().split(";")[0]
+    submitted = subprocess.run([*ray_train_on_two_nodes(env, ray_run, shards, "--no-wait", "--submission-id", ray_job),
                                 "launch.max_failures=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert submitted.returncode == 0, submitted.stderr
     try:
-        lose_node2_after_the_first_checkpoint(env, run / f"ray/run/step{CKPT_EVERY:08d}", run,
-                                              lambda: processes("RayTrainWorker"))
+        assert submitted.returncode == 0, submitted.stderr
+        lose_node2(env, freeze_both_after_their_first_checkpoint([
+            (slurm_run, slurm_run / f"checkpoints/step{CKPT_EVERY:08d}",
+             lambda: processes("dist_diffusion.train", str(slurm_run))),
+            (ray_run, ray_run / f"ray/run/step{CKPT_EVERY:08d}", lambda: processes("RayTrainWorker"))]))
+        wait_until(lambda: slurm_job_state(env, job_id) == "PENDING restarts=1", 300, "SLURM to requeue the job")
         bring_node2_back(env)
-        wait_until(lambda: ray_job_status(env, job) in ("SUCCEEDED", "FAILED", "STOPPED"), 400, "the job to end",
+        wait_until(lambda: slurm_job_state(env, job_id).startswith(("COMPLETED", "FAILED", "CANCELLED", "gone"))
+                   and ray_job_status(env, ray_job) in ("SUCCEEDED", "FAILED", "STOPPED"), 500, "both runs to end",
                    interval=1)
     finally:
-        subprocess.run([RAY, "job", "stop", "--address", env["RAY_ADDRESS"], job], env=env, capture_output=True,
+        subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=30)
+        subprocess.run([RAY, "job", "stop", "--address", env["RAY_ADDRESS"], ray_job], env=env, capture_output=True,
                        timeout=60)
-    logs = subprocess.run([RAY, "job", "logs", "--address", env["RAY_ADDRESS"], job], env=env, capture_output=True,
-                          text=True, timeout=60).stdout
-    assert ray_job_status(env, job) == "SUCCEEDED", logs[-4000:]
-    assert f"resumed from {run}/checkpoints/step{CKPT_EVERY:08d} at step {CKPT_EVERY}" in logs, logs[-4000:]
-    assert_bitwise_the_uninterrupted_run(run, ray_two_node_run[0])
+    text = log.read_text(errors="replace")
+    assert slurm_job_state(env, job_id) == "COMPLETED restarts=1", text[-3000:]
+    assert "error: rank 0 of 2 lost contact with another rank mid-run" in text and "Traceback" not in text, text[-3000:]
+    assert f"resumed from {slurm_run}/checkpoints/step{CKPT_EVERY:08d} at step {CKPT_EVERY}" in text
+    assert_bitwise_the_uninterrupted_run(slurm_run, sbatch_two_node_run[0])
+    logs = subprocess.run([RAY, "job", "logs", "--address", env["RAY_ADDRESS"], ray_job], env=env,
+                          capture_output=True, text=True, timeout=60).stdout
+    assert ray_job_status(env, ray_job) == "SUCCEEDED", logs[-4000:]
+    assert f"resumed from {ray_run}/checkpoints/step{CKPT_EVERY:08d} at step {CKPT_EVERY}" in logs, logs[-4000:]
+    assert_bitwise_the_uninterrupted_run(ray_run, ray_two_node_run[0])
 
 
 def test_a_collective_whose_peer_died_is_named_as_such_and_other_errors_are_not():

@@ -58,6 +58,8 @@ def check_resumable(cfg) -> None:
     checkpoints belong to another model (see ``RUN_FINGERPRINT``): the resume would fail
     half-way or, worse, load weights into the wrong latent space or objective."""
     run_dir = Path(cfg.train.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"train.run_dir={run_dir} is a file, not a directory; choose another train.run_dir")
     stored = run_dir / "config.yaml"
     if not stored.is_file() or latest_complete(run_dir / "checkpoints") is None:
         return
