@@ -39,9 +39,8 @@ def check_free(run_dir: Path) -> None:
 
 
 def _take(run_dir: Path) -> str | None:
-    """Lock ``run_dir`` for this process; the refusal naming the holder if another has it."""
-    if run_dir.exists() and not run_dir.is_dir():
-        return f"train.run_dir={run_dir} is a file, not a directory; choose another train.run_dir"
+    """Lock ``run_dir`` for this process; the refusal naming the holder if another has it.
+    (A run_dir that is a file was refused before, by checkpoint.check_resumable.)"""
     run_dir.mkdir(parents=True, exist_ok=True)
     if any(Path(held.name).parent == run_dir for held in _held):
         return None  # this process has it already (a second run in one process)
