@@ -26,6 +26,15 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(path, overrides):
+    """The validated config, and this process's S3 time limits set from it."""
+    from .data import storage
+
+    cfg = load_config(path, overrides)
+    storage.configure(cfg.s3)
+    return cfg
+
+
 def _lookup(cfg, key: str):
     """The value of a dotted key (for scripts: `dist-diffusion config R --get train.run_dir`)."""
     node = cfg
@@ -69,7 +78,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import PrepareError, prepare
     from .data.storage import StorageError
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args.config, args.overrides)
     try:
         result = prepare(args.src, args.out, cfg.data, overwrite=args.overwrite)
     except (PrepareError, StorageError) as err:
@@ -86,7 +95,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     from .data.storage import StorageError
     from .runtime.env import spawn_local
 
-    cfg = load_config(args.config, args.overrides)  # validate once, before spawning ranks
+    cfg = _load(args.config, args.overrides)  # validate once, before spawning ranks
     _check_device(cfg)
     if args.nproc > 1:
         argv = ["encode", "--shards", args.shards, "--out", args.out, *args.overrides]
@@ -107,7 +116,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .runtime.env import spawn_local
 
-    cfg = load_config(args.config, args.overrides)  # validate once, before any worker starts
+    cfg = _load(args.config, args.overrides)  # validate once, before any worker starts
     _check_device(cfg)
     from .runtime import run_lock
     from .runtime.checkpoint import check_resumable
@@ -155,7 +164,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .runtime.env import spawn_local
 
     overrides = [*args.overrides, *(["eval.metrics=false"] if args.command == "sample" and not args.metrics else [])]
-    cfg = load_config(args.config, overrides)  # validate once, before any worker starts
+    cfg = _load(args.config, overrides)  # validate once, before any worker starts
     _check_device(cfg)
     from .evaluate.sample import check_unet_dir
 

@@ -122,6 +122,19 @@ class DataConfig:
 
 
 @dataclass
+class S3Config:
+    """Time limits and retries of every S3 request (one retry layer: botocore's for single
+    requests, ours for downloads, which resume at the byte they reached)."""
+
+    connect_timeout_s: float = _f(5.0, "seconds to open a connection to the S3 endpoint", gt=0.0)
+    read_timeout_s: float = _f(12.0, "seconds without a byte from S3 before a request is abandoned "
+                                     "(a download is then resumed at the byte it reached)", gt=0.0)
+    attempts: int = _f(3, "tries of an S3 request before it fails; a download try that received "
+                          "bytes does not count (with the defaults a dead endpoint fails within 60 s)",
+                       ge=1)
+
+
+@dataclass
 class TrainConfig:
     """The optimisation loop."""
 
@@ -260,6 +273,7 @@ class Config:
     vae: VAEConfig = field(default_factory=VAEConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    s3: S3Config = field(default_factory=S3Config)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)

@@ -25,6 +25,7 @@ from .core.losses import diffusion_loss, drop_labels
 from .core.models import build_for_target, build_vae, encode_images, null_label, unet_input_shape
 from .core.schedule import make_schedule
 from .core.vae_loss import vae_loss
+from .data import storage
 from .data.stream import Position, ShardStream, StreamSpec, load_manifest, unconsumed
 from .runtime import checkpoint, run_lock
 from .runtime.distributed import any_rank, barrier, describe, device, init_process_group, placement
@@ -113,6 +114,7 @@ def _loop(run: Run, batches, guard: "PreemptionGuard", started: float) -> None:
 
 def build_run(cfg: Config) -> Run:
     checkpoint.check_resumable(cfg)  # the launchers checked already; a rank started by hand did not
+    storage.configure(cfg.s3)  # every launcher's rank comes through here
     env = init_process_group(cfg.runtime.device, cfg.launch.gpus_per_worker > 0, cfg.runtime.socket_ifname,
                              cfg.runtime.rendezvous_timeout_s)
     run_dir = Path(cfg.train.run_dir)

@@ -2,7 +2,9 @@
 
 Connection n (counting from 1) is treated by the schedule: every ``slowdown_every``-th
 gets an HTTP 503 SlowDown as its first answer and is closed; otherwise connections with
-n % cut_every == 1 are reset after ``cut_after`` bytes from the server (mid-transfer).
+n % cut_every == 1 are reset after ``cut_after`` bytes from the server (mid-transfer), or
+with ``stall=True`` go silent there (the client's read timeout must abandon them).
+``Blackhole`` is an endpoint that accepts connections and never answers.
 Clients keep connections alive, so faults are per connection, not per request.
 """
 
@@ -18,9 +20,10 @@ SLOWDOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent
 
 class FaultyProxy:
     def __init__(self, upstream_port: int, cut_every: int = 3, cut_after: int = 30_000,
-                 slowdown_every: int = 4):
+                 slowdown_every: int = 4, stall: bool = False):
         self.upstream_port = upstream_port
         self.cut_every, self.cut_after, self.slowdown_every = cut_every, cut_after, slowdown_every
+        self.stall = stall
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.connections = self.cuts = self.slowdowns = 0
@@ -68,6 +71,9 @@ class FaultyProxy:
                 if limit is not None and sent + len(data) > limit:
                     dst.sendall(data[: limit - sent])
                     self.cuts += 1
+                    if self.stall:  # silent, not closed: swallow the rest until the client gives up
+                        while src.recv(16384):
+                            pass
                     break  # the connection drops mid-transfer
                 dst.sendall(data)
                 sent += len(data)
@@ -83,3 +89,39 @@ class FaultyProxy:
                     s.close()
                 except OSError:
                     pass
+
+
+class Blackhole:
+    """Accepts TCP connections, reads nothing, answers nothing; counts the connections."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+
+    @property
+    def connections(self) -> int:
+        return len(self.held)
+
+    def __enter__(self) -> "Blackhole":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
+        except OSError:
+            pass
+        self.server.close()
+        for s in self.held:
+            s.close()
+        self._thread.join(timeout=5)
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            self.held.append(client)

@@ -1,6 +1,8 @@
 """Streaming shards from a real S3: coverage, balance, order, exact resume."""
 
 import collections
+import contextlib
+import random
 
 import pytest
 import torch
@@ -165,3 +167,101 @@ def test_one_loader_across_epochs_equals_one_loader_per_epoch(shards_url, worker
         if len(got) == len(expected):
             break
     assert got == expected
+
+
+@pytest.fixture
+def s3_policy():
+    """Set this process's S3 policy for one test; the defaults come back afterwards."""
+    from types import SimpleNamespace
+
+    from dist_diffusion.data import storage
+
+    def apply(**kw):
+        storage.configure(SimpleNamespace(**{**vars(storage.Policy()), **kw}))
+        storage.s3_client.cache_clear()
+
+    yield apply
+    storage.configure(storage.Policy())
+    storage.s3_client.cache_clear()
+
+
+@contextlib.contextmanager
+def endpoint(monkeypatch, port):
+    from dist_diffusion.data import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    storage.s3_client.cache_clear()
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        storage.s3_client.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def one_mb_object(s3_server, shards_url):
+    from dist_diffusion.data import storage
+
+    data = random.Random(7).randbytes(1 << 20)
+    storage.s3_client().put_object(Bucket="stream-data", Key="blobs/one-mb", Body=data)
+    return storage.parse("s3://stream-data/blobs/one-mb"), data
+
+
+def test_a_connection_cut_every_64_kb_still_delivers_a_1_mb_object(s3_server, one_mb_object, monkeypatch):
+    """Only tries that received nothing count against s3.attempts (3): sixteen breaks that
+    each delivered bytes do not use it up."""
+    from faulty_proxy import FaultyProxy
+
+    from dist_diffusion.data import storage
+
+    loc, data = one_mb_object
+    port = int(s3_server.endpoint.rsplit(":", 1)[1])
+    stats = {}
+    with FaultyProxy(port, cut_every=1, cut_after=64 * 1024, slowdown_every=0) as proxy, \
+            endpoint(monkeypatch, proxy.port):
+        got = storage.read_bytes(loc, stats)
+    assert got == data
+    assert proxy.cuts >= 15 and stats["retries"] >= 15 > storage.Policy().attempts
+
+
+def test_a_stalled_download_is_abandoned_at_the_read_timeout_and_resumed(s3_server, one_mb_object,
+                                                                         monkeypatch, s3_policy):
+    from faulty_proxy import FaultyProxy
+
+    from dist_diffusion.data import storage
+
+    s3_policy(read_timeout_s=0.5)
+    loc, data = one_mb_object
+    port = int(s3_server.endpoint.rsplit(":", 1)[1])
+    stats = {}
+    with FaultyProxy(port, cut_every=2, cut_after=300_000, slowdown_every=0, stall=True) as proxy, \
+            endpoint(monkeypatch, proxy.port):
+        got = storage.read_bytes(loc, stats)
+    assert got == data and proxy.cuts >= 1 and stats["retries"] == proxy.cuts
+
+
+def test_an_endpoint_that_never_answers_fails_after_s3_attempts_tries_naming_the_key(monkeypatch, s3_policy):
+    """One retry layer: a request is tried exactly s3.attempts times (botocore's retries for
+    single requests, ours for downloads), then one error names the timeout key."""
+    from faulty_proxy import Blackhole
+
+    from dist_diffusion.data import storage
+
+    s3_policy(read_timeout_s=0.3, attempts=2)
+    for call in (lambda: storage.check_bucket("s3://any/x"),
+                 lambda: storage.read_bytes(storage.parse("s3://any/x/shard.tar"))):
+        with Blackhole() as hole, endpoint(monkeypatch, hole.port):
+            with pytest.raises(storage.StorageError, match=r"did not answer within s3\.read_timeout_s=0\.3 s "
+                                                           r"in 2 tries") as err:
+                call()
+            assert hole.connections == 2
+        assert f"127.0.0.1:{hole.port}" in str(err.value)
+
+
+def test_default_s3_policy_gives_up_on_a_dead_endpoint_within_a_minute():
+    from dist_diffusion.config import S3Config
+    from dist_diffusion.data import storage
+
+    defaults = storage.Policy()
+    assert vars(defaults) == {f: getattr(S3Config(), f) for f in vars(defaults)}  # one set of defaults
+    assert defaults.worst_case_s() <= 60

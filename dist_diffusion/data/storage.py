@@ -53,10 +53,39 @@ def parse(url: str | os.PathLike) -> Location:
     return Location("", url)
 
 
-def s3_client():
-    """One client per process: boto3 clients are thread-safe but not fork-safe (a forked
-    dataloader worker would share its parent's sockets), so the cache is keyed by PID."""
-    return _client_for(os.getpid())
+@dataclass(frozen=True)
+class Policy:
+    """Time limits and tries of S3 requests (the config's ``s3`` section). There is one retry
+    layer per request: botocore retries single requests (``attempts`` in total); downloads
+    use a client without retries and our own loop, which resumes at the byte it reached and
+    counts only the tries that received nothing."""
+
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 12.0
+    attempts: int = 3
+
+    def worst_case_s(self) -> float:
+        """The longest a request to a dead endpoint takes before it fails: every try waits
+        out both timeouts, plus the longest back-off between tries (botocore's standard
+        mode: up to 2^(n-1) s before retry n, capped at 20 s; ours is shorter)."""
+        backoff = sum(max(min(2.0 ** (n - 1), 20.0), _backoff_s(n)) for n in range(1, self.attempts))
+        return self.attempts * (self.connect_timeout_s + self.read_timeout_s) + backoff
+
+
+_policy = Policy()
+
+
+def configure(s3) -> None:
+    """Set this process's policy from the config's ``s3`` section (call once per command)."""
+    global _policy
+    _policy = Policy(float(s3.connect_timeout_s), float(s3.read_timeout_s), int(s3.attempts))
+
+
+def s3_client(streaming: bool = False):
+    """One client per process and policy: boto3 clients are thread-safe but not fork-safe (a
+    forked dataloader worker would share its parent's sockets), so the cache is keyed by PID.
+    ``streaming``: the client of downloads, which retry in :func:`read_bytes` instead."""
+    return _client_for(os.getpid(), _policy, streaming)
 
 
 def _clear_client_cache() -> None:
@@ -68,20 +97,32 @@ s3_client.cache_clear = _clear_client_cache  # type: ignore[attr-defined]
 
 
 @functools.lru_cache(maxsize=None)
-def _client_for(pid: int):
+def _client_for(pid: int, policy: Policy, streaming: bool):
     import boto3
     from botocore.config import Config as BotoConfig
 
-    config = BotoConfig(retries={"max_attempts": 10, "mode": "adaptive"},
-                        connect_timeout=10, read_timeout=60, max_pool_connections=32)
+    tries = 1 if streaming else policy.attempts
+    config = BotoConfig(retries={"total_max_attempts": tries, "mode": "standard"},
+                        connect_timeout=policy.connect_timeout_s, read_timeout=policy.read_timeout_s,
+                        max_pool_connections=32)
     return boto3.client("s3", config=config)
+
+
+def _backoff_s(failures: int) -> float:
+    return min(0.1 * 2 ** failures, 5.0)
 
 
 def explain(err: Exception, loc: Location) -> StorageError:
     """Turn a botocore error into one sentence with the fix."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError,
+                                     NoCredentialsError, ReadTimeoutError)
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
+    if isinstance(err, (ReadTimeoutError, ConnectTimeoutError)):
+        which = "s3.read_timeout_s" if isinstance(err, ReadTimeoutError) else "s3.connect_timeout_s"
+        return StorageError(f"{loc}: S3 at {endpoint} did not answer within {which}="
+                            f"{getattr(_policy, which[3:])} s in {_policy.attempts} tries (s3.attempts); "
+                            f"check that the endpoint is up and reachable, or raise {which}")
     if isinstance(err, NoCredentialsError):
         return StorageError(f"{loc}: no S3 credentials found; export AWS_ACCESS_KEY_ID and "
                             f"AWS_SECRET_ACCESS_KEY (for the local stack: `dist-diffusion stack up`)")
@@ -125,26 +166,28 @@ def exists(loc: Location) -> bool:
         raise explain(err, loc) from None
 
 
-def read_bytes(loc: Location, retries: int = 8, stats: dict | None = None) -> bytes:
-    """The whole object. A transfer broken mid-way (reset, timeout, 5xx) is retried with
-    back-off and continues at the byte it reached (HTTP Range), so nothing is lost or
-    duplicated; ``stats["retries"]`` counts the retries."""
+def read_bytes(loc: Location, stats: dict | None = None) -> bytes:
+    """The whole object. A transfer broken mid-way (reset, stall past the read timeout, 5xx)
+    is retried with back-off and continues at the byte it reached (HTTP Range), so nothing
+    is lost or duplicated. Only tries that received no byte count against ``s3.attempts``:
+    a connection that breaks every 64 KB still finishes. ``stats["retries"]`` counts retries."""
     if not loc.is_s3:
         return Path(loc.key).read_bytes()
-    buf, attempt, size = bytearray(), 0, None
+    buf, failures, size = bytearray(), 0, None
     while size is None or len(buf) < size:
+        reached = len(buf)
         try:
-            reply = s3_client().get_object(Bucket=loc.bucket, Key=loc.key, Range=f"bytes={len(buf)}-")
+            reply = s3_client(streaming=True).get_object(Bucket=loc.bucket, Key=loc.key, Range=f"bytes={len(buf)}-")
             size = size if size is not None else _total_size(reply)
-            for chunk in reply["Body"].iter_chunks(1 << 20):
+            for chunk in reply["Body"].iter_chunks(1 << 16):
                 buf += chunk
         except Exception as err:  # resets, timeouts, 5xx: botocore raises many types
-            attempt += 1
+            failures = 0 if len(buf) > reached else failures + 1
             if stats is not None:
                 stats["retries"] = stats.get("retries", 0) + 1
-            if attempt > retries or _is_permanent(err):
+            if failures >= _policy.attempts or _is_permanent(err):
                 raise explain(err, loc) from None
-            time.sleep(min(0.05 * 2 ** attempt, 5.0))
+            time.sleep(_backoff_s(failures))
     return bytes(buf)
 
 

@@ -55,7 +55,6 @@ class StreamSpec:
     hflip: bool = True
     max_corrupt_fraction: float = 0.01
     cache_dir: str = ""
-    retries: int = 8
 
     @property
     def slots(self) -> int:
@@ -308,7 +307,7 @@ def fetch_shard(spec: StreamSpec, entry: dict, stats: dict) -> bytes:
     if cached and cached.exists():
         return cached.read_bytes()
     loc = storage.parse(spec.url).join(entry["name"])
-    data = storage.read_bytes(loc, retries=spec.retries, stats=stats)
+    data = storage.read_bytes(loc, stats=stats)
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise DataError(f"{loc}: sha256 does not match the manifest; the shard changed after "
                         f"prepare, re-run prepare")

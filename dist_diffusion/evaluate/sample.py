@@ -55,6 +55,7 @@ def sweep(cfg: Config) -> list[Point]:
 
 def evaluate(cfg: Config) -> list[dict]:
     """Sample every point of the sweep; with eval.metrics, score it. Returns report rows."""
+    storage.configure(cfg.s3)  # every launcher's rank comes through here
     env = init_process_group(cfg.runtime.device, cfg.launch.gpus_per_worker > 0, cfg.runtime.socket_ifname,
                              cfg.runtime.rendezvous_timeout_s)
     if env.is_main:
