@@ -8,7 +8,9 @@ import json
 import sys
 from pathlib import Path
 
+from . import __version__
 from .config import ConfigError, field_docs, load_config, to_yaml
+from .errors import expected, one_line
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -75,15 +77,10 @@ def _cmd_stack(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from .data.prepare import PrepareError, prepare
-    from .data.storage import StorageError
+    from .data.prepare import prepare
 
     cfg = _load(args.config, args.overrides)
-    try:
-        result = prepare(args.src, args.out, cfg.data, overwrite=args.overwrite)
-    except (PrepareError, StorageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = prepare(args.src, args.out, cfg.data, overwrite=args.overwrite)
     for bad in result["skipped"]:
         print(f"skipped unreadable image {bad['path']}: {bad['error']}", file=sys.stderr)
     print(f"{result['num_samples']} samples in {len(result['shards'])} shards, "
@@ -92,7 +89,6 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    from .data.storage import StorageError
     from .runtime.env import spawn_local
 
     cfg = _load(args.config, args.overrides)  # validate once, before spawning ranks
@@ -102,11 +98,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         return spawn_local(argv + (["--config", args.config] if args.config else []), args.nproc)
     from .encode import encode_dataset
 
-    try:
-        result = encode_dataset(cfg, args.shards, args.out)
-    except StorageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = encode_dataset(cfg, args.shards, args.out)
     if result:
         shape = "x".join(map(str, result["latent_shape"]))
         print(f"{result['num_samples']} latents {shape} in {len(result['shards'])} shards -> {args.out}")
@@ -118,13 +110,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config, args.overrides)  # validate once, before any worker starts
     _check_device(cfg)
-    from .runtime import run_lock
-    from .runtime.checkpoint import check_resumable
+    from .train import preflight
 
-    check_resumable(cfg)
     nproc = args.nproc or cfg.runtime.nproc
+    preflight(cfg, check_lock=nproc > 1)  # a single process takes the lock itself, at once
     if nproc > 1:
-        run_lock.check_free(Path(cfg.train.run_dir))
         return spawn_local(["train", "--config", args.config, "--nproc", "1", *args.overrides], nproc)
     from .train import train
 
@@ -166,9 +156,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *(["eval.metrics=false"] if args.command == "sample" and not args.metrics else [])]
     cfg = _load(args.config, overrides)  # validate once, before any worker starts
     _check_device(cfg)
-    from .evaluate.sample import check_unet_dir
+    from .evaluate.sample import check_inputs
 
-    check_unet_dir(cfg.eval.unet)
+    check_inputs(cfg)
     if args.nproc > 1:
         return spawn_local([args.command, "--config", args.config, "--nproc", "1", *overrides], args.nproc)
     from .evaluate.sample import evaluate
@@ -178,9 +168,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _run_rank(work, cfg) -> tuple[object, int]:
     """``work(cfg)`` in this rank, then leave the process group: (its result, 0), or a
-    failure the user can act on as one line on stderr and (None, exit code): 2 for
-    storage, 3 for a run that stopped (a NaN, a peer that never came or died)."""
-    from .data.storage import StorageError
+    failure the user can act on as one line on stderr and (None, exit code): 2 for bad
+    input (config, storage, data), 3 for a run that stopped (a NaN, a peer that never came
+    or died)."""
     from .runtime.distributed import RendezvousFailed, as_peer_lost, shutdown
     from .train import TrainingStopped
 
@@ -188,12 +178,12 @@ def _run_rank(work, cfg) -> tuple[object, int]:
         result = work(cfg)
         shutdown()
         return result, 0
-    except ConfigError as err:  # found once the ranks started (e.g. the run directory is in use)
-        print(f"error: {err}", file=sys.stderr)
+    except expected() as err:  # found once the ranks started (e.g. the run directory is in use)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return None, 2
-    except (StorageError, TrainingStopped, RendezvousFailed) as err:
+    except (TrainingStopped, RendezvousFailed) as err:
         print(f"error: {err}", file=sys.stderr)
-        return None, 2 if isinstance(err, StorageError) else 3
+        return None, 3
     except RuntimeError as err:
         lost = as_peer_lost(err)
         if lost is None:
@@ -215,8 +205,15 @@ def _count(least: int):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its complaint as the one `error:` line every command ends with."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dist-diffusion",
         description="Latent diffusion training and evaluation on clusters.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -273,9 +270,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except expected() as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: an internal error in dist-diffusion {__version__} (a bug, not your input); please "
+              f"report it with the traceback above and the command line", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -304,7 +304,8 @@ def _read_yaml(path: Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
     except Exception as err:  # YAML syntax errors come in several types
-        raise ConfigError(f"{path}: not valid YAML ({err}); fix the syntax") from None
+        reason = " ".join(str(err).split())  # PyYAML's message spans lines
+        raise ConfigError(f"{path}: not valid YAML ({reason}); fix the syntax") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
     if not loaded:

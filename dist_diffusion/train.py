@@ -119,8 +119,7 @@ def build_run(cfg: Config) -> Run:
                              cfg.runtime.rendezvous_timeout_s)
     run_dir = Path(cfg.train.run_dir)
     run_lock.hold(run_dir, env.is_main)  # before anything in the run directory changes
-    manifest = load_manifest(cfg.data.shards) if cfg.data.shards else _no_shards()
-    _check_data_matches(cfg, manifest)
+    manifest = check_data(cfg)
     resume = find_resume_tag(cfg, env)
     elastic = resume is not None and checkpoint.saved_world_size(run_dir / "checkpoints", resume) != env.world_size
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -152,6 +151,25 @@ def _record_placement(run_dir: Path, env) -> None:
 def build_trainable(cfg: Config) -> torch.nn.Module:
     """The network this run optimises: the diffusion UNet, or (train.target=vae) the VAE."""
     return build_for_target(cfg).train()
+
+
+def preflight(cfg: Config, check_lock: bool = True) -> None:
+    """What every launcher checks before a rank starts, each failure one line: the run
+    directory can resume with this config and is not in use, and the shards are there and
+    fit the model."""
+    checkpoint.check_resumable(cfg)
+    check_data(cfg)
+    if cfg.train.ckpt_url:  # not found out at the first checkpoint, after the steps before it
+        storage.check_bucket(cfg.train.ckpt_url)
+    if check_lock:
+        run_lock.check_free(Path(cfg.train.run_dir))
+
+
+def check_data(cfg: Config) -> dict:
+    """The manifest of ``data.shards``, once it is known to fit the model."""
+    manifest = load_manifest(cfg.data.shards) if cfg.data.shards else _no_shards()
+    _check_data_matches(cfg, manifest)
+    return manifest
 
 
 def _no_shards():
@@ -210,22 +228,41 @@ def train_step(run: Run, batches) -> dict:
         t0 = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - t0
+        corrupt += batch.get("skipped", 0)
+        empty = not batch["key"]  # every sample of this micro-batch was corrupt
+        if empty:
+            batch = _stand_in(run)
         gen = _step_generator(cfg.train.seed, run.step, micro, run.env.rank)
         per_sample, t = _micro_loss(run, batch, gen)
-        loss = per_sample.mean()
+        loss = per_sample.mean() * (0.0 if empty else 1.0)
         if not engine_checks_overflow(cfg) and any_rank(not torch.isfinite(loss).item()):
             return _nonfinite(run, loss)
         run.engine.backward(loss)
         run.engine.step()
         if micro == cfg.train.grad_accum - 1 and engine_checks_overflow(cfg) and not run.engine.was_step_applied():
             return _nonfinite(run, loss)  # every rank saw the same reduced overflow flag
-        losses.append(per_sample.detach().float())
-        timesteps.append(t if t is not None else torch.full_like(losses[-1], -1, dtype=torch.long))
-        keys += batch["key"]
-        corrupt += batch.get("skipped", 0)
+        if not empty:
+            losses.append(per_sample.detach().float())
+            timesteps.append(t if t is not None else torch.full_like(losses[-1], -1, dtype=torch.long))
+            keys += batch["key"]
+    if not losses:
+        losses, timesteps = [torch.zeros(0, device=device())], [torch.zeros(0, dtype=torch.long, device=device())]
     return {"per_sample": torch.cat(losses), "t": torch.cat(timesteps), "keys": keys,
             "data_wait_s": waited, "grad_norm": run.engine.get_global_grad_norm(),
             "lr": run.engine.get_lr()[0], "corrupt_samples": corrupt}
+
+
+def _stand_in(run: Run) -> dict:
+    """One all-zero sample in place of a micro-batch whose every sample was corrupt. The rank
+    runs forward and backward on it with loss weight 0, so it joins every collective of the
+    step (ZeRO's gradient reduction) like the other ranks and adds nothing to the gradient:
+    the ranks stay in step without an extra collective to agree on a skip."""
+    if run.manifest["kind"] == "latents":
+        return {"latent": torch.zeros(1, *run.manifest["latent_shape"]), "label": torch.zeros(1, dtype=torch.long),
+                "key": []}
+    side = run.cfg.data.resolution
+    return {"image": torch.zeros(1, run.cfg.data.image_channels, side, side), "label": torch.zeros(1, dtype=torch.long),
+            "key": []}
 
 
 def _micro_loss(run: Run, batch: dict, gen: torch.Generator):

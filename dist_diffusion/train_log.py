@@ -61,8 +61,8 @@ class TrainLogger:
         from .runtime.distributed import mean_over_ranks
 
         per_sample, t = m["per_sample"].cpu(), m["t"].cpu()
-        quartiles = _loss_by_quartile(per_sample, t, self.cfg.diffusion.num_train_timesteps)
-        reduced = mean_over_ranks(torch.tensor([per_sample.mean().item(), *quartiles])).tolist()
+        sums = mean_over_ranks(_loss_sums(per_sample, t, self.cfg.diffusion.num_train_timesteps))
+        reduced = [(total / count).item() if count > 0 else float("nan") for total, count in sums.view(-1, 2)]
         elapsed = time.perf_counter() - self.window_start
         per_proc = self.window_images / elapsed
         row = {"step": step, "loss": reduced[0], **{f"loss_q{i + 1}": reduced[i + 1] for i in range(4)},
@@ -121,10 +121,15 @@ def _as_float(value) -> float:
     return float(value) if value is not None else float("nan")
 
 
-def _loss_by_quartile(per_sample: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> list[float]:
-    """Mean loss of the samples whose timestep falls in each quarter of [0, T); NaN if none."""
-    if (t < 0).all():  # not a diffusion loss (VAE training): no timesteps
-        return [float("nan")] * 4
-    quarter = (t * 4 // num_timesteps).clamp(max=3)
-    return [per_sample[quarter == q].mean().item() if (quarter == q).any() else float("nan")
-            for q in range(4)]
+def _loss_sums(per_sample: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> torch.Tensor:
+    """(sum, count) of the loss over all samples, then over those whose timestep falls in
+    each quarter of [0, T): averaged over ranks and divided, they give the global means
+    even when ranks hold different counts (a rank whose micro-batch was all corrupt)."""
+    masks = [torch.ones_like(per_sample, dtype=torch.bool)]
+    if not (t < 0).all():  # a diffusion loss (VAE and classifier losses have no timesteps)
+        quarter = (t * 4 // num_timesteps).clamp(max=3)
+        masks += [quarter == q for q in range(4)]
+    else:
+        masks += [torch.zeros_like(per_sample, dtype=torch.bool)] * 4
+    return torch.tensor([[per_sample[m].double().sum().item(), float(m.sum())] for m in masks],
+                        dtype=torch.float64).flatten()

@@ -154,15 +154,14 @@ def make_trainer(cfg: Config):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dist_diffusion.runtime import run_lock
-    from dist_diffusion.runtime.checkpoint import check_resumable
+    from dist_diffusion.errors import expected, one_line
+    from dist_diffusion.train import preflight
 
     cfg = config_from_argv(argv, __doc__)
     try:
-        check_resumable(cfg)
-        run_lock.check_free(Path(cfg.train.run_dir))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        preflight(cfg)
+    except expected() as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     cfg.train.run_dir = str(Path(cfg.train.run_dir).resolve())  # the same place after a restart
     result = make_trainer(cfg).fit()

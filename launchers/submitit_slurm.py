@@ -23,8 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from dist_diffusion.config import Config, ConfigError, load_config  # noqa: E402
 from dist_diffusion.extras import MissingExtra, require  # noqa: E402
-from dist_diffusion.runtime import run_lock  # noqa: E402
-from dist_diffusion.runtime.checkpoint import check_resumable  # noqa: E402
 
 try:
     submitit = require("submitit", "slurm", "launchers/submitit_slurm.py")
@@ -108,14 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. launch.nodes=2")
     parser.add_argument("--local", action="store_true", help="submitit's local executor instead of SLURM")
     args = parser.parse_args(argv)
+    from dist_diffusion.errors import expected, one_line
+    from dist_diffusion.train import preflight
+
     try:
         cfg = load_config(args.config, args.overrides)
-        check_resumable(cfg)
-        run_lock.check_free(Path(cfg.train.run_dir))
+        preflight(cfg)
         if not args.local:
             check_partition(cfg.launch.partition)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except expected() as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     job = make_executor(cfg, args.local).submit(TrainJob(args.config, args.overrides))
     print(f"submitted job {job.job_id}: {cfg.launch.world_size} tasks; logs in {cfg.launch.job_dir}", flush=True)

@@ -1,7 +1,6 @@
 """encode: image shards in S3 -> latent shards, split over 2 processes; stream latents back."""
 
 import io
-import json
 import subprocess
 import sys
 from pathlib import Path

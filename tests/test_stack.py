@@ -1,6 +1,5 @@
 """`dist-diffusion stack up|down|status`: idempotent, and down stops only what up started."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path

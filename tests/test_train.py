@@ -1,7 +1,6 @@
 """The real DeepSpeed engine, 2 processes with gloo on CPU, shards in the embedded S3."""
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -276,6 +275,34 @@ def test_nonfinite_loss_stops_cleanly_naming_the_step(tmp_path, datasets):
                     nproc=1, expect=3)
     assert "loss became" in out.stderr and "at step" in out.stderr and "train.nan_policy=skip" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_rank_whose_micro_batches_are_all_corrupt_stays_in_step(tmp_path):
+    """Two shards of 40; every sample of one is corrupt, so one rank's whole span (40 of the
+    epoch's 80 samples) decodes to nothing. That rank steps on a zero-weight stand-in and
+    the run finishes with both ranks, counting what it skipped."""
+    from dist_diffusion.data import shards as shard_format
+    from dist_diffusion.data.prepare import prepare
+    from dist_diffusion.data.stream import parse_tar
+
+    src = make_class_folders(tmp_path / "src", classes=4, per_class=20)
+    data = tmp_path / "shards"
+    prepare(src, str(data), DataConfig(resolution=16, samples_per_shard=40), progress=False)
+    manifest = json.loads((data / "manifest.json").read_text())
+    entry = manifest["shards"][1]
+    broken = [(s["__key__"], {**s, "jpg": b"not a jpeg"}) for s in parse_tar((data / entry["name"]).read_bytes())]
+    entry.update(shard_format.write_tar(data / entry["name"], [(k, {e: v for e, v in f.items() if e != "__key__"})
+                                                              for k, f in broken]))
+    (data / "manifest.json").write_bytes(shard_format.dumps(manifest))
+    run = tmp_path / "run"
+    run_train(run, PIXEL + ["train.batch_size=8", "train.max_steps=6", "data.max_corrupt_fraction=0.6",
+                            f"data.shards={data}"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(r["loss"] is not None and r["loss"] > 0 for r in rows)  # the mean over the samples that exist
+    per_rank = [[json.loads(line)["n"] for line in (run / f"samples_rank{r:03d}.jsonl").read_text().splitlines()]
+                for r in range(2)]
+    assert sorted(map(sum, per_rank)) == [0, 24]  # one rank trained on 6 x 4 samples, the other on none
 
 
 def test_vae_recipe_trains_exports_and_feeds_encode(tmp_path, datasets):

@@ -14,6 +14,7 @@ import dataclasses
 import io
 import multiprocessing as mp
 import random
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,11 +198,14 @@ def prepare(src: str | Path, out: str, data: DataConfig, progress: bool = True, 
     storage.check_bucket(out)  # missing bucket / bad credentials: fail before any work
     if not storage.parse(out).is_s3 and Path(out).exists() and not Path(out).is_dir():
         raise PrepareError(f"--out {out} is a file; give a directory (new or from an earlier prepare) or s3:// prefix")
+    existed = bool(storage.list_names(storage.parse(out)))
     _claim_output(out, data, overwrite)
     jobs = [dataclasses.replace(job, reuse=not overwrite) for job in plan_shards(items, data, src, out)]
     entries = _run_jobs(jobs, data.prepare_workers, progress)
     skipped = [s for e in entries for s in e.pop("skipped")]
     if skipped and len(skipped) == len(items):
+        if not existed:  # the empty shards of this run would only pose as a dataset
+            _remove_output(out)
         raise PrepareError(f"--src {src}: none of its {len(items)} images could be read (first: {skipped[0]['path']}: "
                            f"{skipped[0]['error']}); check the files, or that they are images at all")
     for e in entries:
@@ -211,6 +215,15 @@ def prepare(src: str | Path, out: str, data: DataConfig, progress: bool = True, 
                              source_files=len(items))
     storage.write_bytes(storage.parse(out).join(shards.MANIFEST), shards.dumps(result))
     return result
+
+
+def _remove_output(out: str) -> None:
+    """Delete everything under OUT (which this run created), and OUT itself when local."""
+    root = storage.parse(out)
+    for name in storage.list_names(root):
+        storage.delete(root.join(name))
+    if not root.is_s3:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _run_jobs(jobs: list[ShardJob], workers: int, progress: bool) -> list[dict]:

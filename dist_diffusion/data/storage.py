@@ -105,7 +105,9 @@ def _client_for(pid: int, policy: Policy, streaming: bool):
     config = BotoConfig(retries={"total_max_attempts": tries, "mode": "standard"},
                         connect_timeout=policy.connect_timeout_s, read_timeout=policy.read_timeout_s,
                         max_pool_connections=32)
-    return boto3.client("s3", config=config)
+    # A session of its own: the default session caches credentials from the first client
+    # on, so a changed environment would never be read again.
+    return boto3.session.Session().client("s3", config=config)
 
 
 def _backoff_s(failures: int) -> float:
@@ -213,6 +215,16 @@ def write_bytes(loc: Location, data: bytes) -> None:
         return
     try:
         s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+    except Exception as err:
+        raise explain(err, loc) from None
+
+
+def delete(loc: Location) -> None:
+    if not loc.is_s3:
+        Path(loc.key).unlink(missing_ok=True)
+        return
+    try:
+        s3_client().delete_object(Bucket=loc.bucket, Key=loc.key)
     except Exception as err:
         raise explain(err, loc) from None
 

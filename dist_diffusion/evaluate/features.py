@@ -11,6 +11,7 @@ statistics are tied to exactly the extractor that made them.
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 from pathlib import Path
 from typing import Protocol
@@ -80,20 +81,33 @@ def _host(t: torch.Tensor) -> np.ndarray:
 
 def build_extractor(cfg: Config, where: torch.device = torch.device("cpu")) -> Extractor:
     e = cfg.eval
+    check_extractor(e)
+    if e.features == "inception":
+        return InceptionExtractor(_local_file(e.inception_weights, "eval.inception_weights"), where)
+    return ClassifierExtractor(Path(e.classifier), where)
+
+
+def check_extractor(e) -> None:
+    """The feature network the ``eval`` section names is there and is what it is named as
+    (checked before any rank starts; an s3:// weights URL is checked when it is fetched)."""
     if e.features == "inception":
         if not e.inception_weights:
             raise ConfigError("eval.features=inception needs eval.inception_weights: a path or s3:// URL of "
                               "the FID Inception weights (pt_inception-2015-12-05-6726825d.pth); nothing is "
                               "downloaded at run time. Or use eval.features=classifier")
-        return InceptionExtractor(_local_file(e.inception_weights, "eval.inception_weights"), where)
+        if not storage.parse(e.inception_weights).is_s3 and not Path(e.inception_weights).is_file():
+            raise ConfigError(f"eval.inception_weights={e.inception_weights} does not exist; point it at the "
+                              f"weights file")
+        return
     if not e.classifier:
         raise ConfigError("eval.features=classifier needs eval.classifier: the directory `dist-diffusion export` "
                           "wrote for a run with train.target=classifier")
-    directory = Path(e.classifier)
-    if not (directory / "config.json").is_file():
-        raise ConfigError(f"eval.classifier={e.classifier} holds no exported classifier (config.json missing); "
-                          f"export one with `dist-diffusion export --run-dir RUN --out DIR`")
-    return ClassifierExtractor(directory, where)
+    config = Path(e.classifier) / "config.json"
+    kind = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    if kind != "DomainClassifier":
+        what = f"an exported {kind}, not a classifier" if kind else "not an exported classifier (no config.json)"
+        raise ConfigError(f"eval.classifier={e.classifier} is {what}; export a run with "
+                          f"train.target=classifier (`dist-diffusion export --run-dir RUN --out DIR`)")
 
 
 def _local_file(url: str, key: str) -> Path:

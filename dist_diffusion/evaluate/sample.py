@@ -29,7 +29,7 @@ from ..data.shards import write_tar
 from ..generate import decode_on_its_device, generate
 from ..imaging import save_grid, to_uint8
 from ..runtime.distributed import all_reduce_sum, barrier, describe, device, init_process_group
-from .features import Extractor, build_extractor
+from .features import Extractor, build_extractor, check_extractor
 from .reference import reference_stats
 from .report import result_row, write_report
 from .stats import FeatureSums, frechet_distance
@@ -99,11 +99,22 @@ def load_models(cfg: Config, where: torch.device):
     return unet, vae
 
 
+def check_inputs(cfg: Config) -> None:
+    """What the job reads, checked before any rank starts, each failure one line naming
+    the key: the UNet export, and with metrics on, the reference and the feature network."""
+    check_unet_dir(cfg.eval.unet)
+    storage.check_bucket(cfg.eval.out)  # not found out at the first shard written
+    if not cfg.eval.metrics:
+        return
+    if not (cfg.eval.reference or cfg.data.shards):
+        raise ConfigError("eval.metrics needs reference images: set eval.reference (or data.shards) to the "
+                          "image shards from prepare")
+    check_extractor(cfg.eval)
+
+
 def check_unet_dir(path: str) -> None:
     """eval.unet must be a diffusers UNet2DModel directory (an export of a UNet run, not of
     its VAE or classifier): one line naming what it is instead, before any rank starts."""
-    import json
-
     config = Path(path) / "config.json" if path else None
     kind = json.loads(config.read_text()).get("_class_name") if config and config.is_file() else None
     if kind != "UNet2DModel":
