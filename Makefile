@@ -9,12 +9,14 @@ STAMP  := $(VENV)/.installed
 venv: $(STAMP)
 
 # torch/torchvision first, pinned: those builds install from the build machines' disk.
-# Then the package with every extra ([dev]), held to the tested versions (constraints.txt).
+# Then the package with every extra ([dev]), held to the tested versions (constraints.txt),
+# and DeepSpeed's CPU communication op, built once here rather than inside the first run.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -c 'from dist_diffusion.runtime.distributed import prebuild_cpu_ops; prebuild_cpu_ops()'
 	touch $(STAMP)
 
 # The local SLURM cluster (infra/local/slurm.sh) for the launcher tests, and iproute2 for
@@ -24,8 +26,9 @@ system-deps:
 	@command -v slurmctld >/dev/null && command -v mariadbd >/dev/null && command -v ip >/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PKGS) >/dev/null; }
 
+# TEST_ARGS='-m "not slow"' is the fast inner loop (a few minutes).
 test: venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(TEST_ARGS)
 
 demo: venv
 	$(BIN)/python -m dist_diffusion.demo

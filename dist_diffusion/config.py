@@ -217,7 +217,10 @@ class SampleConfig:
                                 "the network (the sampler's arithmetic stays fp32)",
                         choices=["fp32", "bf16"])
     num_samples: int = _f(16, "images to generate", ge=1)
-    batch_size: int = _f(16, "images per forward pass", ge=1)
+    batch_size: int = _f(16, "images advanced through the sampler together", ge=1)
+    network_batch: int = _f(0, "rows of every network call (UNet, VAE decoder): a batch is cut into "
+                               "blocks of this many, the last padded, so a sample's arithmetic does not "
+                               "depend on sample.batch_size (0: the whole batch in one call, fastest)", ge=0)
     seed: int = _f(0, "base seed; sample i draws all its noise from seed (base, i)")
 
 

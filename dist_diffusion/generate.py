@@ -29,7 +29,7 @@ def generate(cfg: Config, unet: torch.nn.Module, labels: torch.Tensor, indices: 
     scale = s.cfg_scale if cfg_scale is None else cfg_scale
     guidance = Guidance(null_label(cfg), scale, tuple(s.guidance_interval) or None)
     schedule = make_schedule(d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end).to(where)
-    denoise = _in_precision(as_denoiser(unet), where, s.precision)
+    denoise = in_row_blocks(_in_precision(as_denoiser(unet), where, s.precision), s.network_batch)
     return run_sampler(s.sampler, denoise, schedule, noise, labels.to(where), guidance, steps=s.steps,
                        spacing=s.spacing, eta=s.eta, generators=gens, prediction=d.prediction,
                        clip_x0=s.clip_x0, progress=progress)
@@ -51,11 +51,32 @@ def _in_precision(denoise, where: torch.device, precision: str):
     return bf16
 
 
-def decode_on_its_device(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images with the VAE wherever it lives, in its dtype; the VAE itself is
-    never moved or cast (during training it is the encoder of the next step)."""
+def in_row_blocks(fn, rows: int):
+    """``fn(*tensors)`` computed on blocks of exactly ``rows`` rows (the last block padded by
+    repeating its first row), so every call has one shape. A network's output row then
+    depends on its input row alone, not on the batch size around it: kernels choose their
+    blocking (and so their rounding) by shape. ``rows`` 0: ``fn`` itself."""
+    if rows <= 0:
+        return fn
+
+    def blocks(*tensors):
+        n, outs = tensors[0].shape[0], []
+        for start in range(0, n, rows):
+            part = [t[start:start + rows] for t in tensors]
+            short = rows - part[0].shape[0]
+            padded = [torch.cat([p, p[:1].expand(short, *p.shape[1:])]) if short else p for p in part]
+            outs.append(fn(*padded)[:rows - short])
+        return torch.cat(outs)
+    return blocks
+
+
+def decode_on_its_device(vae, latents: torch.Tensor, rows: int = 0) -> torch.Tensor:
+    """Latents -> images with the VAE wherever it lives, in its dtype, in blocks of ``rows``
+    (see :func:`in_row_blocks`); the VAE itself is never moved or cast (during training it
+    is the encoder of the next step)."""
     dtype = next(vae.parameters()).dtype
-    return decode_latents(vae, latents.to(_device_of(vae), dtype)).float()
+    decode = in_row_blocks(lambda z: decode_latents(vae, z), rows)
+    return decode(latents.to(_device_of(vae), dtype)).float()
 
 
 def class_rows(cfg: Config, per_class: int) -> torch.Tensor:

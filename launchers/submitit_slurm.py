@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        preflight(cfg)
         if not args.local:
             check_partition(cfg.launch.partition)
+        preflight(cfg)
     except expected() as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2

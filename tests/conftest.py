@@ -5,6 +5,18 @@ import torch
 
 from dist_diffusion.core.schedule import make_schedule
 
+# Modules whose tests start SLURM, Ray or the 2-node cluster, and modules whose tests
+# start training or sampling processes. `pytest -m "not slow"` is the fast inner loop.
+DAEMON_MODULES = {"test_cluster", "test_slurm", "test_ray"}
+SLOW_MODULES = DAEMON_MODULES | {"test_train", "test_evaluate", "test_demo", "test_encode"}
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__
+        if module in DAEMON_MODULES:
+            item.add_marker(pytest.mark.daemons)
+        if module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 class TinyDenoiser(torch.nn.Module):
     """A small conditional network (x_t, t, label) -> prediction that behaves like a

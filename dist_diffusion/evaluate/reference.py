@@ -1,6 +1,7 @@
 """Reference statistics of the real data: computed once per (dataset, extractor) by a
 distributed pass over the shards and cached next to them as
-``<shards>/fid_stats/<extractor id>.npz``; later jobs read that file instead."""
+``<shards>/fid_stats/<extractor id>.npz``; later jobs read that file instead. Sums are
+taken in shard order from per-shard feature files, never in rank order."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import io
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from ..data import storage
@@ -19,27 +21,55 @@ from .features import Extractor
 from .stats import FeatureSums
 
 
-def reference_stats(shards: str, extractor: Extractor, env: ProcessEnv, batch_size: int = 64) -> tuple[FeatureSums, bool]:
-    """(statistics of every image in ``shards``, whether they came from the cache)."""
-    cache = storage.parse(shards).join(f"fid_stats/{extractor.id}.npz")
+def reference_stats(shards: str, extractor: Extractor, env: ProcessEnv,
+                    batch_size: int = 64) -> tuple[FeatureSums | None, bool]:
+    """(statistics of every image in ``shards``, whether they came from the cache); the
+    statistics on the main rank only (None elsewhere), which is where scores are made.
+
+    Each rank extracts the features of its shards into ``fid_stats/<id>/`` (one file per
+    shard, kept: a rerun skips them); the main rank then sums them in shard order, so the
+    statistics are the same bits whatever the number of processes."""
+    root = storage.parse(shards)
+    cache = root.join(f"fid_stats/{extractor.id}.npz")
     if storage.exists(cache):
-        return _load(storage.read_bytes(cache), extractor), True
+        return (_load(storage.read_bytes(cache), extractor) if env.is_main else None), True
     manifest = load_manifest(shards)
     if manifest["kind"] != "images":
         raise ValueError(f"{shards} holds {manifest['kind']}; reference statistics need the image shards "
                          f"(set eval.reference to the output of prepare)")
-    sums = FeatureSums.empty(extractor.dim, extractor.classes)
-    mine = manifest["shards"][env.rank::env.world_size]
-    for entry in tqdm(mine, desc="reference stats", unit="shard", disable=not env.is_main):
-        images = [decode_image(s) for s in parse_tar(storage.read_bytes(storage.parse(shards).join(entry["name"])))
-                  if any(ext in s for ext in IMAGE_EXTS)]
-        for start in range(0, len(images), batch_size):
-            feats, logits = extractor(to_uint8(torch.stack(images[start:start + batch_size])))
-            sums.add(feats, logits)
-    total = FeatureSums.from_vector(all_reduce_sum(sums.to_vector()), extractor.dim, extractor.classes)
-    if env.is_main:
-        storage.write_bytes(cache, _dump(total))
+    entries = manifest["shards"]
+    for k in tqdm(range(env.rank, len(entries), env.world_size), desc="reference stats", unit="shard",
+                  disable=not env.is_main):
+        _extract_shard(root, entries[k], _features_file(root, extractor, k), extractor, batch_size)
+    all_reduce_sum(np.zeros(1))  # every rank's feature files are written
+    if not env.is_main:
+        return None, False
+    total = FeatureSums.empty(extractor.dim, extractor.classes)
+    with threadpool_limits(limits=1):  # the same additions in the same order, see module doc
+        for k in range(len(entries)):
+            with np.load(io.BytesIO(storage.read_bytes(_features_file(root, extractor, k)))) as f:
+                total.add(f["features"], f["logits"])
+    storage.write_bytes(cache, _dump(total))
     return total, False
+
+
+def _features_file(root, extractor: Extractor, k: int):
+    return root.join(f"fid_stats/{extractor.id}/features-{k:06d}.npz")
+
+
+def _extract_shard(root, entry: dict, dest, extractor: Extractor, batch_size: int) -> None:
+    if storage.exists(dest):
+        return
+    images = [decode_image(s) for s in parse_tar(storage.read_bytes(root.join(entry["name"])))
+              if any(ext in s for ext in IMAGE_EXTS)]
+    feats, logits = [], []
+    for start in range(0, len(images), batch_size):
+        f, lg = extractor(to_uint8(torch.stack(images[start:start + batch_size])))
+        feats.append(f.astype(np.float32))
+        logits.append(lg.astype(np.float32))
+    buf = io.BytesIO()
+    np.savez(buf, features=np.concatenate(feats), logits=np.concatenate(logits))
+    storage.write_bytes(dest, buf.getvalue())
 
 
 def _dump(sums: FeatureSums) -> bytes:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from ..config import Config, ConfigError
@@ -58,6 +59,12 @@ def evaluate(cfg: Config) -> list[dict]:
     storage.configure(cfg.s3)  # every launcher's rank comes through here
     env = init_process_group(cfg.runtime.device, cfg.launch.gpus_per_worker > 0, cfg.runtime.socket_ifname,
                              cfg.runtime.rendezvous_timeout_s)
+    if device().type == "cpu":
+        # CPU kernels split their sums by thread count, and the count per process would
+        # follow --nproc: on one thread each, every sample (every PNG byte, every
+        # feature) is the same whatever the number of processes. The shards are
+        # independent, so processes, not threads, are how sampling uses the cores.
+        torch.set_num_threads(1)
     if env.is_main:
         print(f"[eval] {describe(env)}", flush=True)
     unet, vae = load_models(cfg, device())
@@ -76,9 +83,9 @@ def evaluate(cfg: Config) -> list[dict]:
     for point in sweep(cfg):
         started = time.monotonic()
         sums, resumed = sample_point(cfg, point, unet, vae, extractor, env)
-        barrier()
         seconds = time.monotonic() - started
-        metrics = score(sums, reference, extractor) if extractor else {}
+        metrics = score(sums, reference, extractor) if sums is not None else {}
+        barrier()  # the main rank scored; no rank goes on to the next point's shards before
         rows.append(result_row(cfg, point, metrics, seconds, resumed))
         if env.is_main:
             save_point_grid(cfg, point)
@@ -123,29 +130,42 @@ def check_unet_dir(path: str) -> None:
                           f"--out DIR` on a UNet run (train.target=unet) and pass eval.unet=DIR")
 
 
-def sample_point(cfg: Config, point: Point, unet, vae, extractor: Extractor | None, env) -> tuple[FeatureSums, int]:
-    """This rank's shards of one sweep point; returns the reduced sums and shards reused."""
-    point_cfg = replace(cfg, sample=replace(cfg.sample, cfg_scale=point.cfg_scale, steps=point.steps))
+def sample_point(cfg: Config, point: Point, unet, vae, extractor: Extractor | None, env) -> tuple[FeatureSums | None, int]:
+    """This rank's shards of one sweep point. Returns, on the main rank with an extractor,
+    the point's statistics (else None), and on every rank the shards reused."""
     out = storage.parse(cfg.eval.out).join(point.name)
     n, per_shard = cfg.sample.num_samples, cfg.eval.samples_per_shard
-    mine = list(range(env.rank, math.ceil(n / per_shard), env.world_size))
-    dim, classes = (extractor.dim, extractor.classes) if extractor else (1, 1)
-    sums, resumed = FeatureSums.empty(dim, classes), 0
+    shards = math.ceil(n / per_shard)
+    mine = list(range(env.rank, shards, env.world_size))
+    resumed = 0
     bar = tqdm(total=sum(min(n, (k + 1) * per_shard) - k * per_shard for k in mine), unit="img",
                desc=f"sample {point.name}", disable=not env.is_main)
+    point_cfg = replace(cfg, sample=replace(cfg.sample, cfg_scale=point.cfg_scale, steps=point.steps))
     for k in mine:
         indices = list(range(k * per_shard, min(n, (k + 1) * per_shard)))
-        sidecar = out.join(f"samples-{k:06d}.npz")
-        if storage.exists(sidecar):
-            record, resumed = _load_record(sidecar), resumed + 1
+        if storage.exists(out.join(f"samples-{k:06d}.npz")):
+            resumed += 1
             bar.update(len(indices))
         else:
-            record = _make_shard(point_cfg, unet, vae, extractor, indices, out, k, bar)
-        if extractor:
-            sums.add(record["features"], record["logits"], record["labels"] if extractor.judges_labels else None)
+            _make_shard(point_cfg, unet, vae, extractor, indices, out, k, bar)
     bar.close()
-    return FeatureSums.from_vector(all_reduce_sum(sums.to_vector()), dim, classes), \
-        int(all_reduce_sum(np.array([float(resumed)]))[0])
+    resumed = int(all_reduce_sum(np.array([float(resumed)]))[0])  # also: every shard is written now
+    sums = shard_order_sums(out, shards, extractor) if extractor is not None and env.is_main else None
+    return sums, resumed
+
+
+def shard_order_sums(out, shards: int, extractor: Extractor) -> FeatureSums:
+    """The point's statistics, summed from the shards' feature files in shard order: the
+    same float64 additions in the same order whatever the number of workers, so every
+    figure of the report compares equal with ``==`` across worker counts. One BLAS thread
+    (the main rank's thread count follows the worker count). Memory: one shard's
+    features at a time, plus the D x D sums."""
+    sums = FeatureSums.empty(extractor.dim, extractor.classes)
+    with threadpool_limits(limits=1):
+        for k in range(shards):
+            record = _load_record(out.join(f"samples-{k:06d}.npz"))
+            sums.add(record["features"], record["logits"], record["labels"] if extractor.judges_labels else None)
+    return sums
 
 
 def labels_for(cfg: Config, indices: list[int]) -> torch.Tensor:
@@ -159,7 +179,7 @@ def _make_shard(cfg: Config, unet, vae, extractor, indices: list[int], out, k: i
         idx = indices[start:start + cfg.sample.batch_size]
         x = generate(cfg, unet, labels_for(cfg, idx), idx)
         if vae is not None:
-            x = decode_on_its_device(vae, x)
+            x = decode_on_its_device(vae, x, cfg.sample.network_batch)
         images.append(to_uint8(x[:, :3]).cpu())
         bar.update(len(idx))
         bar.set_postfix(img_per_s=f"{bar.n / max(bar.format_dict['elapsed'], 1e-9):.1f}")
@@ -202,8 +222,9 @@ def _load_record(sidecar) -> dict:
 def score(sums: FeatureSums, reference: FeatureSums, extractor: Extractor) -> dict:
     mu, cov = sums.mean_cov()
     ref_mu, ref_cov = reference.mean_cov()
-    metrics = {"fid": frechet_distance(mu, cov, ref_mu, ref_cov), "inception_score": sums.inception_score(),
-               "features": extractor.id}
+    with threadpool_limits(limits=1):  # LAPACK's eigh: the same bits whatever the thread count
+        fid = frechet_distance(mu, cov, ref_mu, ref_cov)
+    metrics = {"fid": fid, "inception_score": sums.inception_score(), "features": extractor.id}
     if extractor.judges_labels:
         metrics["class_accuracy"] = sums.accuracy()
     return metrics

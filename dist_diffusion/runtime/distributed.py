@@ -236,6 +236,23 @@ def use_one_ninja() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + path
 
 
+def prebuild_cpu_ops() -> None:
+    """Build DeepSpeed's CPU communication op (shared-memory collectives for gloo ranks on
+    one machine) now, once, instead of in the first training run: about a minute on 2
+    cores, which would otherwise land inside the first run and its timeouts. `make venv`
+    calls this. GPU machines use NCCL and skip it."""
+    if torch.cuda.is_available():
+        return
+    use_one_ninja()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _quiet_known_noise(torch.device("cpu"))
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        builder.load(verbose=False)
+
+
 def _quiet_known_noise(chosen: torch.device) -> None:
     """Name the accelerator instead of letting DeepSpeed probe and warn (and pick the GPU
     under runtime.device=cpu), and hide a deprecation warning DeepSpeed's own ZeRO code
