@@ -203,7 +203,9 @@ class RuntimeConfig:
 class SampleConfig:
     """Generation: sampler, guidance and seeds."""
 
-    sampler: str = _f("ddim", "sampling algorithm", choices=["ddpm", "ddim", "dpm_solver_2m"])
+    sampler: str = _f("ddim", "sampling algorithm (dpm_solver_2m: DPM-Solver++(2M); unipc: UniPC-bh2)",
+                      choices=["ddpm", "ddim", "dpm_solver_2m", "unipc"])
+    order: int = _f(2, "UniPC's order (2 or 3 are the usual; 1 is DDIM with a corrector)", ge=1, le=3)
     steps: int = _f(50, "sampling steps (ddpm always uses all T)", ge=1)
     eta: float = _f(0.0, "DDIM stochasticity: 0 deterministic, 1 DDPM-like", ge=0.0, le=1.0)
     spacing: str = _f("leading", "how DDIM/DPM-Solver pick timesteps from 0..T-1",
@@ -394,9 +396,10 @@ def _cross_problems(cfg: Config) -> List[str]:
         if m.norm_num_groups and ch % m.norm_num_groups:
             problems.append(f"model.block_out_channels entry {ch} is not divisible by "
                             f"model.norm_num_groups={m.norm_num_groups}")
-    if s.steps > d.num_train_timesteps:
-        problems.append(f"sample.steps={s.steps} must be <= diffusion.num_train_timesteps="
-                        f"{d.num_train_timesteps}")
+    most = d.num_train_timesteps - (s.sampler in ("dpm_solver_2m", "unipc"))  # multistep: steps + 1 points
+    if s.steps > most:
+        problems.append(f"sample.steps={s.steps} must be <= {most} for sample.sampler={s.sampler} "
+                        f"(diffusion.num_train_timesteps={d.num_train_timesteps})")
     problems += _sweep_problems(cfg)
     problems += _signal_problems(cfg.train.preempt_signals)
     problems += _interval_problems(s.guidance_interval, d.num_train_timesteps)

@@ -32,7 +32,7 @@ def generate(cfg: Config, unet: torch.nn.Module, labels: torch.Tensor, indices: 
     denoise = in_row_blocks(_in_precision(as_denoiser(unet), where, s.precision), s.network_batch)
     return run_sampler(s.sampler, denoise, schedule, noise, labels.to(where), guidance, steps=s.steps,
                        spacing=s.spacing, eta=s.eta, generators=gens, prediction=d.prediction,
-                       clip_x0=s.clip_x0, progress=progress)
+                       clip_x0=s.clip_x0, order=s.order, progress=progress)
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

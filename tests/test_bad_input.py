@@ -75,7 +75,7 @@ CONFIG = [  # a recipe or override that is wrong: found when the config loads
          "model.attention_levels has 1 entries but model.block_out_channels has 2"),
     case("channels-vs-groups", f"config {T} model.block_out_channels=[30,64]",
          "model.block_out_channels entry 30 is not divisible by model.norm_num_groups=8"),
-    case("steps-above-T", f"config {T} sample.steps=5000", "sample.steps=5000 must be <= diffusion.num_train_timesteps"),
+    case("steps-above-T", f"config {T} sample.steps=5000", "sample.steps=5000 must be <= 1000 for sample.sampler=ddim"),
     case("guidance-interval-one-value", f"config {T} sample.guidance_interval=[5]", "sample.guidance_interval=[5]"),
     case("guidance-interval-reversed", f"config {T} sample.guidance_interval=[500,100]",
          "sample.guidance_interval=[500, 100] must be [lo, hi]"),

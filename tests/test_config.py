@@ -58,7 +58,8 @@ def test_out_of_range_names_key_and_bound():
 @pytest.mark.parametrize("override,match", [
     ("diffusion.schedule=quadratic", r"diffusion\.schedule='quadratic' is not one of"),
     ("sample.steps=0", r"sample\.steps=0 must be >= 1"),
-    ("sample.steps=2000", r"sample\.steps=2000 must be <= diffusion\.num_train_timesteps=1000"),
+    ("sample.steps=2000", r"sample\.steps=2000 must be <= 1000 for sample\.sampler=ddim"),
+    ("sample.sampler=unipc sample.steps=1000", r"sample\.steps=1000 must be <= 999 for sample\.sampler=unipc"),
     ("sample.guidance_interval=[100,1000]", r"guidance_interval=\[100, 1000\] must be \[lo, hi\]"),
     ("sample.guidance_interval=[500,100]", r"guidance_interval"),
     ("sample.sampler=euler", r"sample\.sampler='euler' is not one of"),
@@ -72,7 +73,7 @@ def test_out_of_range_names_key_and_bound():
 ])
 def test_bad_values_get_one_clear_error(override, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(None, [override])
+        load_config(None, override.split())
 
 
 def test_empty_recipe_and_a_section_given_a_scalar_are_named(tmp_path):

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from dist_diffusion.core.guidance import Guidance, guided_output
-from dist_diffusion.core.samplers import (ddim_sample, ddpm_sample, dpm_solver_2m_sample,
-                                          make_timesteps, run_sampler, sample_generators)
+from dist_diffusion.core.samplers import (MULTISTEP, SAMPLERS, ddim_sample, ddpm_sample, dpm_solver_2m_sample,
+                                          make_timesteps, run_sampler, sample_generators, unipc_sample)
 from dist_diffusion.core.schedule import DEFAULT_BETAS, make_schedule
 
 from conftest import make_tiny_model
@@ -104,10 +104,53 @@ def test_dpm_solver_2m_equals_diffusers(schedule, prediction, steps):
     assert max_diff(ours, ref) <= 1e-5
 
 
-def test_dpm_solver_trailing_timesteps_match_diffusers():
-    ref_sched = DPMSolverMultistepScheduler(timestep_spacing="trailing")
-    ref_sched.set_timesteps(20)
-    assert torch.equal(make_timesteps(1000, 20, "trailing"), ref_sched.timesteps)
+SCHEDULER_OF = {"ddim": DDIMScheduler, "dpm_solver_2m": DPMSolverMultistepScheduler,
+                "unipc": UniPCMultistepScheduler}
+
+
+@pytest.mark.parametrize("name", [n for n in SAMPLERS if n != "ddpm"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", [1, 7, 10, 20, 50, 333, 999])
+def test_every_sampler_picks_the_timesteps_diffusers_names_the_same(name, spacing, steps):
+    """The selection itself, for every sampler and spacing name: the multistep solvers lay
+    leading and linspace over steps + 1 points, DDIM over steps."""
+    ref_sched = SCHEDULER_OF[name](timestep_spacing=spacing)
+    ref_sched.set_timesteps(steps)
+    assert make_timesteps(1000, steps, spacing, multistep=name in MULTISTEP).tolist() == ref_sched.timesteps.tolist()
+
+
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("schedule,prediction,steps,spacing", [("linear", "epsilon", 10, "linspace"),
+                                                               ("linear", "epsilon", 25, "leading"),
+                                                               ("scaled_linear", "v", 20, "trailing"),
+                                                               ("cosine", "v", 50, "linspace")])
+def test_unipc_bh2_equals_diffusers(order, schedule, prediction, steps, spacing):
+    tiny_model = make_tiny_model(schedule, prediction)
+    noise, labels, _ = start()
+    ref_sched = UniPCMultistepScheduler(solver_order=order, solver_type="bh2", timestep_spacing=spacing,
+                                        **scheduler_kwargs(schedule, prediction))
+    ref_sched.set_timesteps(steps)
+    ours = run_sampler("unipc", tiny_model, make_schedule(schedule), noise, labels, Guidance(NUM_CLASSES),
+                       steps=steps, spacing=spacing, order=order, prediction=prediction)
+    ref = reference_loop(ref_sched, tiny_model, noise, labels)
+    assert max_diff(ours, ref) <= 1e-5
+
+
+def test_unipc_corrector_changes_the_result_and_costs_no_evaluation():
+    """The corrector is live (order 2 differs from order 1, which is DDIM's first-order
+    step plus a corrector) and reuses outputs: one network call per step."""
+    calls = []
+    model = make_tiny_model()
+
+    def counted(x, t, y):
+        calls.append(int(t[0]))
+        return model(x, t, y)
+    noise, labels, _ = start()
+    ts = make_timesteps(1000, 12, "linspace", multistep=True)
+    second = unipc_sample(counted, make_schedule("linear"), ts, noise, labels, Guidance(NUM_CLASSES), order=2)
+    assert calls == ts.tolist()
+    first = unipc_sample(model, make_schedule("linear"), ts, noise, labels, Guidance(NUM_CLASSES), order=1)
+    assert max_diff(first, second) > 1e-4
 
 
 def test_ddim_eta0_is_deterministic(tiny_model):

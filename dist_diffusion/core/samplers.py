@@ -17,7 +17,8 @@ from .guidance import Guidance, guided_output
 from .losses import Denoiser
 from .schedule import NoiseSchedule, split_prediction
 
-SAMPLERS = ("ddpm", "ddim", "dpm_solver_2m")
+SAMPLERS = ("ddpm", "ddim", "dpm_solver_2m", "unipc")
+MULTISTEP = ("dpm_solver_2m", "unipc")  # solvers that name their timesteps from steps + 1 points
 SPACINGS = ("leading", "trailing", "linspace")
 Progress = Callable[[Iterable], Iterable]
 
@@ -40,26 +41,31 @@ def per_sample_randn(generators: Sequence[torch.Generator], shape: Sequence[int]
     return torch.stack(rows).to(device)
 
 
-def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading") -> torch.Tensor:
-    """Descending integer timesteps for a ``steps``-step sampler (Lin et al. 2024, table 2).
+def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading",
+                   multistep: bool = False) -> torch.Tensor:
+    """Descending integer timesteps for a ``steps``-step sampler (Lin et al. 2024, table 2),
+    as diffusers names them:
 
     leading:  0, k, 2k, ... with k = T // steps            (DDIM paper, diffusers default)
     trailing: T-1, T-1-k', ... with k' = T / steps         (reaches t = T-1, zero-SNR friendly)
     linspace: round(linspace(0, T-1, steps))
+    Multistep solvers (DPM-Solver++, UniPC: ``multistep``) lay leading and linspace out over
+    steps + 1 points and drop the last (t = 0), as diffusers' multistep schedulers do.
     After the last timestep every sampler steps to the clean image (alpha_bar = 1).
     """
     T = num_train_timesteps
     if spacing not in SPACINGS:
         raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {list(SPACINGS)}")
-    if not 1 <= steps <= T:
-        raise ValueError(f"sampling steps={steps} must be between 1 and T={T}")
+    if not 1 <= steps <= T - int(multistep):
+        raise ValueError(f"sampling steps={steps} must be between 1 and T={T}{' - 1' if multistep else ''}")
+    points = steps + 1 if multistep and spacing != "trailing" else steps
     if spacing == "leading":
-        ts = np.arange(0, steps) * (T // steps)
+        ts = np.arange(0, points) * (T // points)
     elif spacing == "trailing":
         ts = (np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1)[:steps]
     else:
-        ts = np.linspace(0, T - 1, steps).round()
-    return torch.from_numpy(np.sort(ts.astype(np.int64))[::-1].copy())
+        ts = np.linspace(0, T - 1, points).round()
+    return torch.from_numpy(np.sort(ts.astype(np.int64))[::-1][:steps].copy())
 
 
 def _check_inputs(schedule: NoiseSchedule, noise: torch.Tensor, labels: torch.Tensor,
@@ -171,20 +177,91 @@ def _lambda(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return torch.log(alpha) - torch.log(sigma)
 
 
+def unipc_sample(model: Denoiser, schedule: NoiseSchedule, timesteps: torch.Tensor,
+                 noise: torch.Tensor, labels: torch.Tensor, guidance: Guidance, order: int = 2,
+                 prediction: str = "epsilon", clip_x0: bool = False,
+                 progress: Optional[Progress] = None) -> torch.Tensor:
+    """UniPC (Zhao et al. 2023), bh2 variant (B(h) = e^h - 1), data prediction, as diffusers'
+    UniPCMultistepScheduler: a predictor of up to ``order`` (lower while the history fills
+    and over the last steps), then at the new point a corrector that reuses the model
+    output made there, so it costs no extra evaluation. The last step returns the data
+    prediction (sigma = 0)."""
+    _check_inputs(schedule, noise, labels, None, needs_generators=False)
+    x, history = noise.float(), []  # history: (x0_hat, lambda, sigma) per point, newest last
+    last_x, last_order, n = None, 0, len(timesteps)
+    for i, (t, t_prev) in enumerate(_iterate(timesteps, progress)):
+        a_t, a_next = _alpha_bars(schedule, t, t_prev, x.device)
+        out = guided_output(model, x, t, labels, guidance).float()
+        alpha_s, sigma_s = _alpha_sigma(a_t)
+        x0, _ = split_prediction(prediction, out, x, alpha_s ** 2)
+        x0 = x0.clamp(-1, 1) if clip_x0 else x0
+        if t_prev < 0:  # the step to sigma = 0 lands on the data prediction, corrected or not
+            return x0
+        lam_s = _lambda(alpha_s, sigma_s)
+        if last_x is not None:  # corrector: from the last point to here, with this output
+            x = _unipc_update(last_x, history[-last_order:], lam_s, alpha_s, sigma_s, corrector_x0=x0)
+        history = (history + [(x0, lam_s, sigma_s)])[-order:]
+        last_x, last_order = x, min(order, len(history), n - i)
+        alpha_n, sigma_n = _alpha_sigma(a_next)
+        x = _unipc_update(x, history[-last_order:], _lambda(alpha_n, sigma_n), alpha_n, sigma_n)
+    return x
+
+
+def _unipc_update(x: torch.Tensor, history: list, lam_t: torch.Tensor, alpha_t: torch.Tensor,
+                  sigma_t: torch.Tensor, corrector_x0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One UniPC-bh2 step from the newest point of ``history`` (order = its length) to
+    lambda_t: the predictor, or with ``corrector_x0`` (the data prediction made at t) the
+    corrector."""
+    order = len(history)
+    m0, lam_s, sigma_s = history[-1]
+    h = lam_t - lam_s
+    rks = [(history[-1 - k][1] - lam_s) / h for k in range(1, order)]
+    d1s = [(history[-1 - k][0] - m0) / rk for k, rk in zip(range(1, order), rks)]
+    hh = -h
+    h_phi_1 = torch.expm1(hh)
+    b_h = h_phi_1  # bh2
+    r, b = _unipc_system(torch.stack(rks + [torch.ones_like(h)]), hh, h_phi_1, b_h, order)
+    x_next = (sigma_t / sigma_s) * x - alpha_t * h_phi_1 * m0
+    if corrector_x0 is None:
+        if order == 1:
+            return x_next
+        rhos = torch.tensor([0.5]) if order == 2 else torch.linalg.solve(r[:-1, :-1], b[:-1])
+        return x_next - alpha_t * b_h * sum(rho * d for rho, d in zip(rhos, d1s))
+    rhos = torch.tensor([0.5]) if order == 1 else torch.linalg.solve(r, b)
+    residual = sum(rho * d for rho, d in zip(rhos[:-1], d1s)) + rhos[-1] * (corrector_x0 - m0)
+    return x_next - alpha_t * b_h * residual
+
+
+def _unipc_system(rks: torch.Tensor, hh: torch.Tensor, h_phi_1: torch.Tensor, b_h: torch.Tensor,
+                  order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """R (powers of the step ratios) and b (the phi-function terms over B(h)) whose solve
+    gives UniPC's weights (the paper's eq. 9 / alg. 2)."""
+    rows, rhs, phi_k, factorial = [], [], h_phi_1 / hh - 1, 1
+    for i in range(1, order + 1):
+        rows.append(rks ** (i - 1))
+        rhs.append(phi_k * factorial / b_h)
+        factorial *= i + 1
+        phi_k = phi_k / hh - 1 / factorial
+    return torch.stack(rows), torch.stack(rhs)
+
+
 def run_sampler(name: str, model: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor,
                 labels: torch.Tensor, guidance: Guidance, *, steps: int = 50,
                 spacing: str = "leading", eta: float = 0.0,
                 generators: Optional[Sequence[torch.Generator]] = None,
-                prediction: str = "epsilon", clip_x0: bool = False,
+                prediction: str = "epsilon", clip_x0: bool = False, order: int = 2,
                 progress: Optional[Progress] = None) -> torch.Tensor:
-    """Dispatch by sampler name; bad names and step counts fail before any model call."""
+    """Dispatch by sampler name; bad names and step counts fail before any model call.
+    ``order``: UniPC's order (1 to 3)."""
     common = dict(prediction=prediction, clip_x0=clip_x0, progress=progress)
     if name == "ddpm":
         return ddpm_sample(model, schedule, noise, labels, guidance, generators, **common)
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
-    timesteps = make_timesteps(schedule.num_timesteps, steps, spacing)
+    timesteps = make_timesteps(schedule.num_timesteps, steps, spacing, multistep=name in MULTISTEP)
     if name == "ddim":
         return ddim_sample(model, schedule, timesteps, noise, labels, guidance, eta=eta,
                            generators=generators, **common)
+    if name == "unipc":
+        return unipc_sample(model, schedule, timesteps, noise, labels, guidance, order=order, **common)
     return dpm_solver_2m_sample(model, schedule, timesteps, noise, labels, guidance, **common)
