@@ -149,7 +149,8 @@ def test_latent_job_is_bitwise_on_1_2_3_processes_and_batch_4_and_16(latent_mode
     tars = sample_tars(m / "lat-1")
     assert len(tars) == 3 and all(sample_tars(m / f"lat-{name}") == tars for name in runs)
     first = {k: v for k, v in runs["1"].items() if k not in TIMING}
-    assert first["fid"] > 0 and "class_accuracy" in first
+    assert first["fid"] > 0 and first["inception_score_splits"] == 10
+    assert {"class_accuracy", "kid", "kid_std", "precision", "recall", "fid_inf", "fid_at_n"} <= first.keys()
     for name, row in runs.items():
         assert {k: v for k, v in row.items() if k not in TIMING} == first, name
     name = next((m / "ref-a/fid_stats").glob("*.npz")).name

@@ -53,6 +53,23 @@ def reference_stats(shards: str, extractor: Extractor, env: ProcessEnv,
     return total, False
 
 
+def reference_features(shards: str, extractor: Extractor, count: int) -> np.ndarray | None:
+    """The features of the first ``count`` reference images, in shard order (as many real
+    images as samples, for KID and precision/recall); None where a reference computed by
+    an older version kept no per-shard feature files."""
+    root, parts, have = storage.parse(shards), [], 0
+    for k in range(len(load_manifest(shards)["shards"])):
+        if have >= count:
+            break
+        path = _features_file(root, extractor, k)
+        if not storage.exists(path):
+            return None
+        with np.load(io.BytesIO(storage.read_bytes(path))) as f:
+            parts.append(f["features"])
+        have += len(parts[-1])
+    return np.concatenate(parts)[:count] if parts else None
+
+
 def _features_file(root, extractor: Extractor, k: int):
     return root.join(f"fid_stats/{extractor.id}/features-{k:06d}.npz")
 

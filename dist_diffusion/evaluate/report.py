@@ -9,7 +9,9 @@ from ..data import storage
 
 COLUMNS = [("cfg_scale", "CFG", "{:g}"), ("guidance_interval", "interval", "{}"), ("sampler", "sampler", "{}"),
            ("steps", "steps", "{}"), ("num_samples", "N", "{}"), ("fid", "FID", "{:.3f}"),
-           ("inception_score", "IS", "{:.3f}"), ("class_accuracy", "class acc", "{:.3f}"),
+           ("fid_inf", "FID_inf", "{:.3f}"), ("inception_score", "IS (10 splits)", "{:.3f}"),
+           ("kid", "KID", "{:.4f}"), ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"),
+           ("class_accuracy", "class acc", "{:.3f}"),
            ("seconds", "seconds", "{:.1f}"), ("samples_per_s", "samples/s", "{:.2f}")]
 
 

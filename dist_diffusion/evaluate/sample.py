@@ -31,7 +31,8 @@ from ..generate import decode_on_its_device, generate
 from ..imaging import save_grid, to_uint8
 from ..runtime.distributed import all_reduce_sum, barrier, describe, device, init_process_group
 from .features import Extractor, build_extractor, check_extractor
-from .reference import reference_stats
+from .metrics import IS_SPLITS, fid_infinity, inception_score, kernel_inception_distance, precision_recall
+from .reference import reference_features, reference_stats
 from .report import result_row, write_report
 from .stats import FeatureSums, frechet_distance
 
@@ -68,7 +69,7 @@ def evaluate(cfg: Config) -> list[dict]:
     if env.is_main:
         print(f"[eval] {describe(env)}", flush=True)
     unet, vae = load_models(cfg, device())
-    extractor, reference = None, None
+    extractor, reference, real = None, None, None
     if cfg.eval.metrics:
         extractor = build_extractor(cfg, device())
         shards = cfg.eval.reference or cfg.data.shards
@@ -76,15 +77,16 @@ def evaluate(cfg: Config) -> list[dict]:
             raise ConfigError("eval.metrics needs reference images: set eval.reference (or data.shards) to the "
                               "image shards from prepare")
         reference, cached = reference_stats(shards, extractor, env)
+        real = reference_features(shards, extractor, cfg.sample.num_samples) if env.is_main else None
         if env.is_main:
             print(f"reference statistics of {shards} ({reference.count} images, {extractor.id}): "
                   f"{'cached' if cached else 'computed and cached'}", flush=True)
     rows = []
     for point in sweep(cfg):
         started = time.monotonic()
-        sums, resumed = sample_point(cfg, point, unet, vae, extractor, env)
+        point_features, resumed = sample_point(cfg, point, unet, vae, extractor, env)
         seconds = time.monotonic() - started
-        metrics = score(sums, reference, extractor) if sums is not None else {}
+        metrics = score(point_features, reference, real, extractor) if point_features is not None else {}
         barrier()  # the main rank scored; no rank goes on to the next point's shards before
         rows.append(result_row(cfg, point, metrics, seconds, resumed))
         if env.is_main:
@@ -130,9 +132,10 @@ def check_unet_dir(path: str) -> None:
                           f"--out DIR` on a UNet run (train.target=unet) and pass eval.unet=DIR")
 
 
-def sample_point(cfg: Config, point: Point, unet, vae, extractor: Extractor | None, env) -> tuple[FeatureSums | None, int]:
+def sample_point(cfg: Config, point: Point, unet, vae, extractor: Extractor | None,
+                 env) -> tuple["PointFeatures | None", int]:
     """This rank's shards of one sweep point. Returns, on the main rank with an extractor,
-    the point's statistics (else None), and on every rank the shards reused."""
+    the point's features and statistics (else None), and on every rank the shards reused."""
     out = storage.parse(cfg.eval.out).join(point.name)
     n, per_shard = cfg.sample.num_samples, cfg.eval.samples_per_shard
     shards = math.ceil(n / per_shard)
@@ -150,22 +153,33 @@ def sample_point(cfg: Config, point: Point, unet, vae, extractor: Extractor | No
             _make_shard(point_cfg, unet, vae, extractor, indices, out, k, bar)
     bar.close()
     resumed = int(all_reduce_sum(np.array([float(resumed)]))[0])  # also: every shard is written now
-    sums = shard_order_sums(out, shards, extractor) if extractor is not None and env.is_main else None
-    return sums, resumed
+    point_features = shard_order_sums(out, shards, extractor) if extractor is not None and env.is_main else None
+    return point_features, resumed
 
 
-def shard_order_sums(out, shards: int, extractor: Extractor) -> FeatureSums:
+def shard_order_sums(out, shards: int, extractor: Extractor) -> "PointFeatures":
     """The point's statistics, summed from the shards' feature files in shard order: the
     same float64 additions in the same order whatever the number of workers, so every
     figure of the report compares equal with ``==`` across worker counts. One BLAS thread
-    (the main rank's thread count follows the worker count). Memory: one shard's
-    features at a time, plus the D x D sums."""
-    sums = FeatureSums.empty(extractor.dim, extractor.classes)
+    (the main rank's thread count follows the worker count). Memory: every sample's
+    features and logits (float32), for KID, precision/recall and IS over splits."""
+    sums, features, logits = FeatureSums.empty(extractor.dim, extractor.classes), [], []
     with threadpool_limits(limits=1):
         for k in range(shards):
             record = _load_record(out.join(f"samples-{k:06d}.npz"))
             sums.add(record["features"], record["logits"], record["labels"] if extractor.judges_labels else None)
-    return sums
+            features.append(record["features"])
+            logits.append(record["logits"])
+    return PointFeatures(sums, np.concatenate(features), np.concatenate(logits))
+
+
+@dataclass
+class PointFeatures:
+    """What the scores of one sweep point are computed from, in sample order."""
+
+    sums: FeatureSums
+    features: np.ndarray
+    logits: np.ndarray
 
 
 def labels_for(cfg: Config, indices: list[int]) -> torch.Tensor:
@@ -219,14 +233,21 @@ def _load_record(sidecar) -> dict:
         return {name: f[name] for name in ("features", "logits", "labels")}
 
 
-def score(sums: FeatureSums, reference: FeatureSums, extractor: Extractor) -> dict:
-    mu, cov = sums.mean_cov()
+def score(point: PointFeatures, reference: FeatureSums, real: np.ndarray | None, extractor: Extractor) -> dict:
+    """Every figure of one point. ``real``: reference features (for KID and
+    precision/recall; None when the reference cache predates per-shard feature files)."""
+    mu, cov = point.sums.mean_cov()
     ref_mu, ref_cov = reference.mean_cov()
     with threadpool_limits(limits=1):  # LAPACK's eigh: the same bits whatever the thread count
-        fid = frechet_distance(mu, cov, ref_mu, ref_cov)
-    metrics = {"fid": fid, "inception_score": sums.inception_score(), "features": extractor.id}
+        metrics = {"fid": frechet_distance(mu, cov, ref_mu, ref_cov), **fid_infinity(point.features, ref_mu, ref_cov)}
+    is_mean, is_std = inception_score(point.logits)
+    metrics.update(inception_score=is_mean, inception_score_std=is_std, inception_score_splits=IS_SPLITS)
+    if real is not None:  # BLAS splits rows and columns among threads, not the sums: any thread count
+        metrics["kid"], metrics["kid_std"] = kernel_inception_distance(real, point.features)
+        metrics["precision"], metrics["recall"] = precision_recall(real, point.features)
+    metrics["features"] = extractor.id
     if extractor.judges_labels:
-        metrics["class_accuracy"] = sums.accuracy()
+        metrics["class_accuracy"] = point.sums.accuracy()
     return metrics
 
 
