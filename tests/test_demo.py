@@ -5,11 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The whole demo: about 2 minutes on 2 idle cores, over 10 on a machine two busy loops
+# load (pytest-timeout's 600 s stopped it there once), hence its own limit.
+@pytest.mark.timeout(1800)
 def test_short_demo_runs_every_stage_and_holds_itself_to_the_bar(tmp_path):
     run_dir = tmp_path / "demo"
     cmd = [sys.executable, "-m", "dist_diffusion.demo", "--out", str(run_dir), "--vae-steps", "10",
