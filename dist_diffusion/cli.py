@@ -110,10 +110,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config, args.overrides)  # validate once, before any worker starts
     _check_device(cfg)
+    from .runtime.env import process_env
     from .train import preflight
 
     nproc = args.nproc or cfg.runtime.nproc
-    preflight(cfg, check_lock=nproc > 1)  # a single process takes the lock itself, at once
+    if process_env().world_size == 1:  # a rank of a launched job: build_run checks the same, once
+        preflight(cfg, check_lock=nproc > 1)  # a single process takes the lock itself, at once
     if nproc > 1:
         return spawn_local(["train", "--config", args.config, "--nproc", "1", *args.overrides], nproc)
     from .train import train
@@ -121,8 +123,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary, code = _run_rank(train, cfg)
     if code:
         return code
-    from .runtime.env import process_env
-
     if process_env().is_main:
         print(f"trained to step {summary['step']} in {summary['run_dir']}")
     return 0

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     server = _stage(stages, "stack up", lambda: _stack_up(out / "stack"))
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so the finally below stops the S3 server
     try:
         report = _run_stages(cfg, runs, out, stages)
     finally:
@@ -85,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     report["quality"] = quality_bar(report)
     write_demo_report(report, out)
     return 0 if report["quality"]["passed"] else 4
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 class DemoRuns:

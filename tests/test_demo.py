@@ -11,6 +11,22 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_stopping_with_sigterm(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run, except that a demo stopped early (its timeout, pytest-timeout's)
+    gets SIGTERM first, so it stops its own S3 server; SIGKILL would orphan it."""
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 # The whole demo: about 2 minutes on 2 idle cores, over 10 on a machine two busy loops
 # load (pytest-timeout's 600 s stopped it there once), hence its own limit.
 @pytest.mark.timeout(1800)
@@ -18,7 +34,7 @@ def test_short_demo_runs_every_stage_and_holds_itself_to_the_bar(tmp_path):
     run_dir = tmp_path / "demo"
     cmd = [sys.executable, "-m", "dist_diffusion.demo", "--out", str(run_dir), "--vae-steps", "10",
            "--classifier-steps", "10", "--eval-samples", "40", "train.max_steps=15", "sample.steps=4"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = run_stopping_with_sigterm(cmd, timeout=900)
     # 15 steps cannot draw the asked digits: the demo must say so and exit 4, report written
     assert out.returncode == 4, out.stdout[-2000:] + out.stderr[-3000:]
     report = json.loads((run_dir / "report.json").read_text())

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ..data import storage
 from ..data.stream import IMAGE_EXTS, decode_image, load_manifest, parse_tar
 from ..imaging import to_uint8
-from ..runtime.distributed import all_reduce_sum
+from ..runtime.distributed import barrier
 from ..runtime.env import ProcessEnv
 from .features import Extractor
 from .stats import FeatureSums
@@ -41,7 +41,7 @@ def reference_stats(shards: str, extractor: Extractor, env: ProcessEnv,
     for k in tqdm(range(env.rank, len(entries), env.world_size), desc="reference stats", unit="shard",
                   disable=not env.is_main):
         _extract_shard(root, entries[k], _features_file(root, extractor, k), extractor, batch_size)
-    all_reduce_sum(np.zeros(1))  # every rank's feature files are written
+    barrier()  # every rank's feature files are written
     if not env.is_main:
         return None, False
     total = FeatureSums.empty(extractor.dim, extractor.classes)
