@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv system-deps test demo bench clean
+.PHONY: venv system-deps test demo ablation bench clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,11 @@ test: venv
 
 demo: venv
 	$(BIN)/python -m dist_diffusion.demo
+
+# The seed report's comparison on the digits (pixel/latent, schedules, CFG, samplers): about
+# 20 minutes on 2 cores; the table lands in runs/ablation/report.md.
+ablation: venv
+	$(BIN)/python -m dist_diffusion.ablation
 
 bench: venv
 	$(BIN)/python tools/bench_table.py

@@ -2,7 +2,10 @@
 processes against 1, timed in one run.
 
 Prints `ddim50_vs_ddpm1000_speedup=<x>` (goal >= 18: 20x fewer network calls, minus the
-fixed cost per call), then, last, `sample_scaling_2v1=<x>`: the same `dist-diffusion
+fixed cost per call); `sampler_vs_diffusers_ratio=<x>`: samples/s of our DDIM-50 CFG-3 loop
+over a plain diffusers loop (the export's `scheduler/` DDIMScheduler, the conditional and
+unconditional halves in one batched call, as diffusers' pipelines do) on the same exported
+UNet and noise, median of alternating rounds (goal >= 1.0); then, last, `sample_scaling_2v1=<x>`: the same `dist-diffusion
 sample` job (64 samples, DDIM-50, CFG 3) with --nproc 2 against --nproc 1, from the
 sampling seconds each job reports (process start-up excluded; goal >= 1.7 on 2 cores).
 Each process gets one core (OMP_NUM_THREADS=1), as each gets one GPU on a cluster; the
@@ -49,12 +52,56 @@ def main() -> None:
     print(f"ddpm1000_seconds={ddpm:.2f} ddim50_seconds={ddim:.2f}")
     print(f"ddim50_vs_ddpm1000_speedup={ddpm / ddim:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
+        print(f"sampler_vs_diffusers_ratio={sampler_vs_diffusers(cfg, tmp):.3f}")
+    with tempfile.TemporaryDirectory() as tmp:
         build_unet(cfg).save_pretrained(f"{tmp}/unet")
         seconds = {n: sampling_job_seconds(n, tmp, threads=1) for n in (1, 2)}
         both_cores = sampling_job_seconds(1, tmp, threads=2)
     print(f"sample_job_seconds_1proc={seconds[1]:.2f} sample_job_seconds_2proc={seconds[2]:.2f} "
           f"sample_job_seconds_1proc_2threads={both_cores:.2f}")
     print(f"sample_scaling_2v1={seconds[1] / seconds[2]:.2f}")
+
+
+def sampler_vs_diffusers(cfg, tmp: str, n: int = 16, rounds: int = 5) -> float:
+    """Median over rounds of (diffusers loop seconds / our loop seconds): > 1 means ours is faster."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from dist_diffusion.export import write_export
+
+    torch.manual_seed(0)
+    write_export(build_unet(cfg).eval(), cfg, Path(tmp) / "unet", {"weights": "random"})
+    unet = UNet2DModel.from_pretrained(f"{tmp}/unet").eval()
+    scheduler = DDIMScheduler.from_pretrained(f"{tmp}/unet", subfolder="scheduler")
+    gens = sample_generators(0, range(n))
+    noise = per_sample_randn(gens, unet_input_shape(cfg))
+    labels = torch.arange(n) % cfg.model.num_classes
+    guidance = Guidance(null_label(cfg), 3.0)
+    ratios = []
+    with torch.no_grad():  # warm-up of both loops: allocator, kernels
+        run_sampler("ddim", as_denoiser(unet), make_schedule(), noise, labels, guidance, steps=5, generators=gens)
+    diffusers_ddim_cfg(unet, scheduler, noise, labels, null_label(cfg), 3.0, steps=5)
+    for _ in range(rounds):
+        start = time.perf_counter()
+        with torch.no_grad():
+            ours = run_sampler("ddim", as_denoiser(unet), make_schedule(), noise, labels, guidance, steps=50,
+                               generators=gens)
+        mid = time.perf_counter()
+        theirs = diffusers_ddim_cfg(unet, scheduler, noise, labels, null_label(cfg), 3.0, steps=50)
+        ratios.append((time.perf_counter() - mid) / (mid - start))
+    assert (ours - theirs).abs().max() < 1e-3, "the two loops sample different images"
+    print(f"sampler_vs_diffusers_rounds={','.join(f'{r:.3f}' for r in ratios)}")
+    return sorted(ratios)[len(ratios) // 2]
+
+
+@torch.no_grad()
+def diffusers_ddim_cfg(unet, scheduler, noise, labels, null: int, scale: float, steps: int) -> torch.Tensor:
+    """The loop a diffusers user writes: set_timesteps, one batched cond+uncond call, step."""
+    scheduler.set_timesteps(steps)
+    x, both = noise.clone(), torch.cat([labels, torch.full_like(labels, null)])
+    for t in scheduler.timesteps:
+        cond, uncond = unet(torch.cat([x, x]), t, class_labels=both).sample.chunk(2)
+        x = scheduler.step(uncond + scale * (cond - uncond), t, x).prev_sample
+    return x
 
 
 def sampling_job_seconds(nproc: int, tmp: str, threads: int) -> float:

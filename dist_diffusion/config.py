@@ -24,9 +24,8 @@ class ConfigError(ValueError):
     """A bad config: the message names the key, the source and the fix."""
 
 
-def _f(default: Any, doc: str, *, choices: Sequence[Any] | None = None,
-       ge: float | None = None, le: float | None = None, gt: float | None = None,
-       lt: float | None = None):
+def _f(default: Any, doc: str, *, choices: Sequence[Any] | None = None, ge: float | None = None,
+       le: float | None = None, gt: float | None = None, lt: float | None = None):
     """A dataclass field with its doc and the range :func:`validate` enforces."""
     meta = {"doc": doc, "choices": choices, "ge": ge, "le": le, "gt": gt, "lt": lt}
     if isinstance(default, (list, dict)):
@@ -234,6 +233,7 @@ class EvalConfig:
     out: str = _f("runs/eval", "directory or s3:// prefix for sample shards, grids and the report")
     samples_per_shard: int = _f(64, "samples per output shard: the unit a restarted job skips", ge=1)
     write_png: bool = _f(False, "also write every sample as a PNG under OUT/png/")
+    npz: bool = _f(False, "also write OUT/<point>/samples_NxHxWx3.npz (ADM: uint8 NHWC arr_0, labels arr_1)")
     metrics: bool = _f(True, "compute FID / IS / class accuracy while sampling")
     features: str = _f("classifier", "feature network: the FID Inception-v3, or the domain classifier",
                        choices=["inception", "classifier"])
@@ -243,6 +243,8 @@ class EvalConfig:
     reference: str = _f("", "image shards for the reference statistics (empty: data.shards)")
     cfg_scales: List[float] = _f([], "sweep: CFG scales to evaluate in one job (empty: sample.cfg_scale)")
     steps: List[int] = _f([], "sweep: sampler step counts to evaluate (empty: sample.steps)")
+    samplers: List[str] = _f([], "sweep: samplers to evaluate, NAME (takes eval.steps) or NAME:STEPS "
+                                 "(empty: sample.sampler; ddpm always takes T steps)")
     grid_per_class: int = _f(8, "samples per class row in the grid PNG", ge=1)
 
 
@@ -414,16 +416,35 @@ def _cross_problems(cfg: Config) -> List[str]:
 
 
 def _sweep_problems(cfg: Config) -> List[str]:
-    """eval.cfg_scales and eval.steps obey the bounds of the single value they sweep: found
+    """The eval sweeps obey the bounds of the single value they sweep: found
     here, not after the job already sampled the points before a bad one."""
     problems = []
     if any(scale < 0 for scale in cfg.eval.cfg_scales):
         problems.append(f"eval.cfg_scales={list(cfg.eval.cfg_scales)}: every scale must be >= 0")
     T = cfg.diffusion.num_train_timesteps
-    if any(not 1 <= steps <= T for steps in cfg.eval.steps):
-        problems.append(f"eval.steps={list(cfg.eval.steps)}: every step count must be in 1..{T} "
-                        f"(diffusion.num_train_timesteps)")
-    return problems
+    try:
+        pinned = [parse_sampler_entry(entry) for entry in cfg.eval.samplers or [cfg.sample.sampler]]
+    except ValueError as err:
+        return problems + [f"eval.samplers={list(cfg.eval.samplers)}: {err}"]
+    for name, steps in pinned:
+        most = T - (name in ("dpm_solver_2m", "unipc"))  # multistep: steps + 1 points
+        if steps is not None and not 1 <= steps <= most:
+            problems.append(f"eval.samplers entry {name}:{steps}: {name} takes 1..{most} steps")
+        elif steps is None and any(not 1 <= n <= most for n in cfg.eval.steps):
+            problems.append(f"eval.steps={list(cfg.eval.steps)}: every step count must be in 1..{most} "
+                            f"(diffusion.num_train_timesteps{', less 1 for ' + name if most < T else ''})")
+    return list(dict.fromkeys(problems))
+
+
+def parse_sampler_entry(entry: str) -> tuple[str, Optional[int]]:
+    """An eval.samplers entry: 'ddim' (its steps from the sweep) or 'ddim:100' (pinned)."""
+    name, _, steps = str(entry).partition(":")
+    known = SampleConfig.__dataclass_fields__["sampler"].metadata["choices"]
+    if name not in known:
+        raise ValueError(f"{name!r} is not a sampler; choose from {known}, optionally as NAME:STEPS")
+    if steps and not steps.isdigit():
+        raise ValueError(f"{entry!r}: write NAME:STEPS with a whole number of steps, e.g. ddim:100")
+    return name, int(steps) if steps else None
 
 
 def _signal_problems(names: List[str]) -> List[str]:

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-steps", type=int, default=400, help="VAE training steps")
     parser.add_argument("--classifier-steps", type=int, default=300, help="domain classifier training steps")
     parser.add_argument("--eval-samples", type=int, default=500, help="samples per evaluated CFG scale")
+    parser.add_argument("--nproc", type=int, default=2, help="processes of every training and sampling job")
     args = parser.parse_args(argv)
     for module in ("sklearn", "matplotlib"):  # missing extras: one line now, not after training
         require(module, "demo", "the digits demo")
@@ -77,16 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     load_config("configs/classifier_tiny.yaml", runs.classifier)
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
-    server = _stage(stages, "stack up", lambda: _stack_up(out / "stack"))
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so the finally below stops the S3 server
-    try:
-        report = _run_stages(cfg, runs, out, stages)
-    finally:
-        _stage(stages, "stack down", lambda: stop_s3(server.pid))
+    report = on_stack(out, stages, lambda: _run_stages(cfg, runs, out, stages))
     report = {"stages": stages, "total_seconds": round(sum(stages.values()), 1), **report}
     report["quality"] = quality_bar(report)
     write_demo_report(report, out)
     return 0 if report["quality"]["passed"] else 4
+
+
+def on_stack(out: Path, stages: dict, work):
+    """``work()`` with the embedded S3 up (data in OUT/stack), stopped afterwards whatever
+    happens, SIGTERM included."""
+    server = stage(stages, "stack up", lambda: _stack_up(out / "stack"))
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so the finally below stops the S3 server
+    try:
+        return work()
+    finally:
+        stage(stages, "stack down", lambda: stop_s3(server.pid))
 
 
 def _exit_on_sigterm(signum, frame):
@@ -94,10 +102,12 @@ def _exit_on_sigterm(signum, frame):
 
 
 class DemoRuns:
-    """The overrides of the demo's three training runs and its evaluation."""
+    """The overrides of the demo's three training runs and its evaluation, and the
+    processes each training and sampling job starts."""
 
     def __init__(self, out: Path, args):
-        self.unet = UNET_OVERRIDES + args.overrides + [f"train.run_dir={out / 'unet'}"]
+        self.nproc = str(args.nproc)
+        self.unet = UNET_OVERRIDES + args.overrides
         self.vae = VAE_OVERRIDES + [f"train.max_steps={args.vae_steps}", f"train.ckpt_every={args.vae_steps}",
                                     f"train.run_dir={out / 'vae'}"]
         self.classifier = CLASSIFIER_OVERRIDES + [f"train.max_steps={args.classifier_steps}",
@@ -107,34 +117,60 @@ class DemoRuns:
                      "sample.batch_size=100"]
 
 
-def _run_stages(cfg: Config, runs: DemoRuns, out: Path, stages: dict) -> dict:
+@dataclass(frozen=True)
+class Prepared:
+    """What every UNet run of the digits builds on: the shards, the judge, the VAE."""
+
+    manifest: dict
+    images_url: str
+    latents_url: str
+    classifier: Path
+    vae: Path
+
+
+def prepare_judge_and_latents(cfg: Config, runs: DemoRuns, out: Path, stages: dict) -> Prepared:
+    """Digits -> image shards in S3; the domain classifier and the VAE trained and exported;
+    the image shards encoded into latent shards."""
     images_url, latents_url = "s3://demo/digits", "s3://demo/digits-latents"
     manifest = _prepare_data(cfg, out, images_url, stages)
-    _stage(stages, "train classifier", lambda: _cli("train", "--config", "configs/classifier_tiny.yaml", "--nproc",
-                                                    "2", *runs.classifier, f"data.shards={images_url}"))
-    clf_dir = _stage(stages, "export classifier", lambda: export_model(out / "classifier", out / "classifier_model"))
-    _stage(stages, "train vae", lambda: _cli("train", "--config", "configs/vae_tiny.yaml", "--nproc", "2",
+    stage(stages, "train classifier", lambda: _cli("train", "--config", "configs/classifier_tiny.yaml", "--nproc",
+                                                    runs.nproc, *runs.classifier, f"data.shards={images_url}"))
+    clf_dir = stage(stages, "export classifier", lambda: export_model(out / "classifier", out / "classifier_model"))
+    stage(stages, "train vae", lambda: _cli("train", "--config", "configs/vae_tiny.yaml", "--nproc", runs.nproc,
                                              *runs.vae, f"data.shards={images_url}"))
-    vae_dir = _stage(stages, "export vae", lambda: export_model(out / "vae", out / "vae_model"))
-    with_vae = [f"vae.pretrained={vae_dir}"]
-    _stage(stages, "encode", lambda: _cli("encode", "--nproc", "2", "--shards", images_url, "--out", latents_url,
-                                          "--config", "configs/tiny.yaml", *with_vae))
-    _stage(stages, "train unet", lambda: _cli("train", "--config", "configs/tiny.yaml", "--nproc", "2",
-                                              *runs.unet, *with_vae, f"data.shards={latents_url}"))
+    vae_dir = stage(stages, "export vae", lambda: export_model(out / "vae", out / "vae_model"))
+    stage(stages, "encode", lambda: _cli("encode", "--nproc", runs.nproc, "--shards", images_url, "--out", latents_url,
+                                          "--config", "configs/tiny.yaml", f"vae.pretrained={vae_dir}"))
+    return Prepared(manifest, images_url, latents_url, clf_dir, vae_dir)
+
+
+def train_unet(name: str, overrides: list[str], out: Path, stages: dict, nproc: str = "2") -> Path:
+    """``configs/tiny.yaml`` with ``overrides`` trained by ``nproc`` processes into OUT/NAME,
+    then its EMA exported to OUT/NAME_model."""
+    stage(stages, f"train {name}", lambda: _cli("train", "--config", "configs/tiny.yaml", "--nproc", nproc,
+                                                 *overrides, f"train.run_dir={out / name}"))
+    return stage(stages, f"export {name}", lambda: export_model(out / name, out / f"{name}_model"))
+
+
+def _run_stages(cfg: Config, runs: DemoRuns, out: Path, stages: dict) -> dict:
+    data = prepare_judge_and_latents(cfg, runs, out, stages)
+    with_vae = [f"vae.pretrained={data.vae}"]
+    unet_dir = train_unet("unet", [*runs.unet, *with_vae, f"data.shards={data.latents_url}"], out, stages, runs.nproc)
     losses = [json.loads(line)["loss"] for line in (out / "unet/metrics.jsonl").read_text().splitlines()]
     print(f"        {cfg.train.max_steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    unet_dir = _stage(stages, "export unet", lambda: export_model(out / "unet", out / "unet_model"))
-    judged = [*runs.unet, *with_vae, *runs.eval, f"eval.classifier={clf_dir}", f"eval.reference={images_url}"]
-    untrained = _stage(stages, "eval untrained", lambda: _evaluate(
-        out / "eval_untrained", [*judged, f"eval.unet={_untrained_unet(cfg, out)}", "eval.cfg_scales=[3]"]))
-    results = _stage(stages, "sample + eval", lambda: _evaluate(
-        out / "eval", [*judged, f"eval.unet={unet_dir}", f"eval.cfg_scales=[1,{cfg.sample.cfg_scale:g}]"]))
+    judged = [*runs.unet, *with_vae, *runs.eval, f"eval.classifier={data.classifier}",
+              f"eval.reference={data.images_url}"]
+    untrained = stage(stages, "eval untrained", lambda: evaluate(
+        out / "eval_untrained", [*judged, f"eval.unet={_untrained_unet(cfg, out)}", "eval.cfg_scales=[3]"], runs.nproc))
+    results = stage(stages, "sample + eval", lambda: evaluate(
+        out / "eval", [*judged, f"eval.unet={unet_dir}", f"eval.cfg_scales=[1,{cfg.sample.cfg_scale:g}]"],
+        runs.nproc))
     for row in results:
         shutil.copy(out / "eval" / f"cfg{row['cfg_scale']:g}_steps{row['steps']}/grid.png",
                     out / f"samples_cfg{row['cfg_scale']:g}.png")
     plot_loss(out / "unet/metrics.jsonl", out / "loss.png")
     return {"results": [_demo_row(r) for r in results], "fid_domain_untrained": untrained[0]["fid"],
-            "loss_first": losses[0], "loss_last": losses[-1], "num_real_images": manifest["num_samples"]}
+            "loss_first": losses[0], "loss_last": losses[-1], "num_real_images": data.manifest["num_samples"]}
 
 
 def _untrained_unet(cfg: Config, out: Path) -> Path:
@@ -145,9 +181,10 @@ def _untrained_unet(cfg: Config, out: Path) -> Path:
     return path
 
 
-def _evaluate(eval_out: Path, overrides: list[str]) -> list[dict]:
+def evaluate(eval_out: Path, overrides: list[str], nproc: str = "2") -> list[dict]:
+    """`dist-diffusion eval` on ``nproc`` processes into a fresh ``eval_out``; its report rows."""
     shutil.rmtree(eval_out, ignore_errors=True)  # a fresh demo measures afresh
-    _cli("eval", "--config", "configs/tiny.yaml", "--nproc", "2", *overrides, f"eval.out={eval_out}")
+    _cli("eval", "--config", "configs/tiny.yaml", "--nproc", nproc, *overrides, f"eval.out={eval_out}")
     return json.loads((eval_out / "report.json").read_text())["results"]
 
 
@@ -203,10 +240,10 @@ def write_demo_report(report: dict, out: Path) -> None:
 
 
 def _prepare_data(cfg: Config, out: Path, url: str, stages: dict) -> dict:
-    count = _stage(stages, "digits", lambda: write_digit_folders(out / "digits"))
+    count = stage(stages, "digits", lambda: write_digit_folders(out / "digits"))
     print(f"        {count} real digits as a class-folder tree in {out / 'digits'}")
     storage.s3_client().create_bucket(Bucket="demo")
-    manifest = _stage(stages, "prepare", lambda: prepare(out / "digits", url, cfg.data))
+    manifest = stage(stages, "prepare", lambda: prepare(out / "digits", url, cfg.data))
     print(f"        {manifest['num_samples']} samples in {len(manifest['shards'])} shards at {url}")
     spec = StreamSpec(url=url, batch_size=cfg.train.batch_size, num_workers=0, seed=cfg.train.seed,
                       hflip=cfg.data.hflip)
@@ -221,7 +258,7 @@ def _cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "dist_diffusion.cli", *args], check=True)
 
 
-def _stage(stages: dict, name: str, work):
+def stage(stages: dict, name: str, work):
     """Run one named stage and print it with its time (one line per stage)."""
     started = time.perf_counter()
     result = work()

@@ -2,19 +2,27 @@
 for a VAE run, AutoencoderKL) directory (safetensors + config.json) that
 ``from_pretrained``, the sampler and ``encode`` load. Runs in one process, offline: EMA shards written by N ranks are joined
 here (ZeRO-3 partitions are the flat parameter cut in N equal, padded pieces).
+
+A UNet export also carries ``scheduler/``: the DDIMScheduler of its forward process, so
+diffusers samples it with the training schedule. In pixel space it is a whole
+``DDIMPipeline`` directory too (``model_index.json`` and ``unet/``, hard links of the
+top-level weights), so ``DDIMPipeline.from_pretrained(out)`` loads it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 from .core.models import build_for_target
+from .core.schedule import DEFAULT_BETAS
 from .runtime.checkpoint import COMPLETE, consolidated_fp32_state, latest_complete
 
 
@@ -29,12 +37,61 @@ def export_model(run_dir: str | Path, out: str | Path, weights: str = "ema") -> 
     model = build_for_target(cfg)
     state = _ema_state(root / tag, model) if weights == "ema" else consolidated_fp32_state(root, tag)
     model.load_state_dict(state)
+    write_export(model, cfg, out, {"checkpoint": str(root / tag), "weights": weights})
+    return out
+
+
+def write_export(model: torch.nn.Module, cfg: Config, out: Path, provenance: dict) -> Path:
+    """``model`` as a diffusers directory, with what a user needs to sample it elsewhere."""
+    out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     (out / "dist_diffusion.json").write_text(json.dumps(
-        {"checkpoint": str(root / tag), "weights": weights, "target": cfg.train.target, "null_label": cfg.model.num_classes,
+        {**provenance, "target": cfg.train.target, "null_label": cfg.model.num_classes,
          "prediction": cfg.diffusion.prediction, "schedule": cfg.diffusion.schedule,
          "num_train_timesteps": cfg.diffusion.num_train_timesteps}, indent=2))
+    if cfg.train.target == "unet":
+        ddim_scheduler(cfg).save_pretrained(out / "scheduler")
+        if not cfg.vae.enabled:
+            _as_ddim_pipeline(out)
     return out
+
+
+# our schedule names -> diffusers' beta_schedule; prediction -> prediction_type
+BETA_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+PREDICTION_TYPE = {"epsilon": "epsilon", "v": "v_prediction"}
+
+
+def ddim_scheduler(cfg: Config):
+    """diffusers' DDIMScheduler for the run's forward process and sampling settings: the
+    same betas (float32), prediction, spacing and x0 clipping as our DDIM; the last step
+    goes to the clean image (set_alpha_to_one), as ours does."""
+    from diffusers import DDIMScheduler
+
+    d, s = cfg.diffusion, cfg.sample
+    lo, hi = DEFAULT_BETAS.get(d.schedule, (1e-4, 0.02))
+    return DDIMScheduler(num_train_timesteps=d.num_train_timesteps, beta_schedule=BETA_SCHEDULE[d.schedule],
+                         beta_start=d.beta_start or lo, beta_end=d.beta_end or hi,
+                         prediction_type=PREDICTION_TYPE[d.prediction], clip_sample=s.clip_x0,
+                         set_alpha_to_one=True, steps_offset=0, timestep_spacing=s.spacing)
+
+
+def _as_ddim_pipeline(out: Path) -> None:
+    """``model_index.json`` + ``unet/`` beside the top-level UNet: diffusers loads a pipeline's
+    components from subfolders, while ``eval.unet`` and ``UNet2DModel.from_pretrained`` read
+    the top level. Hard links, so the weights are on disk once."""
+    unet_dir = out / "unet"
+    unet_dir.mkdir(exist_ok=True)
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        (unet_dir / name).unlink(missing_ok=True)
+        try:
+            os.link(out / name, unet_dir / name)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(out / name, unet_dir / name)
+    from diffusers import __version__ as diffusers_version
+
+    index = {"_class_name": "DDIMPipeline", "_diffusers_version": diffusers_version,
+             "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _ema_state(folder: Path, unet: torch.nn.Module) -> dict[str, torch.Tensor]:

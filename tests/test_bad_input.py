@@ -102,6 +102,12 @@ CONFIG = [  # a recipe or override that is wrong: found when the config loads
          "eval.cfg_scales=[3.0, -1.0]: every scale must be >= 0"),
     case("too-many-steps-in-sweep", f"eval --config {T} eval.steps=[50,5000]",
          "eval.steps=[50, 5000]: every step count must be in 1..1000"),
+    case("unknown-sampler-in-sweep", f"eval --config {T} eval.samplers=[ddim,euler]",
+         "eval.samplers=['ddim', 'euler']: 'euler' is not a sampler"),
+    case("pinned-steps-not-a-number", f"eval --config {T} eval.samplers=[ddim:many]",
+         "'ddim:many': write NAME:STEPS with a whole number of steps"),
+    case("pinned-steps-past-T-for-multistep", f"eval --config {T} eval.samplers=[unipc:1000]",
+         "eval.samplers entry unipc:1000: unipc takes 1..999 steps"),
 ]
 
 CLI = [  # the command line itself

@@ -206,7 +206,10 @@ def keys_by_step(run: Path) -> dict[int, list[str]]:
     return by_step
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-3 only: its partitioned parameters and EMA are the hard case across nodes; ZeRO-2's
+# N -> M resume (2 -> 1 and 1 -> 2) is tested on one host in test_train.py, and the cross-node
+# parts (universal conversion by rank 0 first, the data position) do not depend on the stage.
+@pytest.mark.parametrize("stage", [3])
 def test_elastic_one_process_to_two_nodes_and_back(cluster, shards, tmp_path, stage):
     """One epoch (160 samples, global batch 16: 10 steps) trained in three legs: 1 process
     on this machine (steps 1-3), one rank on each node by sbatch (4-6), 1 process again

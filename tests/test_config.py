@@ -4,6 +4,8 @@ import pytest
 
 from dist_diffusion.config import ConfigError, field_docs, load_config, to_yaml
 
+ROOT_RECIPE = Path(__file__).resolve().parents[1] / "configs/tiny.yaml"
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -127,3 +129,19 @@ def test_a_process_count_that_means_nothing_is_refused(argv, match, capsys):
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_sampler_sweep_pins_steps_per_entry_and_walks_ddpm_once():
+    from dist_diffusion.evaluate.sample import sweep
+
+    cfg = load_config(ROOT_RECIPE, ["eval.samplers=[ddim:50,ddim:100,ddpm,ddpm:20,unipc:10,dpm_solver_2m]",
+                                    "eval.steps=[20]", "eval.cfg_scales=[1,3]"])
+    points = [(p.sampler, p.steps, p.cfg_scale) for p in sweep(cfg)]
+    assert points == [("ddim", 50, 1.0), ("ddim", 50, 3.0), ("ddim", 100, 1.0), ("ddim", 100, 3.0),
+                      ("ddpm", 1000, 1.0), ("ddpm", 1000, 3.0), ("unipc", 10, 1.0), ("unipc", 10, 3.0),
+                      ("dpm_solver_2m", 20, 1.0), ("dpm_solver_2m", 20, 3.0)]
+    # the configured sampler keeps the names of a plain sweep; the others carry theirs
+    assert [p.name for p in sweep(cfg)][:2] == ["cfg1_steps50", "cfg3_steps50"]
+    assert sweep(cfg)[4].name == "ddpm_cfg1_steps1000"
+    plain = load_config(ROOT_RECIPE, ["eval.steps=[10,20]", "eval.cfg_scales=[3]"])
+    assert [p.name for p in sweep(plain)] == ["cfg3_steps10", "cfg3_steps20"]

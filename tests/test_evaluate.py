@@ -90,13 +90,25 @@ def images(out) -> dict:
 @pytest.fixture(scope="module")
 def one_process(models):
     out = models / "out-1proc"
-    return out, *run_eval(models, out)
+    return out, *run_eval(models, out, "eval.npz=true")
 
 
 def test_pixel_job_reports_and_caches_the_reference(one_process):
-    out, _, log = one_process
+    out, row, log = one_process
     assert "computed and cached" in log and len(images(out)) == 32
     assert (out / "cfg3_steps10/grid.png").exists() and "| FID |" in (out / "report.md").read_text()
+    assert row["nfe"] == 10 and "| NFE |" in (out / "report.md").read_text()
+
+
+def test_job_writes_the_adm_npz_of_its_pngs(one_process):
+    """ADM's evaluator format: uint8 NHWC arr_0 in sample order, labels arr_1."""
+    out, _, _ = one_process
+    with np.load(out / "cfg3_steps10/samples_32x16x16x3.npz") as npz:
+        arr, labels = npz["arr_0"], npz["arr_1"]
+    assert arr.dtype == np.uint8 and arr.shape == (32, 16, 16, 3)
+    assert labels.tolist() == [i % 4 for i in range(32)]
+    pngs = images(out)
+    assert all(np.array_equal(arr[i], pngs[f"{i:08d}.png"]) for i in range(32))
 
 
 @pytest.fixture(scope="module")

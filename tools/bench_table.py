@@ -11,6 +11,7 @@ from pathlib import Path
 GOALS = {  # figure: (comparison, bound)
     "ddim50_vs_ddpm1000_speedup": (">=", 18.0),
     "sample_scaling_2v1": (">=", 1.7),
+    "sampler_vs_diffusers_ratio": (">=", 1.0),
     "s3_vs_local_ratio": (">=", 0.9),
     "train_overhead_ratio": ("<=", 1.10),
     "gpu_framework_vs_plain_ratio": ("<=", 1.10),

@@ -265,3 +265,10 @@ def run_sampler(name: str, model: Denoiser, schedule: NoiseSchedule, noise: torc
     if name == "unipc":
         return unipc_sample(model, schedule, timesteps, noise, labels, guidance, order=order, **common)
     return dpm_solver_2m_sample(model, schedule, timesteps, noise, labels, guidance, **common)
+
+
+def network_evaluations(name: str, steps: int, num_train_timesteps: int) -> int:
+    """NFE: denoiser evaluations per sample (a CFG step's conditional and unconditional
+    halves are one batched evaluation). DDPM walks all T steps; DDIM, DPM-Solver++(2M) and
+    UniPC (whose corrector reuses the next step's evaluation) make one per step."""
+    return num_train_timesteps if name == "ddpm" else steps

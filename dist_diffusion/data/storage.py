@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,7 +247,11 @@ def list_names(prefix: Location) -> list[str]:
 def put_file(local: Path, loc: Location) -> None:
     """Copy a finished local file to ``loc``; for S3, verify the stored ETag."""
     if not loc.is_s3:
-        _atomic_local_write(Path(loc.key), local.read_bytes())
+        target = Path(loc.key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        shutil.copyfile(local, tmp)  # streamed: checkpoint files and sample archives run to GBs
+        os.replace(tmp, target)
         return
     from boto3.s3.transfer import TransferConfig
 

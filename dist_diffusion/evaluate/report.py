@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 from ..config import Config
+from ..core.samplers import network_evaluations
 from ..data import storage
 
 COLUMNS = [("cfg_scale", "CFG", "{:g}"), ("guidance_interval", "interval", "{}"), ("sampler", "sampler", "{}"),
-           ("steps", "steps", "{}"), ("num_samples", "N", "{}"), ("fid", "FID", "{:.3f}"),
+           ("steps", "steps", "{}"), ("nfe", "NFE", "{}"), ("num_samples", "N", "{}"), ("fid", "FID", "{:.3f}"),
            ("fid_inf", "FID_inf", "{:.3f}"), ("inception_score", "IS (10 splits)", "{:.3f}"),
            ("kid", "KID", "{:.4f}"), ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"),
            ("class_accuracy", "class acc", "{:.3f}"),
@@ -17,7 +18,8 @@ COLUMNS = [("cfg_scale", "CFG", "{:g}"), ("guidance_interval", "interval", "{}")
 
 def result_row(cfg: Config, point, metrics: dict, seconds: float, resumed_shards: int) -> dict:
     return {"cfg_scale": point.cfg_scale, "guidance_interval": list(cfg.sample.guidance_interval) or None,
-            "sampler": cfg.sample.sampler, "steps": point.steps, "eta": cfg.sample.eta,
+            "sampler": point.sampler, "steps": point.steps, "eta": cfg.sample.eta,
+            "nfe": network_evaluations(point.sampler, point.steps, cfg.diffusion.num_train_timesteps),
             "num_samples": cfg.sample.num_samples, "seed": cfg.sample.seed, "checkpoint": _checkpoint(cfg),
             **metrics, "seconds": seconds, "samples_per_s": cfg.sample.num_samples / max(seconds, 1e-9),
             "resumed_shards": resumed_shards, "samples": str(storage.parse(cfg.eval.out).join(point.name))}

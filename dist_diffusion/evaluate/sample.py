@@ -24,12 +24,13 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, parse_sampler_entry
 from ..data import storage
 from ..data.shards import write_tar
 from ..generate import decode_on_its_device, generate
 from ..imaging import save_grid, to_uint8
 from ..runtime.distributed import all_reduce_sum, barrier, describe, device, init_process_group
+from .adm_npz import write_adm_npz
 from .features import Extractor, build_extractor, check_extractor
 from .metrics import IS_SPLITS, fid_infinity, inception_score, kernel_inception_distance, precision_recall
 from .reference import reference_features, reference_stats
@@ -39,20 +40,31 @@ from .stats import FeatureSums, frechet_distance
 
 @dataclass(frozen=True)
 class Point:
-    """One evaluated setting of a sweep."""
+    """One evaluated setting of a sweep. Points sampled with ``sample.sampler`` are named
+    cfg<s>_steps<n>; a point of another sampler (eval.samplers) carries its name first."""
 
     cfg_scale: float
     steps: int
+    sampler: str
+    default_sampler: str
 
     @property
     def name(self) -> str:
-        return f"cfg{self.cfg_scale:g}_steps{self.steps}"
+        prefix = "" if self.sampler == self.default_sampler else f"{self.sampler}_"
+        return f"{prefix}cfg{self.cfg_scale:g}_steps{self.steps}"
 
 
 def sweep(cfg: Config) -> list[Point]:
+    """eval.samplers x steps x CFG scales, in that order. A sampler given as NAME:STEPS takes
+    its own step count; DDPM walks all T steps whatever the count, so it is one point per scale."""
     scales = cfg.eval.cfg_scales or [cfg.sample.cfg_scale]
-    steps = cfg.eval.steps or [cfg.sample.steps]
-    return [Point(float(s), int(n)) for n in steps for s in scales]
+    points = []
+    for sampler, pinned in map(parse_sampler_entry, cfg.eval.samplers or [cfg.sample.sampler]):
+        counts = [pinned] if pinned else cfg.eval.steps or [cfg.sample.steps]
+        if sampler == "ddpm":
+            counts = [cfg.diffusion.num_train_timesteps]
+        points += [Point(float(s), int(n), sampler, cfg.sample.sampler) for n in dict.fromkeys(counts) for s in scales]
+    return list(dict.fromkeys(points))
 
 
 def evaluate(cfg: Config) -> list[dict]:
@@ -143,7 +155,8 @@ def sample_point(cfg: Config, point: Point, unet, vae, extractor: Extractor | No
     resumed = 0
     bar = tqdm(total=sum(min(n, (k + 1) * per_shard) - k * per_shard for k in mine), unit="img",
                desc=f"sample {point.name}", disable=not env.is_main)
-    point_cfg = replace(cfg, sample=replace(cfg.sample, cfg_scale=point.cfg_scale, steps=point.steps))
+    point_cfg = replace(cfg, sample=replace(cfg.sample, cfg_scale=point.cfg_scale, steps=point.steps,
+                                            sampler=point.sampler))
     for k in mine:
         indices = list(range(k * per_shard, min(n, (k + 1) * per_shard)))
         if storage.exists(out.join(f"samples-{k:06d}.npz")):
@@ -153,6 +166,8 @@ def sample_point(cfg: Config, point: Point, unet, vae, extractor: Extractor | No
             _make_shard(point_cfg, unet, vae, extractor, indices, out, k, bar)
     bar.close()
     resumed = int(all_reduce_sum(np.array([float(resumed)]))[0])  # also: every shard is written now
+    if cfg.eval.npz and env.is_main:
+        write_adm_npz(out, shards, n, cfg.data.resolution)
     point_features = shard_order_sums(out, shards, extractor) if extractor is not None and env.is_main else None
     return point_features, resumed
 
