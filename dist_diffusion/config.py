@@ -398,7 +398,7 @@ def _cross_problems(cfg: Config) -> List[str]:
         if m.norm_num_groups and ch % m.norm_num_groups:
             problems.append(f"model.block_out_channels entry {ch} is not divisible by "
                             f"model.norm_num_groups={m.norm_num_groups}")
-    most = d.num_train_timesteps - (s.sampler in ("dpm_solver_2m", "unipc"))  # multistep: steps + 1 points
+    most = _most_steps(s.sampler, d.num_train_timesteps)
     if s.steps > most:
         problems.append(f"sample.steps={s.steps} must be <= {most} for sample.sampler={s.sampler} "
                         f"(diffusion.num_train_timesteps={d.num_train_timesteps})")
@@ -427,13 +427,17 @@ def _sweep_problems(cfg: Config) -> List[str]:
     except ValueError as err:
         return problems + [f"eval.samplers={list(cfg.eval.samplers)}: {err}"]
     for name, steps in pinned:
-        most = T - (name in ("dpm_solver_2m", "unipc"))  # multistep: steps + 1 points
+        most = _most_steps(name, T)
         if steps is not None and not 1 <= steps <= most:
             problems.append(f"eval.samplers entry {name}:{steps}: {name} takes 1..{most} steps")
         elif steps is None and any(not 1 <= n <= most for n in cfg.eval.steps):
             problems.append(f"eval.steps={list(cfg.eval.steps)}: every step count must be in 1..{most} "
                             f"(diffusion.num_train_timesteps{', less 1 for ' + name if most < T else ''})")
     return list(dict.fromkeys(problems))
+
+
+def _most_steps(sampler: str, num_train_timesteps: int) -> int:
+    return num_train_timesteps - (sampler in ("dpm_solver_2m", "unipc"))  # multistep: steps + 1 points
 
 
 def parse_sampler_entry(entry: str) -> tuple[str, Optional[int]]:

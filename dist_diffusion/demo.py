@@ -285,9 +285,15 @@ def _real_rows(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> to
     return torch.cat(rows)
 
 
-if __name__ == "__main__":
+def run_as_script(entry) -> None:
+    """``entry()`` as the process's exit code; a bad override or a missing extra is one line,
+    before any stage."""
     try:
-        raise SystemExit(main())
-    except ConfigError as err:  # a bad override or a missing extra: one line, before any stage
+        raise SystemExit(entry())
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    run_as_script(main)

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from .config import Config, ConfigError, load_config
@@ -49,7 +50,7 @@ def write_export(model: torch.nn.Module, cfg: Config, out: Path, provenance: dic
         {**provenance, "target": cfg.train.target, "null_label": cfg.model.num_classes,
          "prediction": cfg.diffusion.prediction, "schedule": cfg.diffusion.schedule,
          "num_train_timesteps": cfg.diffusion.num_train_timesteps}, indent=2))
-    if cfg.train.target == "unet":
+    if isinstance(model, UNet2DModel):
         ddim_scheduler(cfg).save_pretrained(out / "scheduler")
         if not cfg.vae.enabled:
             _as_ddim_pipeline(out)
