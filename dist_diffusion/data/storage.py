@@ -170,28 +170,51 @@ def exists(loc: Location) -> bool:
 
 
 def read_bytes(loc: Location, stats: dict | None = None) -> bytes:
-    """The whole object. A transfer broken mid-way (reset, stall past the read timeout, 5xx)
-    is retried with back-off and continues at the byte it reached (HTTP Range), so nothing
-    is lost or duplicated. Only tries that received no byte count against ``s3.attempts``:
-    a connection that breaks every 64 KB still finishes. ``stats["retries"]`` counts retries."""
+    """The whole object, in memory (shards, sidecars; for files that may run to GBs, such as
+    checkpoints, use :func:`get_file`). ``stats["retries"]`` counts retries."""
     if not loc.is_s3:
         return Path(loc.key).read_bytes()
-    buf, failures, size = bytearray(), 0, None
-    while size is None or len(buf) < size:
-        reached = len(buf)
+    buf = bytearray()
+    _download(loc, buf.extend, lambda: len(buf), stats)
+    return bytes(buf)
+
+
+def get_file(loc: Location, local: Path, stats: dict | None = None) -> None:
+    """Copy ``loc`` to the local file ``local``, streamed: memory holds one 64 KB chunk
+    whatever the size. Written beside it and renamed, so a broken copy never passes for a
+    finished one."""
+    local = Path(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.part{os.getpid()}")
+    if not loc.is_s3:
+        shutil.copyfile(loc.key, tmp)
+    else:
+        with open(tmp, "wb") as f:
+            _download(loc, f.write, f.tell, stats)
+    os.replace(tmp, local)
+
+
+def _download(loc: Location, write, written, stats: dict | None) -> None:
+    """Every byte of the object through ``write``; ``written()`` is the count so far. A
+    transfer broken mid-way (reset, stall past the read timeout, 5xx) is retried with
+    back-off and continues at the byte it reached (HTTP Range), so nothing is lost or
+    duplicated. Only tries that received no byte count against ``s3.attempts``: a
+    connection that breaks every 64 KB still finishes."""
+    failures, size = 0, None
+    while size is None or written() < size:
+        reached = written()
         try:
-            reply = s3_client(streaming=True).get_object(Bucket=loc.bucket, Key=loc.key, Range=f"bytes={len(buf)}-")
+            reply = s3_client(streaming=True).get_object(Bucket=loc.bucket, Key=loc.key, Range=f"bytes={reached}-")
             size = size if size is not None else _total_size(reply)
             for chunk in reply["Body"].iter_chunks(1 << 16):
-                buf += chunk
+                write(chunk)
         except Exception as err:  # resets, timeouts, 5xx: botocore raises many types
-            failures = 0 if len(buf) > reached else failures + 1
+            failures = 0 if written() > reached else failures + 1
             if stats is not None:
                 stats["retries"] = stats.get("retries", 0) + 1
             if failures >= _policy.attempts or _is_permanent(err):
                 raise explain(err, loc) from None
             time.sleep(_backoff_s(failures))
-    return bytes(buf)
 
 
 def _total_size(reply: dict) -> int:

@@ -143,8 +143,7 @@ def download_latest(url: str, root: Path, local_rank: int) -> str | None:
     if tags and local_rank == 0 and not (root / tags[-1] / COMPLETE).exists():
         names = [n for n in storage.list_names(prefix.join(tags[-1]))]
         for name in sorted(names, key=lambda n: n == COMPLETE):  # the marker last
-            storage.write_bytes(storage.parse(str(root / tags[-1] / name)),
-                                storage.read_bytes(prefix.join(tags[-1]).join(name)))
+            storage.get_file(prefix.join(tags[-1]).join(name), root / tags[-1] / name)  # GBs: streamed
     barrier()
     return tags[-1] if tags else None
 
