@@ -2,14 +2,14 @@
 
 On the demo's stack and data (real digits in the embedded S3, the domain classifier as the
 judge, the small VAE), three UNets train with the demo's recipe (`configs/tiny.yaml`,
-2 DeepSpeed processes, label dropout 0.1), differing in one thing each:
+2 DeepSpeed processes by default, label dropout 0.1), differing in one thing each:
 
 - ``latent_linear``: VAE latents, linear schedule (the base);
 - ``latent_cosine``: the same with the cosine schedule;
 - ``pixel_linear``: pixels, no VAE (the same UNet on 32x32x3 instead of 8x8x4).
 
 Each row then samples one of them with one sampler, step count and CFG scale, through the
-product's own `dist-diffusion eval` (2 processes, the same seeds and N for every row).
+product's own `dist-diffusion eval` (as many processes, the same seeds and N for every row).
 Rows that only change the sampler or the guidance reuse the base UNet: they judge the
 sampling of one trained model, which is what they compare. One job per (model, CFG
 scale) samples its rows as one sweep (`eval.samplers=[ddim:50,ddpm:1000,...]`).
