@@ -183,15 +183,13 @@ def get_file(loc: Location, local: Path, stats: dict | None = None) -> None:
     """Copy ``loc`` to the local file ``local``, streamed: memory holds one 64 KB chunk
     whatever the size. Written beside it and renamed, so a broken copy never passes for a
     finished one."""
-    local = Path(local)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.part{os.getpid()}")
-    if not loc.is_s3:
-        shutil.copyfile(loc.key, tmp)
-    else:
+    def fill(tmp: Path) -> None:
+        if not loc.is_s3:
+            shutil.copyfile(loc.key, tmp)
+            return
         with open(tmp, "wb") as f:
             _download(loc, f.write, f.tell, stats)
-    os.replace(tmp, local)
+    _atomic_local(Path(local), fill)
 
 
 def _download(loc: Location, write, written, stats: dict | None) -> None:
@@ -269,12 +267,8 @@ def list_names(prefix: Location) -> list[str]:
 
 def put_file(local: Path, loc: Location) -> None:
     """Copy a finished local file to ``loc``; for S3, verify the stored ETag."""
-    if not loc.is_s3:
-        target = Path(loc.key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        shutil.copyfile(local, tmp)  # streamed: checkpoint files and sample archives run to GBs
-        os.replace(tmp, target)
+    if not loc.is_s3:  # streamed: checkpoint files and sample archives run to GBs
+        _atomic_local(Path(loc.key), lambda tmp: shutil.copyfile(local, tmp))
         return
     from boto3.s3.transfer import TransferConfig
 
@@ -300,7 +294,13 @@ def expected_etag(path: Path, part_size: int) -> str:
 
 
 def _atomic_local_write(path: Path, data: bytes) -> None:
+    _atomic_local(path, lambda tmp: tmp.write_bytes(data))
+
+
+def _atomic_local(path: Path, fill) -> None:
+    """``fill(tmp)`` writes a file beside ``path``, which then replaces it: a reader never
+    sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
+    fill(tmp)
     os.replace(tmp, path)
