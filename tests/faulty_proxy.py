@@ -4,6 +4,8 @@ Connection n (counting from 1) is treated by the schedule: every ``slowdown_ever
 gets an HTTP 503 SlowDown as its first answer and is closed; otherwise connections with
 n % cut_every == 1 are reset after ``cut_after`` bytes from the server (mid-transfer), or
 with ``stall=True`` go silent there (the client's read timeout must abandon them).
+``flip_upload_byte=N`` inverts byte N of what each client connection sends (a request
+corrupted in transit: the server's checksum check must refuse it).
 ``Blackhole`` is an endpoint that accepts connections and never answers.
 Clients keep connections alive, so faults are per connection, not per request.
 """
@@ -20,8 +22,9 @@ SLOWDOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent
 
 class FaultyProxy:
     def __init__(self, upstream_port: int, cut_every: int = 3, cut_after: int = 30_000,
-                 slowdown_every: int = 4, stall: bool = False):
+                 slowdown_every: int = 4, stall: bool = False, flip_upload_byte: int | None = None):
         self.upstream_port = upstream_port
+        self.flip_upload_byte, self.flips = flip_upload_byte, 0
         self.cut_every, self.cut_after, self.slowdown_every = cut_every, cut_after, slowdown_every
         self.stall = stall
         self.server = socket.create_server(("127.0.0.1", 0))
@@ -58,16 +61,20 @@ class FaultyProxy:
             return
         upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
         limit = self.cut_after if self.cut_every and n % self.cut_every == 1 % self.cut_every else None
-        threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+        threading.Thread(target=self._pump, args=(client, upstream, None, self.flip_upload_byte),
+                         daemon=True).start()
         self._pump(upstream, client, limit)
 
-    def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None, flip: int | None = None) -> None:
         sent = 0
         try:
             while True:
                 data = src.recv(16384)
                 if not data:
                     break
+                if flip is not None and sent <= flip < sent + len(data):  # corrupt one byte in transit
+                    data = data[:flip - sent] + bytes([data[flip - sent] ^ 0xFF]) + data[flip - sent + 1:]
+                    self.flips += 1
                 if limit is not None and sent + len(data) > limit:
                     dst.sendall(data[: limit - sent])
                     self.cuts += 1

@@ -308,3 +308,28 @@ def test_restoring_a_1_gb_checkpoint_file_from_s3_streams_it_to_disk(s3_server, 
         return digest.hexdigest()
     assert sha(tmp_path / "restored") == sha(big)
     storage.delete(loc)
+
+
+@pytest.mark.parametrize("size", [300_000, 9 << 20], ids=["one-put", "multipart"])
+def test_an_upload_corrupted_in_transit_is_refused_by_its_checksum_and_nothing_is_stored(
+        s3_server, shards_url, tmp_path, monkeypatch, size):
+    """Integrity comes from the CRC32 botocore sends with every body and the server checks
+    (valid under SSE-KMS/SSE-C too, where the ETag is no MD5), not from ETag = MD5."""
+    import os
+
+    from faulty_proxy import FaultyProxy
+
+    from dist_diffusion.data import storage
+
+    local, loc = tmp_path / "blob", storage.parse(f"s3://stream-data/uploads/blob-{size}")
+    local.write_bytes(os.urandom(size))
+    port = int(s3_server.endpoint.rsplit(":", 1)[1])
+    with FaultyProxy(port, cut_every=0, slowdown_every=0, flip_upload_byte=100_000) as proxy, \
+            endpoint(monkeypatch, proxy.port):
+        with pytest.raises(storage.StorageError, match=r"corrupted in transit and nothing was stored; rerun"):
+            storage.put_file(local, loc)
+    assert proxy.flips >= 1 and not storage.exists(loc)
+    storage.put_file(local, loc)  # the same upload without the fault lands whole, checksum stored
+    head = storage.s3_client().head_object(Bucket=loc.bucket, Key=loc.key, ChecksumMode="ENABLED")
+    assert head.get("ChecksumCRC32") and storage.read_bytes(loc) == local.read_bytes()
+    storage.delete(loc)

@@ -2,14 +2,15 @@
 
 S3 goes through boto3 with the standard credential chain (env, profile, instance role)
 and ``AWS_ENDPOINT_URL`` for any S3 (SeaweedFS, MinIO). Uploads are multipart above
-8 MiB and verified against an ETag computed locally; local writes go to a temporary
+8 MiB and carry a CRC32 of every request body (botocore's flexible checksums), which the
+server checks before it stores anything; unlike comparing the ETag with a local MD5, that
+holds under SSE-KMS and SSE-C, where the ETag is no MD5. Local writes go to a temporary
 name and are renamed, so a reader never sees half an object.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import shutil
 import time
@@ -111,6 +112,11 @@ def _client_for(pid: int, policy: Policy, streaming: bool):
     return boto3.session.Session().client("s3", config=config)
 
 
+# What S3 answers when a request body does not match the checksum sent with it.
+CORRUPTED_IN_TRANSIT = ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch", "InvalidChecksum")
+UPLOAD_CHECKSUM = {"ChecksumAlgorithm": "CRC32"}  # explicit: not left to botocore's default or AWS_* env
+
+
 def _backoff_s(failures: int) -> float:
     return min(0.1 * 2 ** failures, 5.0)
 
@@ -140,6 +146,10 @@ def explain(err: Exception, loc: Location) -> StorageError:
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return StorageError(f"{loc}: S3 refused the credentials ({code}); check "
                                 f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for {endpoint}")
+        if code in CORRUPTED_IN_TRANSIT:
+            return StorageError(f"{loc}: S3 refused the upload ({code}): the bytes it received do not match their "
+                                f"checksum, so they were corrupted in transit and nothing was stored; rerun the "
+                                f"command (finished work is kept)")
         return StorageError(f"{loc}: S3 error {code}: {err}")
     return StorageError(f"{loc}: {err}")
 
@@ -236,7 +246,7 @@ def write_bytes(loc: Location, data: bytes) -> None:
         _atomic_local_write(Path(loc.key), data)
         return
     try:
-        s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+        s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **UPLOAD_CHECKSUM)
     except Exception as err:
         raise explain(err, loc) from None
 
@@ -266,31 +276,21 @@ def list_names(prefix: Location) -> list[str]:
 
 
 def put_file(local: Path, loc: Location) -> None:
-    """Copy a finished local file to ``loc``; for S3, verify the stored ETag."""
+    """Copy a finished local file to ``loc``, streamed. For S3 every part carries its CRC32
+    and the server refuses a part whose bytes do not match it, so a stored object is whole."""
     if not loc.is_s3:  # streamed: checkpoint files and sample archives run to GBs
         _atomic_local(Path(loc.key), lambda tmp: shutil.copyfile(local, tmp))
         return
+    from boto3.exceptions import S3UploadFailedError
     from boto3.s3.transfer import TransferConfig
 
     transfer = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE)
     try:
-        s3_client().upload_file(str(local), loc.bucket, loc.key, Config=transfer)
-        etag = s3_client().head_object(Bucket=loc.bucket, Key=loc.key)["ETag"].strip('"')
+        s3_client().upload_file(str(local), loc.bucket, loc.key, ExtraArgs=UPLOAD_CHECKSUM, Config=transfer)
+    except S3UploadFailedError as err:  # wraps the botocore error of the part that failed
+        raise explain(err.__cause__ or err.__context__ or err, loc) from None
     except Exception as err:
         raise explain(err, loc) from None
-    if etag != expected_etag(local, PART_SIZE):
-        raise StorageError(f"{loc}: upload checksum mismatch (ETag {etag}); the object was "
-                           f"corrupted in transit, rerun the command to upload it again")
-
-
-def expected_etag(path: Path, part_size: int) -> str:
-    """S3's ETag: md5 of the bytes, or for multipart md5(concat(part md5s))-N."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if size <= part_size:
-            return hashlib.md5(f.read()).hexdigest()
-        digests = [hashlib.md5(chunk).digest() for chunk in iter(lambda: f.read(part_size), b"")]
-    return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
 
 
 def _atomic_local_write(path: Path, data: bytes) -> None:
