@@ -88,6 +88,17 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .data.index import index, read_class_names
+
+    cfg, url = _load(args.config, args.overrides), args.url
+    names = read_class_names(args.classes) if args.classes else None
+    result = index(url, cfg.data.label_key, names, args.num_classes, overwrite=args.overwrite)
+    print(f"{result['num_samples']} samples in {len(result['shards'])} shards, {result['num_classes']} classes, "
+          f"{result['resolution']} px {result['image_format']} -> {url.rstrip('/')}/manifest.json")
+    return 0
+
+
 def _cmd_encode(args: argparse.Namespace) -> int:
     from .runtime.env import spawn_local
 
@@ -237,6 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rewrite shards already in --out (needed when they were made with other settings)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.resolution=128")
     p.set_defaults(func=_cmd_prepare)
+    p = sub.add_parser("index", help="write manifest.json for existing WebDataset shards (ShardWriter, "
+                                     "img2dataset, tar), local or s3://")
+    p.add_argument("url", help="directory or s3://bucket/prefix holding the .tar shards")
+    p.add_argument("--config", help="YAML recipe whose data: section applies (data.label_key)")
+    p.add_argument("--classes", help="file of class names, one per line (line i names label i)")
+    p.add_argument("--num-classes", type=_count(0), default=0,
+                   help="number of classes (default: the largest label + 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace a manifest.json already there")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.label_key=label")
+    p.set_defaults(func=_cmd_index)
     p = sub.add_parser("encode", help="image shards -> VAE latent shards (mean and std, float16)")
     p.add_argument("--shards", required=True, help="image shards from prepare (dir or s3://)")
     p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
@@ -266,8 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
+    """argparse, with key=value overrides accepted anywhere on the line: argparse fills a
+    positional list only once, so overrides after an option would be refused."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    if extra != overrides or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(argv)
     try:
         return args.func(args)
     except expected() as err:

@@ -111,6 +111,8 @@ class DataConfig:
     prepare_workers: int = _f(2, "processes prepare uses to decode, resize and encode", ge=1)
     shuffle_seed: int = _f(0, "seed of the file order prepare writes (mixes classes in shards)")
     labels_file: str = _f("", "optional file of '<folder> <class name>' lines (ImageNet synsets)")
+    label_key: str = _f("", "index: read each label from this field of the sample's .json "
+                            "instead of its .cls (e.g. img2dataset metadata)")
     hflip: bool = _f(True, "random horizontal flip while streaming (off for digits and text)")
     shards: str = _f("", "training shards (image or latent, from prepare/encode): a directory "
                          "or s3://bucket/prefix")

@@ -38,7 +38,7 @@ def encode_dataset(cfg: Config, src_url: str, out_url: str, wait_timeout: float 
     vae = build_vae(cfg).eval().to(where)
     mine = [e for i, e in enumerate(source["shards"]) if i % env.world_size == env.rank]
     for entry in tqdm(mine, desc=f"encode rank {env.rank}", unit="shard", disable=not env.is_main):
-        encode_shard(vae, src_url, out_url, entry)
+        encode_shard(vae, src_url, out_url, entry, source.get("label_key", ""))
     if not env.is_main:
         return None
     entries = _wait_for_sidecars(out_url, source["shards"], wait_timeout)
@@ -51,7 +51,9 @@ def encode_dataset(cfg: Config, src_url: str, out_url: str, wait_timeout: float 
 
 
 @torch.no_grad()
-def encode_shard(vae, src_url: str, out_url: str, entry: dict) -> dict:
+def encode_shard(vae, src_url: str, out_url: str, entry: dict, label_key: str = "") -> dict:
+    """Encode one image shard into a latent shard; labels are written as ``.cls`` whatever
+    field they came from (``label_key``: the source's label field in ``.json``)."""
     out = storage.parse(out_url)
     sidecar = out.join(shards.sidecar_name(entry["name"]))
     if storage.exists(sidecar):
@@ -65,7 +67,7 @@ def encode_shard(vae, src_url: str, out_url: str, entry: dict) -> dict:
         means, stds = posterior.mean.cpu(), posterior.std.cpu()  # one copy to the host per batch
         for s, mean, std in zip(chunk, means, stds):
             encoded.append((s["__key__"], {"mean.npy": _npy(mean), "std.npy": _npy(std),
-                                           "cls": s["cls"], "path.txt": s.get("path.txt", b"")}))
+                                           "cls": str(shards.sample_label(s, label_key)).encode(), "path.txt": s.get("path.txt", b"")}))
     with tempfile.TemporaryDirectory() as tmp:
         info = shards.write_tar(Path(tmp) / entry["name"], encoded)
         storage.put_file(Path(tmp) / entry["name"], out.join(entry["name"]))

@@ -120,6 +120,41 @@ def make_class_folders(root, classes=4, per_class=50, corrupt=(), seed=0):
     return root
 
 
+def make_pairs(folder, count=12, classes=3, size=16, start=0, seed=0):
+    """A flat folder of ``<key>.jpg`` + ``<key>.cls`` pairs, the layout users ``tar`` up;
+    the image of class c is tinted by c, so labels can be checked against pixels."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + count):
+        label = i % classes
+        pixels = np.clip(rng.normal(40 + 80 * label, 10, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=95)
+        (folder / f"{i:06d}.cls").write_text(str(label))
+    return folder
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """(exit code, stderr) of `dist-diffusion ARGV`, run in this process."""
+    from dist_diffusion.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line(code: int, err: str, want_code: int, says: str) -> None:
+    """A refusal: exit ``want_code``, no traceback, one `error:` line containing ``says``
+    (progress-bar lines aside)."""
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("prepare:", "index:", "\r"))]
+    assert code == want_code and "Traceback" not in err, err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], err
+
+
 # Pixel-space 16 px overrides for configs/tiny.yaml: the quickest real training job.
 PIXEL16 = ["vae.enabled=false", "data.resolution=16", "model.num_classes=4", "train.batch_size=16",
            "train.warmup_steps=2", "train.log_every=1", "data.num_workers=0", "data.hflip=false"]

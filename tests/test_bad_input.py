@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import make_class_folders
+from conftest import assert_one_line, make_class_folders, make_pairs, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 T = "configs/tiny.yaml"
@@ -47,10 +47,37 @@ def files(tmp_path_factory):
     (root / "latents/manifest.json").write_text(json.dumps(
         {"kind": "latents", "latent_shape": [4, 8, 8], "num_classes": 2, "classes": ["a", "b"], "num_samples": 0,
          "shards": [], "scaling_factor": 1.0}))
+    _index_inputs(root)
     (root / "oldrun/checkpoints/step00000010").mkdir(parents=True)
     (root / "oldrun/checkpoints/step00000010/COMPLETE").write_text("{}")
     (root / "oldrun/config.yaml").write_text(to_yaml(load_config(ROOT / T)))
     return root
+
+
+def _index_inputs(root: Path) -> None:
+    """Shards made elsewhere that `index` must refuse: a sample without an image, labels
+    0..2 for a class count of 2, a tar with a key's files apart, images of two sizes, and a
+    folder with no tar at all."""
+    import tarfile
+
+    def tar_up(folder: Path, out: Path, drop=()) -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(out, "w") as tar:
+            for f in sorted(folder.iterdir()):
+                if f.name not in drop:
+                    tar.add(f, arcname=f.name)
+
+    pairs = make_pairs(root / "pairs", count=6)
+    tar_up(pairs, root / "idx_noimage/a-000.tar", drop={"000004.jpg"})
+    tar_up(pairs, root / "idx_range/a-000.tar")
+    (root / "idx_unsorted").mkdir()
+    with tarfile.open(root / "idx_unsorted/a-000.tar", "w") as tar:
+        for f in sorted(pairs.iterdir(), key=lambda f: (f.suffix, f.name)):  # every .cls, then every .jpg
+            tar.add(f, arcname=f.name)
+    make_pairs(root / "pairs", count=2, size=24, start=6)
+    tar_up(pairs, root / "idx_sizes/a-000.tar")
+    (root / "idx_empty").mkdir()
+    (root / "idx_empty/readme.txt").write_text("no shards here\n")
 
 
 def case(name, argv, says, code=2):
@@ -131,6 +158,18 @@ DATA = [  # files and directories that are not what they are named as
     case("prepare-out-is-a-file", "prepare --src F/good --out F/a_file", "--out F/a_file is a file"),
     case("prepare-over-other-settings", "prepare --src F/src2 --out F/made16 data.resolution=32",
          "F/made16 holds shards prepared with other settings (data.resolution: 16 -> 32"),
+    case("index-sample-without-image", "index F/idx_noimage",
+         "F/idx_noimage/a-000.tar: sample 000004 has no image (.jpg/.png/.jpeg/.webp); it has .cls"),
+    case("index-label-out-of-range", "index F/idx_range --num-classes 2",
+         "F/idx_range/a-000.tar: label 2 is out of range for 2 classes"),
+    case("index-images-of-two-sizes", "index F/idx_sizes", "images must be square and all of one size to be "
+         "batched; found 16x16 (6), 24x24 (2)"),
+    case("index-files-of-a-key-apart", "index F/idx_unsorted",
+         "F/idx_unsorted/a-000.tar: sample 000000 has files apart from each other in the tar"),
+    case("index-no-shards", "index F/idx_empty", "F/idx_empty holds no .tar shards"),
+    case("index-over-a-manifest", "index F/made16", "F/made16 already has a manifest.json"),
+    case("index-json-label-missing", "index F/idx_range data.label_key=label",
+         "sample 000000: no .json field (data.label_key=label reads the label from it)"),
     case("shards-unset", f"train --config {T} train.run_dir=F/run1", "data.shards is empty"),
     case("shards-missing", f"train --config {T} train.run_dir=F/run2 data.shards=F/nowhere",
          "F/nowhere/manifest.json not found; run `dist-diffusion prepare`"),
@@ -171,25 +210,8 @@ DATA = [  # files and directories that are not what they are named as
 ]
 
 
-def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    """(exit code, stderr) of `dist-diffusion ARGV`, run in this process."""
-    from dist_diffusion.cli import main
-
-    try:
-        code = main(argv)
-    except SystemExit as stop:
-        code = stop.code
-    return code, capsys.readouterr().err
-
-
 def snapshot(root: Path) -> list:
     return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
-
-
-def assert_one_line(code: int, err: str, want_code: int, says: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("prepare:", "\r"))]
-    assert code == want_code and "Traceback" not in err, err[-3000:]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], err
 
 
 @pytest.mark.parametrize("argv,code,says", CONFIG + CLI + DATA)

@@ -29,7 +29,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 class PrepareError(ValueError):
-    """Bad input to prepare; the message names the path and the fix."""
+    """Bad input to prepare or index; the message names the path and the fix."""
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,12 @@
 A shard ``<prefix>-000000.tar`` holds samples ``<key>.<ext>``; its sidecar
 ``<prefix>-000000.json`` (written after the tar) marks it complete and carries its
 sample count, byte size and sha256. ``manifest.json`` lists every shard.
+
+Reading follows WebDataset's convention, so shards made elsewhere (webdataset's
+``ShardWriter``, img2dataset, ``tar`` over a folder) read the same: a member
+``dir/name.ext.more`` belongs to sample ``dir/name`` as field ``ext.more``; consecutive
+members with one key form one sample. The label is the integer in ``.cls``, or a field
+of the ``.json`` (``data.label_key``, recorded in the manifest by ``index``).
 """
 
 from __future__ import annotations
@@ -10,12 +16,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
-from typing import Iterable
+from typing import IO, Iterable, Iterator
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
+_MEMBER = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # webdataset's base_plus_ext (hidden files skipped)
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -51,3 +60,52 @@ def manifest(kind: str, classes: list[str], shards: list[dict], **extra) -> dict
 
 def dumps(obj: dict) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """(sample key, field) of a tar member name, or None for a name outside the convention
+    (no extension, a hidden file); a leading ``./`` (``tar -C dir .``) is dropped."""
+    match = _MEMBER.match(name[2:] if name.startswith("./") else name)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def iter_samples(fileobj: IO[bytes]) -> Iterator[dict]:
+    """Samples of a tar in stored order: {'__key__': key, field: bytes, ...}, read one
+    member at a time (a file object: memory holds one sample, not the shard)."""
+    sample: dict = {}
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        for member in tar:
+            parts = split_member(member.name) if member.isfile() else None
+            if parts is None:
+                continue
+            key, field = parts
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample.setdefault("__key__", key)
+            sample[field] = tar.extractfile(member).read()
+    if sample:
+        yield sample
+
+
+def image_field(sample: dict) -> str | None:
+    """The sample's image extension (jpg/png/jpeg/webp), or None when it has no image."""
+    return next((ext for ext in IMAGE_EXTS if ext in sample), None)
+
+
+def sample_label(sample: dict, label_key: str = "") -> int:
+    """The class index: ``.cls`` holds it as text, or field ``label_key`` of ``.json`` does.
+    Raises ValueError (or KeyError) with what is wrong, for ``index`` to report."""
+    if not label_key:
+        if "cls" not in sample:
+            raise KeyError("no .cls field (for labels in a .json field, set data.label_key)")
+        return int(sample["cls"])
+    if "json" not in sample:
+        raise KeyError(f"no .json field (data.label_key={label_key} reads the label from it)")
+    meta = json.loads(sample["json"])
+    if label_key not in meta:
+        raise KeyError(f".json has no field {label_key!r} (data.label_key); it has {sorted(meta)[:8]}")
+    value = meta[label_key]
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
+        raise ValueError(f"label {value!r} is not an integer class index")
+    return int(value)

@@ -35,7 +35,7 @@ from PIL import Image
 
 from . import shards, storage
 
-IMAGE_EXTS = ("jpg", "png", "jpeg")
+IMAGE_EXTS = shards.IMAGE_EXTS
 
 
 class DataError(RuntimeError):
@@ -205,7 +205,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         posterior noise) comes from a generator seeded by (seed, epoch, shard, index)."""
         rng = np.random.default_rng([self.spec.seed, epoch, shard, index])
         try:
-            label = int(sample["cls"])
+            label = shards.sample_label(sample, self.manifest.get("label_key", ""))
             if self.manifest["kind"] == "latents":
                 x = decode_latent(sample, rng, self.manifest["scaling_factor"])
             else:
@@ -227,7 +227,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 def decode_image(sample: dict) -> torch.Tensor:
     """The sample's image as (3, H, W) float32 in [-1, 1]."""
-    ext = next(e for e in IMAGE_EXTS if e in sample)
+    ext = shards.image_field(sample)
     img = np.asarray(Image.open(io.BytesIO(sample[ext])).convert("RGB"), dtype=np.float32)
     return torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1.0
 
@@ -289,16 +289,7 @@ class _ShardReader:
 
 def parse_tar(data: bytes) -> list[dict]:
     """Samples of a shard in stored order: {'__key__': key, ext: bytes, ...}."""
-    import tarfile
-
-    samples: list[dict] = []
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        for member in tar.getmembers():
-            key, _, ext = member.name.partition(".")
-            if not samples or samples[-1]["__key__"] != key:
-                samples.append({"__key__": key})
-            samples[-1][ext] = tar.extractfile(member).read()
-    return samples
+    return list(shards.iter_samples(io.BytesIO(data)))
 
 
 def fetch_shard(spec: StreamSpec, entry: dict, stats: dict) -> bytes:

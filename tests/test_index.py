@@ -1,0 +1,115 @@
+"""Shards made elsewhere: `dist-diffusion index` gives them a manifest, and they stream and
+train like prepare's. Also the other direction: upstream webdataset reads our shards."""
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import PIXEL16, make_class_folders, make_pairs, run_cli
+from dist_diffusion.data.stream import ShardStream, StreamSpec, decode_image, load_manifest, parse_tar
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def streamed(url: str) -> dict[str, int]:
+    """key -> label over one epoch, two workers."""
+    spec = StreamSpec(url=url, batch_size=5, num_workers=2, hflip=False)
+    loader = torch.utils.data.DataLoader(ShardStream(spec), batch_size=None, num_workers=2)
+    seen = {}
+    for batch in loader:
+        assert batch["image"].shape[1:] == (3, 16, 16) and batch["skipped"] == 0
+        seen.update(zip(batch["key"], batch["label"].tolist()))
+    return seen
+
+
+@pytest.fixture(scope="module")
+def tarred_folder_in_s3(tmp_path_factory, s3_server):
+    """Two shards made by plain `tar --sort=name -C folder .` (members './000000.cls',
+    './000000.jpg'..., and the './' directory entry), uploaded to S3 as they are."""
+    from dist_diffusion.data import storage
+
+    tmp = tmp_path_factory.mktemp("tarred")
+    storage.s3_client().create_bucket(Bucket="indexed")
+    for part, start in (("a", 0), ("b", 20)):
+        folder = make_pairs(tmp / part, count=20, start=start)
+        subprocess.run(["tar", "--sort=name", "-cf", str(tmp / f"{part}.tar"), "-C", str(folder), "."], check=True)
+        storage.put_file(tmp / f"{part}.tar", storage.parse(f"s3://indexed/tarred/part-{part}.tar"))
+    return "s3://indexed/tarred", tmp
+
+
+def test_plain_tar_shards_in_s3_are_indexed_and_streamed(tarred_folder_in_s3, capsys):
+    url, tmp = tarred_folder_in_s3
+    code, err = run_cli(["index", url], capsys)
+    assert code == 0, err
+    manifest = load_manifest(url)
+    assert [s["name"] for s in manifest["shards"]] == ["part-a.tar", "part-b.tar"]
+    assert [s["samples"] for s in manifest["shards"]] == [20, 20]
+    for s, part in zip(manifest["shards"], "ab"):
+        data = (tmp / f"{part}.tar").read_bytes()
+        assert s["sha256"] == hashlib.sha256(data).hexdigest() and s["bytes"] == len(data)
+    assert manifest["num_classes"] == 3 and manifest["resolution"] == 16 and manifest["image_format"] == "jpg"
+    labels = streamed(url)
+    assert labels == {f"{i:06d}": i % 3 for i in range(40)}
+
+
+@pytest.fixture(scope="module")
+def shardwriter_shards(tmp_path_factory):
+    """Shards by upstream webdataset.ShardWriter, 10 samples each, labels in a .json field
+    (as img2dataset-style metadata keeps them), class names in a file."""
+    import webdataset as wds
+
+    tmp = tmp_path_factory.mktemp("wds")
+    pairs = make_pairs(tmp / "pairs", count=64, classes=4)
+    (tmp / "shards").mkdir()
+    with wds.ShardWriter(str(tmp / "shards/train-%06d.tar"), maxcount=10, verbose=0) as sink:
+        for jpg in sorted(pairs.glob("*.jpg")):
+            label = int(jpg.with_suffix(".cls").read_text())
+            sink.write({"__key__": jpg.stem, "jpg": jpg.read_bytes(),
+                        "json": {"label": label, "caption": f"a photo of class {label}"}})
+    (tmp / "classes.txt").write_text("red\ngreen\nblue\ngray\n")
+    return tmp
+
+
+def test_shardwriter_shards_with_json_labels_are_indexed_streamed_and_trained_on(shardwriter_shards, capsys):
+    shards, run = shardwriter_shards / "shards", shardwriter_shards / "run"
+    code, err = run_cli(["index", str(shards), "--classes", str(shardwriter_shards / "classes.txt"),
+                         "data.label_key=label"], capsys)
+    assert code == 0, err
+    manifest = load_manifest(str(shards))
+    assert len(manifest["shards"]) == 7 and manifest["num_samples"] == 64
+    assert manifest["classes"] == ["red", "green", "blue", "gray"] and manifest["label_key"] == "label"
+    assert streamed(str(shards)) == {f"{i:06d}": i % 4 for i in range(64)}
+    done = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "train", "--config", "configs/tiny.yaml",
+                           "--nproc", "1", f"train.run_dir={run}", f"data.shards={shards}", *PIXEL16,
+                           "train.max_steps=3", "train.ckpt_every=3"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 3
+
+
+def test_upstream_webdataset_reads_our_shards_as_we_do(tmp_path):
+    """prepare's tars follow the convention: webdataset sees the same keys, labels and pixels."""
+    import webdataset as wds
+
+    from dist_diffusion.config import DataConfig
+    from dist_diffusion.data.prepare import prepare
+
+    src = make_class_folders(tmp_path / "src", classes=3, per_class=7)
+    manifest = prepare(src, str(tmp_path / "shards"), DataConfig(resolution=16, samples_per_shard=8), progress=False)
+    urls = [str(tmp_path / "shards" / s["name"]) for s in manifest["shards"]]
+    theirs = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8").to_tuple("__key__", "jpg", "cls"))
+    ours = [s for url in urls for s in parse_tar(Path(url).read_bytes())]
+    assert len(theirs) == len(ours) == 21
+    for (key, rgb, label), sample in zip(theirs, ours):
+        assert key == sample["__key__"] and label == int(sample["cls"])
+        pixels = ((decode_image(sample) + 1.0) * 127.5).round().permute(1, 2, 0).numpy().astype(np.uint8)
+        assert np.array_equal(pixels, rgb)
