@@ -1,0 +1,188 @@
+"""The data plane at ImageNet-100's shape: prepare, stream against upstream webdataset, and
+the stream's memory over two epochs, all in one run.
+
+A synthetic ImageNet-100-like tree: 100 class folders of JPEGs of 160 to 500 px a side
+(smooth colour fields, edges and noise made with numpy), N images in all
+(``DATA_SCALE_N``: 20,000 by default, 130,000 for the full size). Prints:
+
+- ``prepare_images_per_s_per_core``: `prepare` to 128 px JPEG shards of 200 samples, with
+  one worker per core; ``prepare_vs_baseline_ratio``: its images/s over a plain
+  single-process loop (PIL open, resize, crop, JPEG, ``tarfile``) on the same files;
+- ``stream_vs_webdataset_ratio``: samples/s of ``ShardStream`` over samples/s of upstream
+  ``webdataset.WebDataset(...).shuffle(...).decode("torchrgb")`` reading the same shards
+  from the embedded S3 (presigned URLs through curl, webdataset's HTTP route), both with
+  2 DataLoader workers and batches of 64, best of 2 alternating rounds (goal >= 1.0);
+- ``stream_rss_growth_mb``: the memory (PSS) of the process and its workers over a 2-epoch stream,
+  highest minus the value once every worker finished its first shard (goal <= 50).
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+
+from dist_diffusion.config import DataConfig
+from dist_diffusion.data import storage
+from dist_diffusion.data.prepare import prepare
+from dist_diffusion.data.stream import ShardStream, StreamSpec
+from dist_diffusion.stack import start_s3, stop_s3
+
+N = int(os.environ.get("DATA_SCALE_N", "20000"))
+CLASSES, RESOLUTION, PER_SHARD, BATCH, WORKERS = 100, 128, 200, 64, 2
+
+
+def synthetic_image(index: int) -> Image.Image:
+    """A photo-like JPEG source: a colour gradient, a few hard-edged shapes, sensor noise."""
+    rng = np.random.default_rng(index)
+    w, h = (int(v) for v in rng.integers(160, 501, size=2))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = rng.uniform(0, 255, 3) + rng.uniform(-0.4, 0.4, 3) * (xx[..., None] + yy[..., None])
+    for _ in range(3):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(10, min(w, h) / 2)
+        base[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    noisy = base + rng.normal(0, 12, base.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def write_image(args: tuple[Path, int]) -> None:
+    root, index = args
+    folder = root / f"n{index % CLASSES:08d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    synthetic_image(index).save(folder / f"img_{index:07d}.JPEG", quality=90)
+
+
+def make_tree(root: Path) -> None:
+    with mp.get_context("spawn").Pool(os.cpu_count()) as pool:
+        pool.map(write_image, [(root, i) for i in range(N)], chunksize=64)
+
+
+def baseline_prepare(src: Path, out: Path) -> float:
+    """Images/s of the textbook loop: one process, PIL resize + center crop + JPEG + tarfile."""
+    files = sorted(src.glob("*/*.JPEG"))
+    labels = {name: i for i, name in enumerate(sorted({f.parent.name for f in files}))}
+    out.mkdir()
+    start, tar = time.perf_counter(), None
+    for i, path in enumerate(files):
+        if i % PER_SHARD == 0:
+            tar = tar.close() if tar else None
+            tar = tarfile.open(out / f"shard-{i // PER_SHARD:06d}.tar", "w")
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            scale = RESOLUTION / min(img.size)
+            img = img.resize((max(RESOLUTION, round(img.width * scale)), max(RESOLUTION, round(img.height * scale))),
+                             Image.BICUBIC)
+        left, top = (img.width - RESOLUTION) // 2, (img.height - RESOLUTION) // 2
+        buf = io.BytesIO()
+        img.crop((left, top, left + RESOLUTION, top + RESOLUTION)).save(buf, format="JPEG", quality=95)
+        for ext, payload in (("jpg", buf.getvalue()), ("cls", str(labels[path.parent.name]).encode())):
+            info = tarfile.TarInfo(f"{i:08d}.{ext}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    tar.close()
+    return len(files) / (time.perf_counter() - start)
+
+
+def upload(local: Path, url: str) -> None:
+    names = [p.name for p in local.iterdir() if p.is_file()]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: storage.put_file(local / n, storage.parse(url).join(n)), names))
+
+
+def ours_per_s(url: str) -> float:
+    spec = StreamSpec(url=url, batch_size=BATCH, num_workers=WORKERS)
+    loader = torch.utils.data.DataLoader(ShardStream(spec), batch_size=None, num_workers=WORKERS)
+    start, count = time.perf_counter(), 0
+    for batch in loader:
+        count += len(batch["key"])
+    return count / (time.perf_counter() - start)
+
+
+def theirs_per_s(urls: list[str]) -> float:
+    import webdataset as wds
+
+    dataset = (wds.WebDataset(urls, shardshuffle=len(urls), workersplitter=wds.split_by_worker)
+               .shuffle(PER_SHARD).decode("torchrgb").to_tuple("jpg", "cls").batched(BATCH))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=WORKERS)
+    start, count = time.perf_counter(), 0
+    for images, _ in loader:
+        count += len(images)
+    return count / (time.perf_counter() - start)
+
+
+def presigned(url: str, manifest: dict) -> list[str]:
+    loc, client = storage.parse(url), storage.s3_client()
+    return [client.generate_presigned_url("get_object", ExpiresIn=3600,
+                                          Params={"Bucket": loc.bucket, "Key": loc.join(s["name"]).key})
+            for s in manifest["shards"]]
+
+
+def tree_rss_mb() -> float:
+    """PSS of the process and its workers: forked workers share the parent's pages, and
+    plain RSS would count each shared page once per worker as copy-on-write touches it."""
+    me = psutil.Process()
+    return sum(p.memory_full_info().pss for p in [me, *me.children(recursive=True)]) / 2**20
+
+
+def stream_rss_growth_mb(url: str, manifest: dict) -> float:
+    spec = StreamSpec(url=url, batch_size=BATCH, num_workers=WORKERS)
+    loader = torch.utils.data.DataLoader(ShardStream(spec, epochs=2), batch_size=None, num_workers=WORKERS)
+    settled_after = WORKERS * -(-PER_SHARD // BATCH) + WORKERS  # every worker is past its first shard
+    settled, peak = None, 0.0
+    for i, _ in enumerate(loader):
+        rss = tree_rss_mb()
+        if i == settled_after:
+            settled = rss
+        peak = max(peak, rss) if settled is not None else peak
+    return peak - settled
+
+
+def main() -> None:
+    cores = os.cpu_count()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        make_tree(root / "src")
+        print(f"made {N} JPEGs in {CLASSES} classes in {time.perf_counter() - t0:.0f} s", flush=True)
+        data = DataConfig(resolution=RESOLUTION, samples_per_shard=PER_SHARD, prepare_workers=cores)
+        start = time.perf_counter()
+        manifest = prepare(root / "src", str(root / "shards"), data, progress=False)
+        ours = manifest["num_samples"] / (time.perf_counter() - start)
+        baseline = baseline_prepare(root / "src", root / "baseline")
+        print(f"prepare: {ours:.0f} images/s with {cores} workers, baseline {baseline:.0f} images/s; "
+              f"{len(manifest['shards'])} shards", flush=True)
+        server = start_s3(root / "s3")
+        try:
+            os.environ.update(server.env())
+            storage.s3_client.cache_clear()
+            storage.s3_client().create_bucket(Bucket="bench")
+            url = "s3://bench/imagenet-like"
+            upload(root / "shards", url)
+            urls, best = presigned(url, manifest), {"ours": 0.0, "theirs": 0.0}
+            for _ in range(2):
+                best["ours"] = max(best["ours"], ours_per_s(url))
+                best["theirs"] = max(best["theirs"], theirs_per_s(urls))
+            growth = stream_rss_growth_mb(url, manifest)
+        finally:
+            stop_s3(server.pid)
+    print(f"N={N} shards={len(manifest['shards'])} stream_samples_per_s={best['ours']:.0f} "
+          f"webdataset_samples_per_s={best['theirs']:.0f}")
+    print(f"prepare_images_per_s_per_core={ours / cores:.1f}")
+    print(f"prepare_vs_baseline_ratio={ours / baseline:.3f}")
+    print(f"stream_rss_growth_mb={growth:.1f}")
+    print(f"stream_vs_webdataset_ratio={best['ours'] / best['theirs']:.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
