@@ -223,6 +223,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
 
 
+def _add_index_parser(sub) -> None:
+    p = sub.add_parser("index", help="write manifest.json for existing WebDataset shards (ShardWriter, "
+                                     "img2dataset, tar), local or s3://")
+    p.add_argument("url", help="directory or s3://bucket/prefix holding the .tar shards")
+    p.add_argument("--config", help="YAML recipe whose data: section applies (data.label_key)")
+    p.add_argument("--classes", help="file of class names, one per line (line i names label i)")
+    p.add_argument("--num-classes", type=_count(0), default=0,
+                   help="number of classes (default: the largest label + 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace a manifest.json already there")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.label_key=label")
+    p.set_defaults(func=_cmd_index)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dist-diffusion",
@@ -248,16 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rewrite shards already in --out (needed when they were made with other settings)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.resolution=128")
     p.set_defaults(func=_cmd_prepare)
-    p = sub.add_parser("index", help="write manifest.json for existing WebDataset shards (ShardWriter, "
-                                     "img2dataset, tar), local or s3://")
-    p.add_argument("url", help="directory or s3://bucket/prefix holding the .tar shards")
-    p.add_argument("--config", help="YAML recipe whose data: section applies (data.label_key)")
-    p.add_argument("--classes", help="file of class names, one per line (line i names label i)")
-    p.add_argument("--num-classes", type=_count(0), default=0,
-                   help="number of classes (default: the largest label + 1)")
-    p.add_argument("--overwrite", action="store_true", help="replace a manifest.json already there")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.label_key=label")
-    p.set_defaults(func=_cmd_index)
+    _add_index_parser(sub)
     p = sub.add_parser("encode", help="image shards -> VAE latent shards (mean and std, float16)")
     p.add_argument("--shards", required=True, help="image shards from prepare (dir or s3://)")
     p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")

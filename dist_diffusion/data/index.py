@@ -11,7 +11,6 @@ naming the shard and the sample, and no manifest is written.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import tarfile
 import tempfile
@@ -75,7 +74,7 @@ def scan_shard(root: storage.Location, name: str, label_key: str) -> ShardScan:
         local = Path(loc.key) if not loc.is_s3 else Path(tmp) / "shard.tar"
         if loc.is_s3:
             storage.get_file(loc, local)
-        digest = _sha256(local)
+        digest = storage.file_sha256(local)
         scan = ShardScan({"name": name, "samples": 0, "bytes": local.stat().st_size, "sha256": digest})
         try:
             _check_samples(scan, local, label_key, loc)
@@ -174,14 +173,6 @@ def _raise_problems(problems: list[str], url: str) -> None:
     more = f"\n  ... and {len(problems) - MAX_REPORTED} more shards" if len(problems) > MAX_REPORTED else ""
     raise PrepareError(f"{len(problems)} shards under {url} break the WebDataset convention; fix or remove "
                        f"them, then rerun index:\n  " + "\n  ".join(lines) + more)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_class_names(path: str) -> list[str]:

@@ -11,6 +11,7 @@ name and are renamed, so a reader never sees half an object.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import time
@@ -304,3 +305,12 @@ def _atomic_local(path: Path, fill) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fill(tmp)
     os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a local file, read in 1 MiB blocks (shards and weights run to GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -129,8 +129,4 @@ def _local_file(url: str, key: str) -> Path:
 
 
 def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    return storage.file_sha256(path)[:12]
