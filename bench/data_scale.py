@@ -128,20 +128,22 @@ def presigned(url: str, manifest: dict) -> list[str]:
             for s in manifest["shards"]]
 
 
-def tree_rss_mb() -> float:
-    """PSS of the process and its workers: forked workers share the parent's pages, and
-    plain RSS would count each shared page once per worker as copy-on-write touches it."""
+def tree_rss_mb(skip: int) -> float:
+    """PSS of the process and its loader workers: forked workers share the parent's pages,
+    and plain RSS would count each shared page once per worker as copy-on-write touches
+    it. ``skip`` is the S3 server's pid, also a child, whose caches are not the stream's."""
     me = psutil.Process()
-    return sum(p.memory_full_info().pss for p in [me, *me.children(recursive=True)]) / 2**20
+    tree = [me, *(p for p in me.children(recursive=True) if p.pid != skip)]
+    return sum(p.memory_full_info().pss for p in tree) / 2**20
 
 
-def stream_rss_growth_mb(url: str, manifest: dict) -> float:
+def stream_rss_growth_mb(url: str, server_pid: int) -> float:
     spec = StreamSpec(url=url, batch_size=BATCH, num_workers=WORKERS)
     loader = torch.utils.data.DataLoader(ShardStream(spec, epochs=2), batch_size=None, num_workers=WORKERS)
     settled_after = WORKERS * -(-PER_SHARD // BATCH) + WORKERS  # every worker is past its first shard
     settled, peak = None, 0.0
     for i, _ in enumerate(loader):
-        rss = tree_rss_mb()
+        rss = tree_rss_mb(skip=server_pid)
         if i == settled_after:
             settled = rss
         peak = max(peak, rss) if settled is not None else peak
@@ -173,7 +175,7 @@ def main() -> None:
             for _ in range(2):
                 best["ours"] = max(best["ours"], ours_per_s(url))
                 best["theirs"] = max(best["theirs"], theirs_per_s(urls))
-            growth = stream_rss_growth_mb(url, manifest)
+            growth = stream_rss_growth_mb(url, server.pid)
         finally:
             stop_s3(server.pid)
     print(f"N={N} shards={len(manifest['shards'])} stream_samples_per_s={best['ours']:.0f} "

@@ -113,3 +113,28 @@ def test_upstream_webdataset_reads_our_shards_as_we_do(tmp_path):
         assert key == sample["__key__"] and label == int(sample["cls"])
         pixels = ((decode_image(sample) + 1.0) * 127.5).round().permute(1, 2, 0).numpy().astype(np.uint8)
         assert np.array_equal(pixels, rgb)
+
+
+@pytest.mark.parametrize("tar_format", ["gnu", "ustar", "pax", "v7"])
+def test_the_in_memory_reader_reads_every_tar_format_as_tarfile_does(tmp_path, tar_format):
+    """The stream's fast header reader (plain ustar/v7) and its tarfile fallback (pax, GNU
+    long names) give the samples tarfile gives; a truncated shard still raises."""
+    import tarfile
+
+    from dist_diffusion.data import shards
+
+    folder = make_pairs(tmp_path / "pairs", count=6)
+    if tar_format != "v7":  # a path over 100 bytes: ustar's prefix field, GNU's and pax's long-name headers
+        (folder / ("d" * 80)).mkdir()
+        (folder / ("d" * 80) / ("k" * 40 + ".cls")).write_text("1")
+    subprocess.run(["tar", f"--format={tar_format}", "--sort=name", "-cf", str(tmp_path / "s.tar"),
+                    "-C", str(folder), "."], check=True, capture_output=True)
+    data = (tmp_path / "s.tar").read_bytes()
+    expected = list(shards.iter_samples(io.BytesIO(data)))
+    assert [s["__key__"] for s in expected][:6] == [f"{i:06d}" for i in range(6)]
+    assert shards.read_samples(data) == expected
+    short = tmp_path / "short.tar"
+    subprocess.run(["tar", f"--format={tar_format}", "-cf", str(short), "-C", str(folder), "000000.jpg"], check=True)
+    assert shards._plain_ustar_members(short.read_bytes()) is not None or tar_format == "pax"
+    with pytest.raises(tarfile.ReadError):
+        shards.read_samples(data[:len(data) // 2 + 100])

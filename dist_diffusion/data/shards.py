@@ -72,20 +72,75 @@ def split_member(name: str) -> tuple[str, str] | None:
 def iter_samples(fileobj: IO[bytes]) -> Iterator[dict]:
     """Samples of a tar in stored order: {'__key__': key, field: bytes, ...}, read one
     member at a time (a file object: memory holds one sample, not the shard)."""
-    sample: dict = {}
     with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-        for member in tar:
-            parts = split_member(member.name) if member.isfile() else None
-            if parts is None:
-                continue
-            key, field = parts
-            if sample and sample["__key__"] != key:
-                yield sample
-                sample = {}
-            sample.setdefault("__key__", key)
-            sample[field] = tar.extractfile(member).read()
+        files = ((m.name, tar.extractfile(m).read()) for m in tar if m.isfile())
+        yield from _group(files)
+
+
+def read_samples(data: bytes) -> list[dict]:
+    """Samples of a whole tar held in memory, as :func:`iter_samples` reads them. Plain
+    ustar headers (what prepare, ShardWriter and GNU tar write for short names) are read
+    directly, about 10x faster than ``tarfile``, which is a fifth of a 128 px sample's cost
+    in the stream; a tar with anything else (pax, GNU long names, compression) goes
+    through ``tarfile``."""
+    members = _plain_ustar_members(data)
+    if members is None:
+        return list(iter_samples(io.BytesIO(data)))
+    return list(_group(members))
+
+
+def _group(files: Iterable[tuple[str, bytes]]) -> Iterator[dict]:
+    """Consecutive (member name, bytes) with one key -> one sample dict."""
+    sample: dict = {}
+    for name, payload in files:
+        parts = split_member(name)
+        if parts is None:
+            continue
+        key, field = parts
+        if sample and sample["__key__"] != key:
+            yield sample
+            sample = {}
+        sample.setdefault("__key__", key)
+        sample[field] = payload
     if sample:
         yield sample
+
+
+_PLAIN_TYPES = {b"0": True, b"\0": True, b"5": False}  # regular file, old-style file, directory
+
+
+def _plain_ustar_members(data: bytes) -> list[tuple[str, bytes]] | None:
+    """(name, bytes) of every regular file, or None when a header is not a plain ustar/v7
+    file or directory with a valid checksum (then tarfile knows better)."""
+    members, offset = [], 0
+    while offset + 512 <= len(data):
+        header = data[offset:offset + 512]
+        if header == bytes(512):  # end-of-archive block
+            return members
+        kind = _PLAIN_TYPES.get(header[156:157])
+        if kind is None or not _checksum_ok(header):
+            return None
+        try:
+            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+            name = header[:100].split(b"\0", 1)[0].decode()
+            prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:265] == b"ustar\x0000" else ""
+        except ValueError:  # base-256 sizes, non-UTF-8 names
+            return None
+        offset += 512
+        if offset + size > len(data):  # truncated: tarfile raises the error
+            return None
+        if kind and not name.endswith("/"):
+            members.append((f"{prefix}/{name}" if prefix else name, data[offset:offset + size]))
+        offset += (size + 511) & ~511
+    return members if offset == len(data) else None
+
+
+def _checksum_ok(header: bytes) -> bool:
+    stored = header[148:156].rstrip(b"\0 ")
+    try:
+        return int(stored or b"-1", 8) == sum(header[:148]) + 256 + sum(header[156:])
+    except ValueError:
+        return False
 
 
 def image_field(sample: dict) -> str | None:

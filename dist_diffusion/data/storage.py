@@ -102,6 +102,7 @@ s3_client.cache_clear = _clear_client_cache  # type: ignore[attr-defined]
 @functools.lru_cache(maxsize=None)
 def _client_for(pid: int, policy: Policy, streaming: bool):
     import boto3
+    import botocore.session
     from botocore.config import Config as BotoConfig
 
     tries = 1 if streaming else policy.attempts
@@ -109,8 +110,19 @@ def _client_for(pid: int, policy: Policy, streaming: bool):
                         connect_timeout=policy.connect_timeout_s, read_timeout=policy.read_timeout_s,
                         max_pool_connections=32)
     # A session of its own: the default session caches credentials from the first client
-    # on, so a changed environment would never be read again.
-    return boto3.session.Session().client("s3", config=config)
+    # on, so a changed environment would never be read again. The service models are
+    # shared: parsing them is most of a new client's 0.1 s, paid by every loader worker.
+    session = botocore.session.Session()
+    session.register_component("data_loader", _service_models())
+    return boto3.session.Session(botocore_session=session).client("s3", config=config)
+
+
+@functools.cache
+def _service_models():
+    """botocore's loader of service models (JSON it caches once parsed); forked workers inherit it warm."""
+    from botocore.loaders import create_loader
+
+    return create_loader()
 
 
 # What S3 answers when a request body does not match the checksum sent with it.
