@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv system-deps test demo ablation bench clean
+.PHONY: venv system-deps test test-fast demo ablation bench clean
 
 venv: $(STAMP)
 
@@ -26,9 +26,12 @@ system-deps:
 	@command -v slurmctld >/dev/null && command -v mariadbd >/dev/null && command -v ip >/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PKGS) >/dev/null; }
 
-# TEST_ARGS='-m "not slow"' is the fast inner loop (a few minutes).
 test: venv
 	$(BIN)/python -m pytest $(TEST_ARGS)
+
+# The inner loop: no training, sampling or cluster processes (markers in pyproject.toml).
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow and not cluster" $(TEST_ARGS)
 
 demo: venv
 	$(BIN)/python -m dist_diffusion.demo

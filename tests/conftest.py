@@ -6,16 +6,21 @@ import torch
 from dist_diffusion.core.schedule import make_schedule
 
 # Modules whose tests start SLURM, Ray or the 2-node cluster, and modules whose tests
-# start training or sampling processes. `pytest -m "not slow"` is the fast inner loop.
-DAEMON_MODULES = {"test_cluster", "test_slurm", "test_ray"}
-SLOW_MODULES = DAEMON_MODULES | {"test_train", "test_evaluate", "test_demo", "test_encode"}
+# start training or sampling processes; tests that use the S3 server are marked `s3`.
+# `make test-fast` (-m "not slow and not cluster") is the inner loop.
+CLUSTER_MODULES = {"test_cluster", "test_slurm", "test_ray"}
+SLOW_MODULES = CLUSTER_MODULES | {"test_train", "test_evaluate", "test_demo", "test_encode"}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__
-        if module in DAEMON_MODULES:
-            item.add_marker(pytest.mark.daemons)
+        if module in CLUSTER_MODULES:
+            item.add_marker(pytest.mark.cluster)
         if module in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+        if "s3_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.s3)
 
 
 class TinyDenoiser(torch.nn.Module):
