@@ -18,7 +18,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
         for key, doc in field_docs():
             print(f"{key:32s} {doc}")
         return 0
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config_option or args.config, args.overrides)
     if args.get:
         print(_lookup(cfg, args.get))
         return 0
@@ -240,9 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dist-diffusion",
         description="Latent diffusion training and evaluation on clusters.")
+    parser.add_argument("--version", action="version", version=f"dist-diffusion {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("config", help="validate a recipe and print the resolved config tree")
-    p.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/tiny.yaml")
+    p.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/tiny.yaml (or --config)")
+    p.add_argument("--config", dest="config_option", metavar="CONFIG", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20")
     p.add_argument("--docs", action="store_true", help="list every config key with its doc")
     p.add_argument("--summary", action="store_true", help="also print the model size (stderr)")
@@ -302,6 +304,25 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     if overrides:
         args.overrides = [*args.overrides, *overrides]
     return args
+
+
+def recipe_arguments(prog: str, description: str, argv: list[str] | None = None) -> tuple[str, list[str]]:
+    """(config path, overrides) for the entry points that torchrun, srun and `ray job submit`
+    start: ``CONFIG [key=value ...]`` or ``--config CONFIG [key=value ...]``, the shape of
+    every `dist-diffusion` command. ``--help`` exits 0; a missing recipe is one line, exit 2."""
+    parser = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"dist-diffusion {__version__}")
+    parser.add_argument("--config", help="YAML recipe, e.g. configs/tiny.yaml (or as the first argument)")
+    parser.add_argument("rest", nargs="*", metavar="key=value", help="overrides, e.g. train.max_steps=20")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    positional = [a for a in args.rest if "=" not in a]
+    if len(positional) > 1 or (positional and args.config):
+        parser.error(f"one recipe, not {positional if not args.config else [args.config, *positional]}; "
+                     f"overrides are key=value")
+    config = args.config or (positional[0] if positional else None)
+    if config is None:
+        parser.error("no recipe: pass --config CONFIG (e.g. configs/tiny.yaml)")
+    return config, [a for a in args.rest if "=" in a]
 
 
 def main(argv: list[str] | None = None) -> int:

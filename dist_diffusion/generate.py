@@ -17,8 +17,7 @@ from .imaging import save_grid
 
 
 @torch.no_grad()
-def generate(cfg: Config, unet: torch.nn.Module, labels: torch.Tensor, indices: Sequence[int],
-             cfg_scale: float | None = None, progress=None) -> torch.Tensor:
+def generate(cfg: Config, unet: torch.nn.Module, labels: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
     """Samples (latents or pixels) for ``labels`` on the UNet's device; row j uses the
     generator of sample indices[j]. The generators stay on the CPU, so every device and
     every process count draws the same noise."""
@@ -26,13 +25,12 @@ def generate(cfg: Config, unet: torch.nn.Module, labels: torch.Tensor, indices: 
     where = _device_of(unet)
     gens = sample_generators(s.seed, indices)
     noise = per_sample_randn(gens, unet_input_shape(cfg), where)
-    scale = s.cfg_scale if cfg_scale is None else cfg_scale
-    guidance = Guidance(null_label(cfg), scale, tuple(s.guidance_interval) or None)
+    guidance = Guidance(null_label(cfg), s.cfg_scale, tuple(s.guidance_interval) or None)
     schedule = make_schedule(d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end).to(where)
     denoise = in_row_blocks(_in_precision(as_denoiser(unet), where, s.precision), s.network_batch)
     return run_sampler(s.sampler, denoise, schedule, noise, labels.to(where), guidance, steps=s.steps,
                        spacing=s.spacing, eta=s.eta, generators=gens, prediction=d.prediction,
-                       clip_x0=s.clip_x0, order=s.order, progress=progress)
+                       clip_x0=s.clip_x0, order=s.order)
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

@@ -426,15 +426,14 @@ def _out_of_time(cfg: Config, started: float) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry for torchrun / srun: ``python -m dist_diffusion.train CONFIG [key=value...]``,
-    one process of the job; errors are the CLI's one-line errors and exit codes."""
-    from .cli import main as cli_main
+    """Entry for torchrun / srun: one process of the job; errors are the CLI's one-line
+    errors and exit codes."""
+    from .cli import main as cli_main, recipe_arguments
 
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help"):
-        print("usage: python -m dist_diffusion.train CONFIG [key=value ...]   (one rank; see torchrun/srun)")
-        return 0 if args else 2
-    return cli_main(["train", "--config", args[0], "--nproc", "1", *args[1:]])
+    config, overrides = recipe_arguments(
+        "python -m dist_diffusion.train", "One training rank, as torchrun or srun start it (the rank, world and "
+        "rendezvous come from their environment). For a local run: dist-diffusion train --nproc N.", argv)
+    return cli_main(["train", "--config", config, "--nproc", "1", *overrides])
 
 
 if __name__ == "__main__":

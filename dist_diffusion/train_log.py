@@ -14,6 +14,9 @@ import torch
 from tqdm import tqdm
 
 from .config import Config
+from .logs import get_logger
+
+LOG = get_logger("train")
 
 
 class TrainLogger:
@@ -40,7 +43,7 @@ class TrainLogger:
 
     def info(self, message: str) -> None:
         if self.main:
-            tqdm.write(f"[train] {message}")
+            LOG.info(message)
 
     def step(self, step: int, m: dict) -> None:
         self.bar.update(1)
@@ -84,9 +87,8 @@ class TrainLogger:
         for key, value in row.items():
             if key != "step":
                 self.tb.add_scalar(f"train/{key}", value, step)
-        tqdm.write(f"[train] step {step}/{self.cfg.train.max_steps} loss {row['loss']:.4f} "
-                   f"grad {row['grad_norm']:.3f} lr {row['lr']:.2e} {row['images_per_s']:.1f} img/s "
-                   f"data-wait {100 * row['data_wait_fraction']:.0f}%")
+        LOG.info(f"step {step}/{self.cfg.train.max_steps} loss {row['loss']:.4f} grad {row['grad_norm']:.3f} "
+                 f"lr {row['lr']:.2e} {row['images_per_s']:.1f} img/s data-wait {100 * row['data_wait_fraction']:.0f}%")
 
     def sample_grid(self, run) -> None:
         """DDIM + CFG samples from the EMA weights -> RUN/samples/stepN.png (rank 0 draws)."""

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    cfg = config_from_argv(argv, __doc__)
+    cfg = config_from_argv(argv, __doc__, "launchers/ray_sample.py")
     if not cfg.eval.out.startswith("s3://"):
         cfg.eval.out = str(Path(cfg.eval.out).resolve())  # workers run in Ray's copy of the checkout
     storage = cfg.launch.storage_path or f"{cfg.eval.out.rstrip('/')}/ray"

@@ -121,16 +121,15 @@ def scaling(cfg: Config):
                          resources_per_worker=resources)
 
 
-def config_from_argv(argv: list[str] | None, doc: str) -> Config:
+def config_from_argv(argv: list[str] | None, doc: str, prog: str) -> Config:
     """CONFIG [key=value...] -> a validated config on a reachable, big enough cluster;
     any problem is one line on stderr and exit code 2, before a worker starts."""
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0].startswith("-"):
-        print(doc, file=sys.stderr)
-        raise SystemExit(2)
+    from dist_diffusion.cli import recipe_arguments
+
+    config, overrides = recipe_arguments(f"python {prog}", doc, argv)
     try:
         require("ray.train", "ray", "launchers/ray_train.py")
-        cfg = load_config(args[0], args[1:])
+        cfg = load_config(config, overrides)
         connect_and_check(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from dist_diffusion.errors import expected, one_line
     from dist_diffusion.train import preflight
 
-    cfg = config_from_argv(argv, __doc__)
+    cfg = config_from_argv(argv, __doc__, "launchers/ray_train.py")
     try:
         preflight(cfg)
     except expected() as err:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN_IN_CORE = ("torch.distributed", "deepspeed", "ray", "boto3", "botocore", "submitit")
 
@@ -44,6 +46,52 @@ def test_cli_help_lists_only_real_subcommands():
     assert out.returncode == 0
     for command in ("config", "stack", "prepare", "encode", "train", "export", "sample", "eval"):
         assert command in out.stdout
+
+
+def entry_points():
+    """Every program a user starts, as a main(argv) callable."""
+    import importlib.util
+
+    from dist_diffusion import ablation, cli, demo, train
+
+    mains = {"dist-diffusion": cli.main, "python -m dist_diffusion.train": train.main,
+             "python -m dist_diffusion.demo": demo.main, "python -m dist_diffusion.ablation": ablation.main}
+    for name in ("ray_train", "ray_sample", "submitit_slurm"):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "launchers" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        mains[f"launchers/{name}.py"] = module.main
+    return mains
+
+
+def exit_code(main, argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as stop:
+        return stop.code or 0
+
+
+def test_every_entry_point_has_a_clean_help_and_a_version(capsys):
+    for name, main in entry_points().items():
+        assert exit_code(main, ["--help"]) == 0, name
+        out = capsys.readouterr()
+        assert "usage:" in out.out and "Traceback" not in out.err, name
+    from dist_diffusion import __version__, cli
+    assert exit_code(cli.main, ["--version"]) == 0 and capsys.readouterr().out.strip() == f"dist-diffusion {__version__}"
+
+
+@pytest.mark.parametrize("argv", [["configs/tiny.yaml", "train.max_stepz=1"],
+                                  ["--config", "configs/tiny.yaml", "train.max_stepz=1"],
+                                  ["train.max_steps=1"], ["configs/tiny.yaml", "configs/vae_tiny.yaml"]])
+def test_a_rank_entry_point_takes_the_recipe_either_way_and_errs_in_one_line(argv, capsys):
+    """torchrun's entry: positional or --config; a bad key, no recipe or two recipes is one line."""
+    from dist_diffusion import train
+
+    assert exit_code(train.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+    if "train.max_stepz=1" in argv:
+        assert "train.max_stepz" in err
 
 
 def test_cli_config_prints_resolved_tree():

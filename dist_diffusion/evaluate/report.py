@@ -7,6 +7,9 @@ import json
 from ..config import Config
 from ..core.samplers import network_evaluations
 from ..data import storage
+from ..logs import get_logger
+
+LOG = get_logger("eval")
 
 COLUMNS = [("cfg_scale", "CFG", "{:g}"), ("guidance_interval", "interval", "{}"), ("sampler", "sampler", "{}"),
            ("steps", "steps", "{}"), ("nfe", "NFE", "{}"), ("num_samples", "N", "{}"), ("fid", "FID", "{:.3f}"),
@@ -47,4 +50,4 @@ def write_report(cfg: Config, rows: list[dict], features: str | None) -> None:
     storage.write_bytes(out.join("report.json"), (json.dumps(report, indent=2) + "\n").encode())
     text = f"# Evaluation of {_checkpoint(cfg)}\n\nfeatures: {features or 'none'}\n\n" + markdown(rows)
     storage.write_bytes(out.join("report.md"), text.encode())
-    print(text, flush=True)
+    LOG.info(text)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..config import Config, ConfigError, parse_sampler_entry
 from ..data import storage
+from ..logs import get_logger
 from ..data.shards import write_tar
 from ..generate import decode_on_its_device, generate
 from ..imaging import save_grid, to_uint8
@@ -36,6 +37,8 @@ from .metrics import IS_SPLITS, fid_infinity, inception_score, kernel_inception_
 from .reference import reference_features, reference_stats
 from .report import result_row, write_report
 from .stats import FeatureSums, frechet_distance
+
+LOG = get_logger("eval")
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ def evaluate(cfg: Config) -> list[dict]:
         # independent, so processes, not threads, are how sampling uses the cores.
         torch.set_num_threads(1)
     if env.is_main:
-        print(f"[eval] {describe(env)}", flush=True)
+        LOG.info(describe(env))
     unet, vae = load_models(cfg, device())
     extractor, reference, real = None, None, None
     if cfg.eval.metrics:
@@ -91,8 +94,8 @@ def evaluate(cfg: Config) -> list[dict]:
         reference, cached = reference_stats(shards, extractor, env)
         real = reference_features(shards, extractor, cfg.sample.num_samples) if env.is_main else None
         if env.is_main:
-            print(f"reference statistics of {shards} ({reference.count} images, {extractor.id}): "
-                  f"{'cached' if cached else 'computed and cached'}", flush=True)
+            LOG.info(f"reference statistics of {shards} ({reference.count} images, {extractor.id}): "
+                     f"{'cached' if cached else 'computed and cached'}")
     rows = []
     for point in sweep(cfg):
         started = time.monotonic()

@@ -64,7 +64,7 @@ def init_process_group(requested_device: str = "auto", require_gpu: bool = False
     _default_rendezvous(env)
     bind_interface(socket_ifname)
     _quiet_known_noise(chosen)
-    use_one_ninja()
+    pin_op_build()
     import deepspeed
 
     global _OWN_GROUP
@@ -222,14 +222,19 @@ def _share_cpu_cores() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
 
 
-def use_one_ninja() -> None:
-    """DeepSpeed JIT-builds its CPU communication op with the `ninja` on PATH, and a ninja
-    of another version (the system's 1.11 against this environment's 1.13, say) rebuilds
-    it from scratch, about a minute on 2 cores, every time the two alternate between
-    processes. Put this interpreter's bin directory first when it holds a ninja, so every
-    rank of every launcher builds with the same one."""
+def pin_op_build() -> None:
+    """Build DeepSpeed's JIT ops once per environment, whoever starts the process.
+    - The ops live inside the venv (``<venv>/torch_extensions``, unless TORCH_EXTENSIONS_DIR
+      is set), so `make venv` builds them with the environment and a fresh home directory,
+      a container user or a second checkout's venv never finds a stale or foreign build.
+    - A `ninja` of another version (the system's 1.11 against this environment's 1.13, say)
+      rebuilds the op from scratch, about a minute on 2 cores, every time the two alternate
+      between processes. This interpreter's bin directory goes first on PATH when it holds
+      a ninja, so every rank of every launcher builds with the same one."""
     import sys
 
+    if sys.prefix != sys.base_prefix:  # a venv; a system Python keeps torch's default
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     bin_dir = str(Path(sys.executable).parent)  # not resolved: a venv's bin, not the base Python's
     path = os.environ.get("PATH", "")
     if (Path(bin_dir) / "ninja").exists() and path.split(os.pathsep)[0] != bin_dir:
@@ -243,7 +248,7 @@ def prebuild_cpu_ops() -> None:
     calls this. GPU machines use NCCL and skip it."""
     if torch.cuda.is_available():
         return
-    use_one_ninja()
+    pin_op_build()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _quiet_known_noise(torch.device("cpu"))
     from deepspeed.accelerator import get_accelerator

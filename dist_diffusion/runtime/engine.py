@@ -66,9 +66,9 @@ def build_engine(cfg: Config, model: torch.nn.Module, world_size: int, run_dir: 
                  load_universal: bool = False):
     """deepspeed.initialize with AdamW + the LR schedule; writes run_dir/deepspeed.json.
     ``load_universal``: the checkpoint to resume was written by another number of ranks."""
-    from .distributed import use_one_ninja
+    from .distributed import pin_op_build
 
-    use_one_ninja()  # a Ray worker gets here without init_process_group's import
+    pin_op_build()  # a Ray worker gets here without init_process_group's import
     import deepspeed
 
     ds_config = deepspeed_config(cfg, world_size)
