@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,9 +66,7 @@ def encode_shard(vae, src_url: str, out_url: str, entry: dict, label_key: str = 
         for s, mean, std in zip(chunk, means, stds):
             encoded.append((s["__key__"], {"mean.npy": _npy(mean), "std.npy": _npy(std),
                                            "cls": str(shards.sample_label(s, label_key)).encode(), "path.txt": s.get("path.txt", b"")}))
-    with tempfile.TemporaryDirectory() as tmp:
-        info = shards.write_tar(Path(tmp) / entry["name"], encoded)
-        storage.put_file(Path(tmp) / entry["name"], out.join(entry["name"]))
+    info = shards.upload_tar(out.join(entry["name"]), encoded)
     result = {"name": entry["name"], **info}
     storage.write_bytes(sidecar, shards.dumps(result))
     return result

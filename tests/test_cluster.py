@@ -280,7 +280,7 @@ def test_ray_sampling_on_two_nodes_equals_one_process(cluster, shards, random_mo
 def test_a_rank_whose_peer_never_comes_stops_with_one_line(tmp_path):
     """Rank 1 of 2 never starts (as if its node died before the rendezvous): rank 0 gives
     up after runtime.rendezvous_timeout_s with one line, instead of holding the job."""
-    from dist_diffusion.stack import free_ports
+    from dist_diffusion.runtime.env import free_ports
 
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_ports(1)[0])}

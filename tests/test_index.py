@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import PIXEL16, make_class_folders, make_pairs, run_cli
 from dist_diffusion.data.stream import ShardStream, StreamSpec, decode_image, load_manifest, parse_tar

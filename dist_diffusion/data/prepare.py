@@ -15,7 +15,6 @@ import io
 import multiprocessing as mp
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,9 +145,7 @@ def write_shard(job: ShardJob) -> dict:
             continue
         samples.append((item.key, {ext: payload, "cls": str(item.label).encode(),
                                    "path.txt": item.path.encode()}))
-    with tempfile.TemporaryDirectory() as tmp:
-        info = shards.write_tar(Path(tmp) / name, samples)
-        storage.put_file(Path(tmp) / name, out.join(name))
+    info = shards.upload_tar(out.join(name), samples)
     entry = {"name": name, **info, "skipped": skipped}
     storage.write_bytes(sidecar, shards.dumps(entry))  # last: marks the shard complete
     return entry

@@ -18,6 +18,7 @@ import io
 import json
 import re
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
@@ -60,6 +61,18 @@ def manifest(kind: str, classes: list[str], shards: list[dict], **extra) -> dict
 
 def dumps(obj: dict) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def upload_tar(target, samples: Iterable[tuple[str, dict[str, bytes]]]) -> dict:
+    """:func:`write_tar` into a temporary file, then to ``target`` (a storage Location,
+    local or S3) in one checked upload; returns {samples, bytes, sha256}."""
+    from . import storage
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "shard.tar"
+        info = write_tar(local, samples)
+        storage.put_file(local, target)
+    return info
 
 
 def split_member(name: str) -> tuple[str, str] | None:

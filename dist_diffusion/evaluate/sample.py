@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..config import Config, ConfigError, parse_sampler_entry
 from ..data import storage
 from ..logs import get_logger
-from ..data.shards import write_tar
+from ..data.shards import upload_tar
 from ..generate import decode_on_its_device, generate
 from ..imaging import save_grid, to_uint8
 from ..runtime.distributed import all_reduce_sum, barrier, describe, device, init_process_group
@@ -227,14 +227,9 @@ def _make_shard(cfg: Config, unet, vae, extractor, indices: list[int], out, k: i
 
 
 def _write_images(cfg: Config, out, k: int, indices: list[int], images: torch.Tensor, labels: np.ndarray) -> None:
-    import tempfile
-
     pngs = [_png(img) for img in images]
     samples = [(f"{i:08d}", {"png": png, "cls": str(int(y)).encode()}) for i, png, y in zip(indices, pngs, labels)]
-    with tempfile.TemporaryDirectory() as tmp:
-        tar = Path(tmp) / "shard.tar"
-        write_tar(tar, samples)
-        storage.write_bytes(out.join(f"samples-{k:06d}.tar"), tar.read_bytes())
+    upload_tar(out.join(f"samples-{k:06d}.tar"), samples)
     if cfg.eval.write_png:
         for i, png in zip(indices, pngs):
             storage.write_bytes(out.join(f"png/{i:08d}.png"), png)

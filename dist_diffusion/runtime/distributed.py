@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from .env import ProcessEnv, process_env
+from .env import ProcessEnv, free_ports, process_env
 
 _DEVICE = torch.device("cpu")  # this process's device, chosen once by select_device()
 _OWN_GROUP = False  # this module created the default process group (not Ray)
@@ -280,7 +280,7 @@ def _default_rendezvous(env: ProcessEnv) -> None:
         os.environ["MASTER_ADDR"] = _first_host(nodes) if nodes else "127.0.0.1"
     if "MASTER_PORT" not in os.environ:
         job = int(os.environ.get("SLURM_JOB_ID", 0))
-        os.environ["MASTER_PORT"] = str(20000 + job % 20000) if job else str(_free_port())
+        os.environ["MASTER_PORT"] = str(20000 + job % 20000) if job else str(free_ports(1)[0])
     os.environ.setdefault("RANK", str(env.rank))
     os.environ.setdefault("WORLD_SIZE", str(env.world_size))
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
@@ -294,14 +294,6 @@ def _first_host(nodelist: str) -> str:
     node = subprocess.run(["scontrol", "show", "node", first, "-o"], capture_output=True, text=True)
     match = re.search(r"\bNodeAddr=(\S+)", node.stdout) if node.returncode == 0 else None
     return match.group(1) if match else first
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def device() -> torch.device:

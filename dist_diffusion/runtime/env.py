@@ -8,6 +8,7 @@ never imports torch.distributed, so data jobs can split work without a process g
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 
@@ -35,14 +36,11 @@ def process_env(environ: dict | None = None) -> ProcessEnv:
 def spawn_local(argv: list[str], nproc: int) -> int:
     """Run ``python -m dist_diffusion.cli ARGV`` as nproc local ranks with a loopback
     rendezvous; the first failure stops the others and its exit code is returned."""
-    import socket
     import subprocess
     import sys
     import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports(1)[0]
     base = {**os.environ, "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     procs = [subprocess.Popen([sys.executable, "-m", "dist_diffusion.cli", *argv],
@@ -59,3 +57,17 @@ def spawn_local(argv: list[str], nproc: int) -> int:
                 p.terminate()
         codes = [p.wait() for p in procs]
     return next((c for c in codes if c != 0), 0)
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports the kernel says are free on ``host`` now (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
