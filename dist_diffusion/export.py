@@ -12,7 +12,6 @@ top-level weights), so ``DDIMPipeline.from_pretrained(out)`` loads it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -24,7 +23,8 @@ from safetensors.torch import load_file
 from .config import Config, ConfigError, load_config
 from .core.models import build_for_target
 from .core.schedule import DEFAULT_BETAS
-from .runtime.checkpoint import COMPLETE, consolidated_fp32_state, latest_complete
+from .runtime.checkpoint import COMPLETE, consolidated_fp32_state, ema_file, latest_complete
+from .runtime.ema import join_partitions
 
 
 def export_model(run_dir: str | Path, out: str | Path, weights: str = "ema") -> Path:
@@ -97,14 +97,7 @@ def _as_ddim_pipeline(out: Path) -> None:
 
 def _ema_state(folder: Path, unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     meta = json.loads((folder / COMPLETE).read_text())
-    shards = [load_file(str(folder / f"ema_rank{r:03d}.safetensors")) for r in range(meta["world_size"])]
+    shards = [load_file(str(folder / ema_file(r))) for r in range(meta["world_size"])]
     if meta["zero_stage"] != 3:
         return shards[0]  # every rank holds the whole EMA
-    return {name: _join_partitions([s[name] for s in shards], p.shape) for name, p in unet.named_parameters()}
-
-
-def _join_partitions(parts: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
-    numel = math.prod(shape)
-    return torch.cat([p.flatten() for p in parts])[:numel].view(shape)
-
-
+    return {name: join_partitions([s[name] for s in shards], p.shape) for name, p in unet.named_parameters()}

@@ -23,6 +23,11 @@ from .distributed import barrier
 COMPLETE = "COMPLETE"
 
 
+def ema_file(rank: int) -> str:
+    """Rank ``rank``'s EMA tensors in a checkpoint folder (full copies, or its ZeRO-3 partitions)."""
+    return f"ema_rank{rank:03d}.safetensors"
+
+
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
@@ -34,7 +39,7 @@ def save(engine, ema, root: Path, step: int, state: dict, keep_last: int, meta: 
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "universal_checkpoint_info": {}},
                            save_latest=False)
     folder = root / tag
-    save_file(ema.state_dict(), str(folder / f"ema_rank{rank:03d}.safetensors"))
+    save_file(ema.state_dict(), str(folder / ema_file(rank)))
     (folder / f"state_rank{rank:03d}.json").write_text(json.dumps(state))
     barrier()  # every shard of every rank is on disk
     if rank == 0:
@@ -80,11 +85,11 @@ def load(engine, ema, root: Path, tag: str, world_size: int) -> list[dict]:
     rank, old_world = dist.get_rank(), saved_world_size(root, tag)
     if old_world == world_size:
         engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-        ema.load_state_dict(load_file(str(root / tag / f"ema_rank{rank:03d}.safetensors")))
+        ema.load_state_dict(load_file(str(root / tag / ema_file(rank))))
         return [json.loads((root / tag / f"state_rank{rank:03d}.json").read_text())]
     universal = _to_universal(root, tag)
     engine.load_checkpoint(str(root), tag=universal, load_optimizer_states=True, load_lr_scheduler_states=True)
-    old = [load_file(str(root / tag / f"ema_rank{r:03d}.safetensors")) for r in range(old_world)]
+    old = [load_file(str(root / tag / ema_file(r))) for r in range(old_world)]
     ema.load_resharded(old, rank, world_size)
     return [json.loads((root / tag / f"state_rank{r:03d}.json").read_text()) for r in range(old_world)]
 

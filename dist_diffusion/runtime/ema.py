@@ -12,6 +12,8 @@ kernels per step.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..core.ema import ema_update_
@@ -57,10 +59,7 @@ class EngineEMA:
         partitions (ZeRO-3), cut again for this rank when this run is sharded."""
         full = {}
         for name, p in zip(self.names, self.params):
-            parts = [s[name] for s in old_shards]
-            numel, shape = (p.ds_numel, p.ds_shape) if self.sharded else (p.numel(), p.shape)
-            whole = parts[0] if parts[0].numel() == numel else torch.cat([t.flatten() for t in parts])[:numel]
-            full[name] = whole.reshape(shape)
+            full[name] = join_partitions([s[name] for s in old_shards], p.ds_shape if self.sharded else p.shape)
         if not self.sharded:
             self.load_state_dict(full)
             return
@@ -75,6 +74,15 @@ class EngineEMA:
             return dict(zip(self.names, (t.clone() for t in self.shadow)))
         return {n: all_gather_flat(t.flatten())[: p.ds_numel].view(p.ds_shape).clone()
                 for n, t, p in zip(self.names, self.shadow, self.params)}
+
+
+def join_partitions(parts: list[torch.Tensor], shape) -> torch.Tensor:
+    """One parameter from the ranks' checkpoint tensors: a full copy (ZeRO 0-2, every rank
+    holds the whole tensor) or ZeRO-3's N equal, padded pieces of the flat parameter."""
+    numel = math.prod(shape)
+    if parts[0].numel() == numel:
+        return parts[0].reshape(shape)
+    return torch.cat([t.flatten() for t in parts])[:numel].view(shape)
 
 
 def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
