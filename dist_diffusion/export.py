@@ -21,9 +21,9 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from .config import Config, ConfigError, load_config
-from .core.models import build_for_target
 from .core.schedule import DEFAULT_BETAS
 from .runtime.checkpoint import COMPLETE, consolidated_fp32_state, ema_file, latest_complete
+from .objectives import objective
 from .runtime.ema import join_partitions
 
 
@@ -35,7 +35,7 @@ def export_model(run_dir: str | Path, out: str | Path, weights: str = "ema") -> 
         raise ConfigError(f"{run_dir} has no complete checkpoint; train first (or point --run-dir "
                           f"at the run's directory)")
     cfg = load_config(run_dir / "config.yaml")
-    model = build_for_target(cfg)
+    model = objective(cfg).build(cfg)
     state = _ema_state(root / tag, model) if weights == "ema" else consolidated_fp32_state(root, tag)
     model.load_state_dict(state)
     write_export(model, cfg, out, {"checkpoint": str(root / tag), "weights": weights})
@@ -47,7 +47,7 @@ def write_export(model: torch.nn.Module, cfg: Config, out: Path, provenance: dic
     out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     (out / "dist_diffusion.json").write_text(json.dumps(
-        {**provenance, "target": cfg.train.target, "null_label": cfg.model.num_classes,
+        {**provenance, "target": objective(cfg).name, "null_label": cfg.model.num_classes,
          "prediction": cfg.diffusion.prediction, "schedule": cfg.diffusion.schedule,
          "num_train_timesteps": cfg.diffusion.num_train_timesteps}, indent=2))
     if isinstance(model, UNet2DModel):

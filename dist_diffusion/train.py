@@ -20,12 +20,11 @@ import torch
 
 from .config import Config, ConfigError, to_yaml
 from .core.ema import ema_decay
-from .core.losses import diffusion_loss, drop_labels
-from .core.models import build_for_target, build_vae, encode_images, null_label, unet_input_shape
+from .core.models import build_vae, encode_images, unet_input_shape
 from .core.schedule import make_schedule
-from .core.vae_loss import vae_loss
 from .data import storage
 from .data.stream import Position, ShardStream, StreamSpec, load_manifest, unconsumed
+from .objectives import objective
 from .runtime import checkpoint, run_lock
 from .runtime.distributed import any_rank, barrier, describe, device, init_process_group, placement
 from .runtime.ema import EngineEMA
@@ -98,7 +97,7 @@ def _loop(run: Run, batches, guard: "PreemptionGuard", started: float) -> None:
         saved = run.step % cfg.train.ckpt_every == 0 or run.step == cfg.train.max_steps
         if saved:
             save(run)
-        if cfg.train.sample_every and run.step % cfg.train.sample_every == 0 and cfg.train.target == "unet":
+        if cfg.train.sample_every and run.step % cfg.train.sample_every == 0 and objective(cfg).draws_grids:
             run.logger.sample_grid(run)
         # a collective: every N steps (and beside a save), not every step, so GPUs never idle on it
         check = saved or run.step % cfg.train.preempt_check_every == 0
@@ -124,8 +123,7 @@ def build_run(cfg: Config) -> Run:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     trainable = apply_numerics(cfg, build_trainable(cfg).to(device()), device())
     engine = build_engine(cfg, trainable, env.world_size, run_dir, load_universal=elastic)
-    encodes_images = cfg.train.target == "unet" and cfg.vae.enabled and manifest["kind"] == "images"
-    vae = _frozen_vae(cfg) if encodes_images else None
+    vae = _frozen_vae(cfg) if objective(cfg).encodes_with_vae(cfg, manifest) else None
     spec = StreamSpec(url=cfg.data.shards, batch_size=micro_batch_size(cfg, env.world_size), rank=env.rank,
                       world_size=env.world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
                       hflip=cfg.data.hflip, max_corrupt_fraction=cfg.data.max_corrupt_fraction)
@@ -148,8 +146,8 @@ def _record_placement(run_dir: Path, env) -> None:
 
 
 def build_trainable(cfg: Config) -> torch.nn.Module:
-    """The network this run optimises: the diffusion UNet, or (train.target=vae) the VAE."""
-    return build_for_target(cfg).train()
+    """The network this run optimises (train.target's objective builds it)."""
+    return objective(cfg).build(cfg).train()
 
 
 def preflight(cfg: Config, check_lock: bool = True) -> None:
@@ -178,10 +176,10 @@ def _no_shards():
 
 def _check_data_matches(cfg: Config, manifest: dict) -> None:
     """Shards and model must agree before any step: kind, shape and class count."""
-    if cfg.train.target in ("vae", "classifier") and manifest["kind"] != "images":
+    if objective(cfg).needs_image_shards and manifest["kind"] != "images":
         raise ConfigError(f"train.target={cfg.train.target} needs image shards, but {cfg.data.shards} holds "
                           f"{manifest['kind']}; point data.shards at the output of prepare")
-    if manifest["num_classes"] > cfg.model.num_classes and cfg.train.target == "unet":
+    if manifest["num_classes"] > cfg.model.num_classes and objective(cfg).conditions_on_classes:
         raise ConfigError(f"the shards at {cfg.data.shards} have {manifest['num_classes']} classes but "
                           f"model.num_classes={cfg.model.num_classes}; raise it")
     if manifest["kind"] == "latents":
@@ -266,14 +264,9 @@ def _stand_in(run: Run) -> dict:
 
 def _micro_loss(run: Run, batch: dict, gen: torch.Generator):
     """Per-sample loss of one micro-batch, and its timesteps (None outside diffusion)."""
-    target = run.cfg.train.target
     x0 = model_inputs(run, batch, gen)
-    if target == "vae":
-        return _vae_loss(run, x0, gen), None
     labels = batch["label"].to(x0.device, non_blocking=True)
-    if target == "classifier":
-        return _classifier_loss(run, x0, labels), None
-    return _loss(run, x0, labels, _on_device(gen, x0.device))
+    return objective(run.cfg).loss(run, x0, labels, gen)
 
 
 def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -282,14 +275,6 @@ def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Genera
     mixed = int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, np.uint64)[0])
     torch.manual_seed(mixed)  # model-internal randomness (dropout) as well
     return torch.Generator().manual_seed(mixed)
-
-
-def _on_device(gen: torch.Generator, where: torch.device) -> torch.Generator:
-    """The step's generator on the compute device (same seed), so bulk draws (t, noise,
-    label dropout) are made there with no host-to-device copy; on CPU it is ``gen``."""
-    if where.type == "cpu":
-        return gen
-    return torch.Generator(device=where).manual_seed(gen.initial_seed())
 
 
 def model_inputs(run: Run, batch: dict, gen: torch.Generator) -> torch.Tensor:
@@ -308,33 +293,6 @@ def model_inputs(run: Run, batch: dict, gen: torch.Generator) -> torch.Tensor:
 
 def _memory_format(run: Run, x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if run.cfg.runtime.channels_last else x
-
-
-def _loss(run: Run, x0: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
-    cfg, n = run.cfg, x0.shape[0]
-    t = torch.randint(0, run.schedule.num_timesteps, (n,), generator=gen, device=gen.device)
-    noise = torch.randn(x0.shape, generator=gen, device=gen.device)
-    labels = drop_labels(labels, cfg.diffusion.label_dropout, null_label(cfg),
-                         torch.rand(n, generator=gen, device=gen.device))
-    dtype = torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
-
-    def denoise(x, tt, y):
-        return run.engine(x.to(dtype), tt, class_labels=y).sample
-
-    per_sample = diffusion_loss(denoise, run.schedule, x0.float(), labels, t, noise.float(),
-                                cfg.diffusion.prediction, cfg.diffusion.min_snr_gamma)
-    return per_sample, t
-
-
-def _vae_loss(run: Run, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    dtype = torch.bfloat16 if run.cfg.runtime.precision == "bf16" else torch.float32
-    return vae_loss(run.engine.module, images.to(dtype), gen, run.cfg.vae.kl_weight, run.cfg.vae.recon_loss)
-
-
-def _classifier_loss(run: Run, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    dtype = torch.bfloat16 if run.cfg.runtime.precision == "bf16" else torch.float32
-    logits = run.engine(images.to(dtype)).float()
-    return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
 
 
 def _nonfinite(run: Run, loss: torch.Tensor) -> dict:

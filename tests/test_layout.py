@@ -36,6 +36,30 @@ def test_only_runtime_imports_torch_distributed_or_deepspeed():
     assert offenders == []
 
 
+def test_data_never_imports_the_runtime():
+    offenders = [(p.name, m) for p in (ROOT / "dist_diffusion/data").glob("*.py") for m in imported_modules(p)
+                 if "runtime" in m.split(".")]
+    relative = [(p.name, node.module) for p in (ROOT / "dist_diffusion/data").glob("*.py")
+                for node in ast.walk(ast.parse(p.read_text()))
+                if isinstance(node, ast.ImportFrom) and node.level and "runtime" in (node.module or "").split(".")]
+    assert offenders == [] and relative == []
+
+
+def test_only_the_objective_registry_names_train_targets():
+    """No `train.target == ...` switch outside dist_diffusion/objectives.py: a new objective
+    is one class there, not an edit in the loop, the logger, export and the CLI."""
+    offenders = []
+    for path in (ROOT / "dist_diffusion").rglob("*.py"):
+        if path.name == "objectives.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(
+                    isinstance(side, ast.Attribute) and side.attr == "target"
+                    for side in (node.left, *node.comparators)):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "dist_diffusion.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

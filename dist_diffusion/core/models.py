@@ -98,9 +98,3 @@ def build_classifier(cfg: Config):
     from .classifier import DomainClassifier
 
     return DomainClassifier(num_classes=cfg.model.num_classes, resolution=cfg.data.resolution)
-
-
-def build_for_target(cfg: Config) -> torch.nn.Module:
-    """The network a run with ``train.target`` trains (and ``export`` writes)."""
-    builders = {"unet": build_unet, "vae": build_vae, "classifier": build_classifier}
-    return builders[cfg.train.target](cfg)

@@ -1,0 +1,109 @@
+"""What a run optimises, one class per ``train.target``: the network it builds, the data it
+needs, its per-sample loss, and what its export is. The loop, the logger, the CLI and
+``export`` ask the objective; nothing else compares ``train.target`` with a name.
+
+A new objective is a subclass here and one entry in :data:`OBJECTIVES` (and the
+``train.target`` choices in config.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import Config
+from .core.losses import diffusion_loss, drop_labels
+from .core.models import build_classifier, build_unet, build_vae, null_label
+from .core.vae_loss import vae_loss
+
+
+class Objective:
+    name = ""
+    needs_image_shards = False  # trains on pixels, so latent shards cannot serve it
+    conditions_on_classes = False  # the shards' classes must fit model.num_classes
+    draws_grids = False  # train.sample_every writes sample grids
+    export_kind = ""  # the diffusers class of its export
+
+    def build(self, cfg: Config) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def encodes_with_vae(self, cfg: Config, manifest: dict) -> bool:
+        """Whether image shards go through the frozen VAE before the loss."""
+        return False
+
+    def loss(self, run, x0: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
+        """(per-sample loss, timesteps or None) of one micro-batch; ``run`` has engine, cfg
+        and schedule; ``gen`` is the micro-step's CPU generator."""
+        raise NotImplementedError
+
+
+def _dtype(cfg: Config) -> torch.dtype:
+    return torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
+
+
+def on_device(gen: torch.Generator, where: torch.device) -> torch.Generator:
+    """The step's generator on the compute device (same seed), so bulk draws (t, noise,
+    label dropout) are made there with no host-to-device copy; on CPU it is ``gen``."""
+    if where.type == "cpu":
+        return gen
+    return torch.Generator(device=where).manual_seed(gen.initial_seed())
+
+
+class Diffusion(Objective):
+    """The class-conditional UNet: noise prediction (or v/x0) under label dropout."""
+
+    name, conditions_on_classes, draws_grids, export_kind = "unet", True, True, "UNet2DModel"
+
+    def build(self, cfg: Config) -> torch.nn.Module:
+        return build_unet(cfg)
+
+    def encodes_with_vae(self, cfg: Config, manifest: dict) -> bool:
+        return cfg.vae.enabled and manifest["kind"] == "images"
+
+    def loss(self, run, x0, labels, gen):
+        cfg, n, gen = run.cfg, x0.shape[0], on_device(gen, x0.device)
+        t = torch.randint(0, run.schedule.num_timesteps, (n,), generator=gen, device=gen.device)
+        noise = torch.randn(x0.shape, generator=gen, device=gen.device)
+        labels = drop_labels(labels, cfg.diffusion.label_dropout, null_label(cfg),
+                             torch.rand(n, generator=gen, device=gen.device))
+        dtype = _dtype(cfg)
+
+        def denoise(x, tt, y):
+            return run.engine(x.to(dtype), tt, class_labels=y).sample
+
+        per_sample = diffusion_loss(denoise, run.schedule, x0.float(), labels, t, noise.float(),
+                                    cfg.diffusion.prediction, cfg.diffusion.min_snr_gamma)
+        return per_sample, t
+
+
+class VAE(Objective):
+    """The autoencoder the latent runs use: reconstruction + KL."""
+
+    name, needs_image_shards, export_kind = "vae", True, "AutoencoderKL"
+
+    def build(self, cfg: Config) -> torch.nn.Module:
+        return build_vae(cfg)
+
+    def loss(self, run, x0, labels, gen):
+        cfg = run.cfg
+        return vae_loss(run.engine.module, x0.to(_dtype(cfg)), gen, cfg.vae.kl_weight, cfg.vae.recon_loss), None
+
+
+class Classifier(Objective):
+    """The domain classifier that judges class accuracy of samples."""
+
+    name, needs_image_shards, conditions_on_classes, export_kind = "classifier", True, False, "DomainClassifier"
+
+    def build(self, cfg: Config) -> torch.nn.Module:
+        return build_classifier(cfg)
+
+    def loss(self, run, x0, labels, gen):
+        logits = run.engine(x0.to(_dtype(run.cfg))).float()
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none"), None
+
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (Diffusion(), VAE(), Classifier())}
+
+
+def objective(cfg: Config) -> Objective:
+    """The objective of ``train.target`` (validated by config.py against these names)."""
+    return OBJECTIVES[cfg.train.target]
