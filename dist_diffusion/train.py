@@ -29,6 +29,7 @@ from .runtime import checkpoint, run_lock
 from .runtime.distributed import any_rank, barrier, describe, device, init_process_group, placement
 from .runtime.ema import EngineEMA
 from .runtime.engine import apply_numerics, build_engine, engine_checks_overflow, micro_batch_size
+from .train_grids import TrainingGrids
 from .train_log import TrainLogger
 
 REQUEUE_EXIT_CODE = 124  # launchers treat it as "preempted, checkpoint saved: run me again"
@@ -57,6 +58,7 @@ class Run:
     spec: StreamSpec
     manifest: dict
     logger: TrainLogger
+    grids: TrainingGrids
     step: int = 0
     position: Position = field(default_factory=Position)
     skipped_steps: int = 0
@@ -98,7 +100,9 @@ def _loop(run: Run, batches, guard: "PreemptionGuard", started: float) -> None:
         if saved:
             save(run)
         if cfg.train.sample_every and run.step % cfg.train.sample_every == 0 and objective(cfg).draws_grids:
-            run.logger.sample_grid(run)
+            grid = run.grids.draw(run.step, run.ema)
+            if grid:
+                run.logger.info(f"EMA samples -> {grid}")
         # a collective: every N steps (and beside a save), not every step, so GPUs never idle on it
         check = saved or run.step % cfg.train.preempt_check_every == 0
         if check and any_rank(guard.requested or _out_of_time(cfg, started)):
@@ -135,7 +139,7 @@ def build_run(cfg: Config) -> Run:
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_train_timesteps,
                              cfg.diffusion.beta_start, cfg.diffusion.beta_end).to(device())
     return Run(cfg, env, engine, EngineEMA(engine, cfg.runtime.zero_stage), schedule, vae, spec,
-               manifest, logger, resume_tag=resume, elastic=elastic)
+               manifest, logger, TrainingGrids(cfg, run_dir, env.is_main, vae), resume_tag=resume, elastic=elastic)
 
 
 def _record_placement(run_dir: Path, env) -> None:

@@ -90,26 +90,6 @@ class TrainLogger:
         LOG.info(f"step {step}/{self.cfg.train.max_steps} loss {row['loss']:.4f} grad {row['grad_norm']:.3f} "
                  f"lr {row['lr']:.2e} {row['images_per_s']:.1f} img/s data-wait {100 * row['data_wait_fraction']:.0f}%")
 
-    def sample_grid(self, run) -> None:
-        """DDIM + CFG samples from the EMA weights -> RUN/samples/stepN.png (rank 0 draws)."""
-        from .generate import ema_grid
-        from .runtime.distributed import device
-
-        state = run.ema.full_state()  # a collective under ZeRO-3
-        if self.main:
-            path = ema_grid(self.cfg, state, self._decoder(run), self.run_dir / "samples" / f"step{run.step:08d}.png",
-                            device())
-            self.info(f"EMA samples -> {path}")
-
-    def _decoder(self, run):
-        """The VAE that turns sampled latents into images (None in pixel space)."""
-        if run.vae is None and self.cfg.vae.enabled and self.cfg.vae.pretrained:
-            from .core.models import build_vae
-            from .runtime.distributed import device
-
-            run.vae = build_vae(self.cfg).to(device()).eval()  # latent shards: loaded once, for grids only
-        return run.vae
-
     def close(self) -> None:
         self.bar.close()
         self.seen.close()
