@@ -8,8 +8,6 @@ DeepSpeed step -> EMA -> log -> checkpoint / sample grid / preemption check.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,23 +24,15 @@ from .data import storage
 from .data.stream import Position, ShardStream, StreamSpec, load_manifest, unconsumed
 from .objectives import objective
 from .runtime import checkpoint, run_lock
-from .runtime.distributed import any_rank, barrier, describe, device, init_process_group, placement
+from .runtime.distributed import any_rank, describe, device, init_process_group, placement
 from .runtime.ema import EngineEMA
 from .runtime.engine import apply_numerics, build_engine, engine_checks_overflow, micro_batch_size
+from .runtime.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionGuard, mark_requeue  # noqa: F401 (Preempted: launchers)
 from .train_grids import TrainingGrids
 from .train_log import TrainLogger
 
-REQUEUE_EXIT_CODE = 124  # launchers treat it as "preempted, checkpoint saved: run me again"
-REQUEUE_MARKER = "REQUEUE"  # the same news as a file in the run directory (see _mark_requeue)
-
-
 class TrainingStopped(RuntimeError):
     """The run stopped cleanly for a reason a person must look at (e.g. a NaN loss)."""
-
-
-class Preempted(SystemExit):
-    def __init__(self):
-        super().__init__(REQUEUE_EXIT_CODE)
 
 
 @dataclass
@@ -76,18 +66,17 @@ def train(cfg: Config, on_checkpoint: Callable[[int, Path], None] | None = None)
     run.on_checkpoint = on_checkpoint
     restore(run)
     run.logger.start(run.step)
-    guard = PreemptionGuard(cfg.train.preempt_signals)
-    started = time.monotonic()
+    guard = PreemptionGuard(cfg.train.preempt_signals, cfg.train.wall_time_limit_s)
     batches = stream_batches(run)
     try:
-        _loop(run, batches, guard, started)
+        _loop(run, batches, guard)
     finally:
         batches.close()  # the loader's workers and downloads end here, not at interpreter exit
     run.logger.close()
     return {"step": run.step, "skipped_steps": run.skipped_steps, "run_dir": cfg.train.run_dir}
 
 
-def _loop(run: Run, batches, guard: "PreemptionGuard", started: float) -> None:
+def _loop(run: Run, batches, guard: PreemptionGuard) -> None:
     """Steps until max_steps; raises Preempted after saving when a signal or the time limit came."""
     cfg = run.cfg
     while run.step < cfg.train.max_steps:
@@ -105,10 +94,10 @@ def _loop(run: Run, batches, guard: "PreemptionGuard", started: float) -> None:
                 run.logger.info(f"EMA samples -> {grid}")
         # a collective: every N steps (and beside a save), not every step, so GPUs never idle on it
         check = saved or run.step % cfg.train.preempt_check_every == 0
-        if check and any_rank(guard.requested or _out_of_time(cfg, started)):
+        if check and any_rank(guard.should_stop()):
             if run.step % cfg.train.ckpt_every and run.step != cfg.train.max_steps:
                 save(run)
-            _mark_requeue(run)
+            mark_requeue(Path(cfg.train.run_dir), run.step, run.env.is_main)
             run.logger.info(f"preempted at step {run.step}: checkpoint saved, exiting {REQUEUE_EXIT_CODE}")
             run.logger.close()
             raise Preempted()
@@ -358,32 +347,6 @@ def _merge_positions(run: Run, states: list[dict]) -> Position:
         old = StreamSpec(**{**state["stream"], "url": run.spec.url, "rank": rank})
         left += unconsumed(run.manifest, old, Position(**state["position"]))
     return Position(epoch=states[0]["position"]["epoch"], batches=0, remaining=left)
-
-
-def _mark_requeue(run: Run) -> None:
-    """RUN/REQUEUE names the SLURM job that should run again: slurm/train_latent.sh reads
-    it, so requeueing does not hang on exit code 124 surviving every launcher (torchrun
-    turns it into 1)."""
-    if run.env.is_main:
-        marker = {"step": run.step, "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
-        (Path(run.cfg.train.run_dir) / REQUEUE_MARKER).write_text(json.dumps(marker) + "\n")
-    barrier()  # no rank exits (and gets the others killed by srun) before the marker exists
-
-
-class PreemptionGuard:
-    """Remembers that a preemption signal arrived; the loop finishes its step, saves, exits."""
-
-    def __init__(self, names: list[str]):
-        self.requested = False
-        for name in names:
-            signal.signal(getattr(signal, name), self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-
-def _out_of_time(cfg: Config, started: float) -> bool:
-    return bool(cfg.train.wall_time_limit_s) and time.monotonic() - started > cfg.train.wall_time_limit_s
 
 
 def main(argv: list[str] | None = None) -> int:
