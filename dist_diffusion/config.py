@@ -24,6 +24,17 @@ class ConfigError(ValueError):
     """A bad config: the message names the key, the source and the fix."""
 
 
+class _Section:
+    """A config section: read-only once validated, so what a launcher checked is what
+    every rank runs; :func:`derive` makes a changed copy."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            raise dataclasses.FrozenInstanceError(
+                f"the config is frozen after validation; use config.derive(cfg, {{'<section>.{name}': ...}})")
+        object.__setattr__(self, name, value)
+
+
 def _f(default: Any, doc: str, *, choices: Sequence[Any] | None = None, ge: float | None = None,
        le: float | None = None, gt: float | None = None, lt: float | None = None):
     """A dataclass field with its doc and the range :func:`validate` enforces."""
@@ -46,7 +57,7 @@ UNET_PRESETS = {
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """The class-conditional UNet (diffusers ``UNet2DModel``)."""
 
     preset: str = _f("tiny", "UNet size; the fields below left empty take the preset's value",
@@ -62,7 +73,7 @@ class ModelConfig:
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(_Section):
     """The autoencoder mapping images to latents (diffusers ``AutoencoderKL``)."""
 
     enabled: bool = _f(True, "train in latent space; false trains the UNet on pixels")
@@ -82,7 +93,7 @@ class VAEConfig:
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(_Section):
     """Forward process and training objective."""
 
     num_train_timesteps: int = _f(1000, "T, the number of diffusion steps", ge=2)
@@ -99,7 +110,7 @@ class DiffusionConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Where the training images come from, their shape, and how shards are written."""
 
     resolution: int = _f(32, "image side in pixels (square)", ge=8)
@@ -123,7 +134,7 @@ class DataConfig:
 
 
 @dataclass
-class S3Config:
+class S3Config(_Section):
     """Time limits and retries of every S3 request (one retry layer: botocore's for single
     requests, ours for downloads, which resume at the byte they reached)."""
 
@@ -136,7 +147,7 @@ class S3Config:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """The optimisation loop."""
 
     target: str = _f("unet", "what this run trains: the diffusion UNet, the VAE it uses, or the domain "
@@ -175,7 +186,7 @@ class TrainConfig:
 
 
 @dataclass
-class RuntimeConfig:
+class RuntimeConfig(_Section):
     """How processes and numerics are set up."""
 
     precision: str = _f("bf16", "training precision", choices=["bf16", "fp32"])
@@ -201,7 +212,7 @@ class RuntimeConfig:
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(_Section):
     """Generation: sampler, guidance and seeds."""
 
     sampler: str = _f("ddim", "sampling algorithm (dpm_solver_2m: DPM-Solver++(2M); unipc: UniPC-bh2)",
@@ -228,7 +239,7 @@ class SampleConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(_Section):
     """The sampling job: where the model and the samples are, and how they are judged."""
 
     unet: str = _f("", "exported UNet directory (`dist-diffusion export`) to sample from")
@@ -251,7 +262,7 @@ class EvalConfig:
 
 
 @dataclass
-class LaunchConfig:
+class LaunchConfig(_Section):
     """Where the processes run on a cluster (Ray Train, SLURM via submitit or sbatch)."""
 
     nodes: int = _f(1, "machines the job spans", ge=1)
@@ -275,7 +286,7 @@ class LaunchConfig:
 
 
 @dataclass
-class Config:
+class Config(_Section):
     """The whole tree; one of these drives every command."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -302,8 +313,37 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         merged = _merge(merged, _parse_overrides(overrides), "command-line override")
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     _apply_presets(cfg)
-    validate(cfg, source=str(path) if path else "config from overrides")
+    return _validated(cfg, source=str(path) if path else "config from overrides")
+
+
+def derive(cfg: Config, changes: dict[str, Any], source: str = "derived config") -> Config:
+    """A new validated, frozen config: ``cfg`` with dotted keys changed (e.g. a launcher's
+    absolute ``train.run_dir``); ``cfg`` itself is left as it was."""
+    merged = OmegaConf.structured(cfg)
+    for key, value in changes.items():
+        if OmegaConf.select(merged, key, default=_MISSING) is _MISSING:
+            raise ConfigError(f"{source}: {key} is not a config key")
+        OmegaConf.update(merged, key, value, merge=False)
+    return _validated(OmegaConf.to_object(merged), source)  # type: ignore[arg-type]
+
+
+_MISSING = object()
+
+
+def _validated(cfg: Config, source: str) -> Config:
+    from .config_rules import validate
+
+    validate(cfg, source=source)
+    _freeze(cfg)
     return cfg
+
+
+def _freeze(node: Any) -> None:
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _freeze(value)
+    object.__setattr__(node, "_frozen", True)
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -357,87 +397,6 @@ def _apply_presets(cfg: Config) -> None:
             setattr(cfg.model, name, list(value) if isinstance(value, list) else value)
 
 
-def validate(cfg: Config, source: str = "config") -> None:
-    """Check every range and choice, then the rules that span sections."""
-    problems = list(_field_problems(cfg, prefix=""))
-    problems += _cross_problems(cfg)
-    if problems:
-        raise ConfigError(f"{source}: " + "; ".join(problems))
-
-
-def _field_problems(node: Any, prefix: str):
-    for f in dataclasses.fields(node):
-        value, key = getattr(node, f.name), f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            yield from _field_problems(value, prefix=f"{key}.")
-            continue
-        problem = _check_value(value, f.metadata)
-        if problem:
-            yield f"{key}={value!r} {problem}"
-
-
-def _check_value(value: Any, meta: dict) -> str | None:
-    if value is None:
-        return None
-    if meta.get("choices") is not None and value not in meta["choices"]:
-        return f"is not one of {list(meta['choices'])}"
-    bounds = [("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")]
-    for name, ok, sign in bounds:
-        bound = meta.get(name)
-        if bound is not None and not ok(value, bound):
-            return f"must be {sign} {bound}"
-    return None
-
-
-def _cross_problems(cfg: Config) -> List[str]:
-    problems = []
-    m, d, s = cfg.model, cfg.diffusion, cfg.sample
-    if len(m.attention_levels) != len(m.block_out_channels):
-        problems.append(f"model.attention_levels has {len(m.attention_levels)} entries but "
-                        f"model.block_out_channels has {len(m.block_out_channels)}; give one per level")
-    for ch in m.block_out_channels:
-        if m.norm_num_groups and ch % m.norm_num_groups:
-            problems.append(f"model.block_out_channels entry {ch} is not divisible by "
-                            f"model.norm_num_groups={m.norm_num_groups}")
-    most = _most_steps(s.sampler, d.num_train_timesteps)
-    if s.steps > most:
-        problems.append(f"sample.steps={s.steps} must be <= {most} for sample.sampler={s.sampler} "
-                        f"(diffusion.num_train_timesteps={d.num_train_timesteps})")
-    problems += _sweep_problems(cfg)
-    problems += _signal_problems(cfg.train.preempt_signals)
-    problems += _interval_problems(s.guidance_interval, d.num_train_timesteps)
-    if cfg.runtime.device == "cpu" and cfg.launch.gpus_per_worker > 0:
-        problems.append(f"runtime.device=cpu but launch.gpus_per_worker={cfg.launch.gpus_per_worker}; "
-                        f"set one of them to match the other")
-    # A pretrained VAE's factor is only known once loaded; core.vae checks it then.
-    if not cfg.vae.pretrained and cfg.data.resolution % latent_downsample(cfg):
-        problems.append(f"data.resolution={cfg.data.resolution} must be divisible by the VAE "
-                        f"downsampling factor {latent_downsample(cfg)}")
-    return problems
-
-
-def _sweep_problems(cfg: Config) -> List[str]:
-    """The eval sweeps obey the bounds of the single value they sweep: found
-    here, not after the job already sampled the points before a bad one."""
-    problems = []
-    if any(scale < 0 for scale in cfg.eval.cfg_scales):
-        problems.append(f"eval.cfg_scales={list(cfg.eval.cfg_scales)}: every scale must be >= 0")
-    T = cfg.diffusion.num_train_timesteps
-    try:
-        pinned = [parse_sampler_entry(entry) for entry in cfg.eval.samplers or [cfg.sample.sampler]]
-    except ValueError as err:
-        return problems + [f"eval.samplers={list(cfg.eval.samplers)}: {err}"]
-    for name, steps in pinned:
-        most = _most_steps(name, T)
-        if steps is not None and not 1 <= steps <= most:
-            problems.append(f"eval.samplers entry {name}:{steps}: {name} takes 1..{most} steps")
-        elif steps is None and any(not 1 <= n <= most for n in cfg.eval.steps):
-            problems.append(f"eval.steps={list(cfg.eval.steps)}: every step count must be in 1..{most} "
-                            f"(diffusion.num_train_timesteps{', less 1 for ' + name if most < T else ''})")
-    return list(dict.fromkeys(problems))
-
-
 def _most_steps(sampler: str, num_train_timesteps: int) -> int:
     return num_train_timesteps - (sampler in ("dpm_solver_2m", "unipc"))  # multistep: steps + 1 points
 
@@ -451,25 +410,6 @@ def parse_sampler_entry(entry: str) -> tuple[str, Optional[int]]:
     if steps and not steps.isdigit():
         raise ValueError(f"{entry!r}: write NAME:STEPS with a whole number of steps, e.g. ddim:100")
     return name, int(steps) if steps else None
-
-
-def _signal_problems(names: List[str]) -> List[str]:
-    import signal
-
-    bad = [n for n in names if not n.startswith("SIG") or not isinstance(getattr(signal, n, None), signal.Signals)
-           or n in ("SIGKILL", "SIGSTOP")]
-    if bad:
-        return [f"train.preempt_signals has {bad}: name signals a process can catch, e.g. SIGTERM, SIGUSR1"]
-    return []
-
-
-def _interval_problems(interval: List[int], num_timesteps: int) -> List[str]:
-    if not interval:
-        return []
-    if len(interval) != 2 or not 0 <= interval[0] <= interval[1] < num_timesteps:
-        return [f"sample.guidance_interval={list(interval)} must be [lo, hi] with "
-                f"0 <= lo <= hi < T={num_timesteps}"]
-    return []
 
 
 def latent_downsample(cfg: Config) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without install
 
-from dist_diffusion.config import to_yaml  # noqa: E402
+from dist_diffusion.config import derive, to_yaml  # noqa: E402
 from launchers.ray_train import config_from_argv, scaling, worker_config  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = config_from_argv(argv, __doc__, "launchers/ray_sample.py")
     if not cfg.eval.out.startswith("s3://"):
-        cfg.eval.out = str(Path(cfg.eval.out).resolve())  # workers run in Ray's copy of the checkout
+        cfg = derive(cfg, {"eval.out": str(Path(cfg.eval.out).resolve())})  # workers run in Ray's copy of the checkout
     storage = cfg.launch.storage_path or f"{cfg.eval.out.rstrip('/')}/ray"
     TorchTrainer(sample_worker, train_loop_config={"config_yaml": to_yaml(cfg)}, scaling_config=scaling(cfg),
                  run_config=RunConfig(name="eval", storage_path=storage,

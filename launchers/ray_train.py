@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without install
 
-from dist_diffusion.config import Config, ConfigError, load_config, to_yaml  # noqa: E402
+from dist_diffusion.config import Config, ConfigError, derive, load_config, to_yaml  # noqa: E402
 from dist_diffusion.extras import require  # noqa: E402
 
 
@@ -31,10 +31,9 @@ def train_worker(loop_config: dict) -> None:
 
     from dist_diffusion.train import train
 
-    cfg = worker_config(loop_config)
     # Ray runs this function in a thread, where Python cannot take signals; a lost or
     # preempted node is Ray's to notice, and it restarts from the stored checkpoint.
-    cfg.train.preempt_signals = []
+    cfg = derive(worker_config(loop_config), {"train.preempt_signals": []}, "the Ray worker's config")
     restore_from_ray_storage(cfg, ray.train.get_checkpoint(), ray.train.get_context().get_local_rank())
 
     def report(step: int, folder: Path) -> None:
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except expected() as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    cfg.train.run_dir = str(Path(cfg.train.run_dir).resolve())  # the same place after a restart
+    cfg = derive(cfg, {"train.run_dir": str(Path(cfg.train.run_dir).resolve())})  # the same place after a restart
     result = make_trainer(cfg).fit()
     print(json.dumps({"step": (result.metrics or {}).get("step"), "checkpoint": str(result.checkpoint.path)
                       if result.checkpoint else None, "run_dir": cfg.train.run_dir}))

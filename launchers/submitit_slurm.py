@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from dist_diffusion.config import Config, ConfigError, load_config  # noqa: E402
+from dist_diffusion.config import Config, ConfigError, derive, load_config  # noqa: E402
 from dist_diffusion.extras import MissingExtra, require  # noqa: E402
 
 try:
@@ -46,7 +46,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         _export_local_ranks()
         cfg = load_config(self.config, self.overrides)
-        cfg.train.preempt_signals = sorted(set(cfg.train.preempt_signals) | {SUBMITIT_SIGNAL})
+        cfg = derive(cfg, {"train.preempt_signals": sorted(set(cfg.train.preempt_signals) | {SUBMITIT_SIGNAL})})
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: checkpoint() + scontrol requeue
         try:
             return train(cfg)

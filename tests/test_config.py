@@ -145,3 +145,22 @@ def test_sampler_sweep_pins_steps_per_entry_and_walks_ddpm_once():
     assert sweep(cfg)[4].name == "ddpm_cfg1_steps1000"
     plain = load_config(ROOT_RECIPE, ["eval.steps=[10,20]", "eval.cfg_scales=[3]"])
     assert [p.name for p in sweep(plain)] == ["cfg3_steps10", "cfg3_steps20"]
+
+
+def test_a_validated_config_is_frozen_and_derive_makes_a_validated_copy():
+    import dataclasses
+
+    from dist_diffusion.config import derive
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["train.max_steps=3"])
+    with pytest.raises(dataclasses.FrozenInstanceError, match="derive"):
+        cfg.train.max_steps = 5
+    moved = derive(cfg, {"train.run_dir": "/abs/run", "train.preempt_signals": []})
+    assert (moved.train.run_dir, moved.train.preempt_signals, moved.train.max_steps) == ("/abs/run", [], 3)
+    assert cfg.train.run_dir == "runs/tiny"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        moved.sample.steps = 1
+    with pytest.raises(ConfigError, match="train.max_steps=0 must be >= 1"):
+        derive(cfg, {"train.max_steps": 0})
+    with pytest.raises(ConfigError, match="train.max_stepz is not a config key"):
+        derive(cfg, {"train.max_stepz": 1})

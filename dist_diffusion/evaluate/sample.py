@@ -15,7 +15,7 @@ import io
 import json
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, parse_sampler_entry
+from ..config import Config, ConfigError, derive, parse_sampler_entry
 from ..data import storage
 from ..logs import get_logger
 from ..data.shards import upload_tar
@@ -158,8 +158,8 @@ def sample_point(cfg: Config, point: Point, unet, vae, extractor: Extractor | No
     resumed = 0
     bar = tqdm(total=sum(min(n, (k + 1) * per_shard) - k * per_shard for k in mine), unit="img",
                desc=f"sample {point.name}", disable=not env.is_main)
-    point_cfg = replace(cfg, sample=replace(cfg.sample, cfg_scale=point.cfg_scale, steps=point.steps,
-                                            sampler=point.sampler))
+    point_cfg = derive(cfg, {"sample.cfg_scale": point.cfg_scale, "sample.steps": point.steps,
+                             "sample.sampler": point.sampler}, f"sweep point {point.name}")
     for k in mine:
         indices = list(range(k * per_shard, min(n, (k + 1) * per_shard)))
         if storage.exists(out.join(f"samples-{k:06d}.npz")):
