@@ -111,7 +111,7 @@ def sampling_job_seconds(nproc: int, tmp: str, threads: int) -> float:
     subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "sample", "--config", "configs/tiny.yaml",
                     "--nproc", str(nproc), "vae.enabled=false", "data.resolution=16", f"eval.unet={tmp}/unet",
                     f"eval.out={out}", "sample.num_samples=64", "sample.batch_size=8", "eval.samples_per_shard=8",
-                    "sample.steps=50", "sample.cfg_scale=3"], check=True, capture_output=True,
+                    "sample.steps=50", "sample.guidance_scale=3"], check=True, capture_output=True,
                    env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     return json.loads(Path(out, "report.json").read_text())["results"][0]["seconds"]
 

@@ -42,12 +42,12 @@ class Row:
     model: str
     sampler: str
     steps: int
-    cfg_scale: float
+    guidance_scale: float
 
     @property
     def job(self) -> tuple[str, float]:
         """Rows of one UNet at one CFG scale are one sampling job (its samplers a sweep)."""
-        return self.model, self.cfg_scale
+        return self.model, self.guidance_scale
 
 
 ROWS = [
@@ -120,16 +120,16 @@ def run_rows(cfg, runs: "demo.DemoRuns", out: Path, stages: dict) -> list[dict]:
         name = f"{model}_cfg{scale:g}"
         found = demo.stage(stages, f"eval {name}", lambda: demo.evaluate(out / "eval" / name, [
             *judged, *model_overrides(model, data), f"eval.unet={exports[model]}", f"eval.samplers=[{samplers}]",
-            f"eval.cfg_scales=[{scale:g}]"], runs.nproc))
+            f"eval.guidance_scales=[{scale:g}]"], runs.nproc))
         results.update({(model, r["sampler"], scale, r["steps"]): r for r in found})
-    return [table_row(row, results[(row.model, row.sampler, row.cfg_scale, row.steps)], stages[f"train {row.model}"],
+    return [table_row(row, results[(row.model, row.sampler, row.guidance_scale, row.steps)], stages[f"train {row.model}"],
                       out) for row in ROWS]
 
 
 def table_row(row: Row, result: dict, train_seconds: float, out: Path) -> dict:
     """A row of the table from its job's report row; its grid copied to OUT/grids/."""
     grid = Path(result["samples"]) / "grid.png"
-    copy = out / "grids" / f"{row.model}_{row.sampler}{row.steps}_cfg{row.cfg_scale:g}.png"
+    copy = out / "grids" / f"{row.model}_{row.sampler}{row.steps}_cfg{row.guidance_scale:g}.png"
     copy.parent.mkdir(exist_ok=True)
     if grid.exists():
         shutil.copy(grid, copy)
@@ -142,7 +142,7 @@ def table_row(row: Row, result: dict, train_seconds: float, out: Path) -> dict:
 
 
 COLUMNS = [("name", "row", "{}"), ("domain", "domain", "{}"), ("schedule", "schedule", "{}"),
-           ("sampler", "sampler", "{}"), ("nfe", "NFE", "{}"), ("cfg_scale", "CFG", "{:g}"),
+           ("sampler", "sampler", "{}"), ("nfe", "NFE", "{}"), ("guidance_scale", "CFG", "{:g}"),
            ("fid", "domain FID", "{:.2f}"), ("inception_score", "IS", "{:.2f}"), ("kid", "KID", "{:.4f}"),
            ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"),
            ("class_accuracy", "class acc", "{:.3f}"), ("seconds_per_100_samples", "s / 100 samples", "{:.1f}"),
@@ -173,7 +173,7 @@ def plot_fid_vs_nfe(rows: list[dict], path: Path) -> None:
     require("matplotlib", "demo", "the ablation's plot").use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [r for r in rows if (r["model"], r["cfg_scale"]) == SAMPLER_ROWS and r["fid"] is not None]
+    points = [r for r in rows if (r["model"], r["guidance_scale"]) == SAMPLER_ROWS and r["fid"] is not None]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for sampler in sorted({r["sampler"] for r in points}):
         mine = sorted((r for r in points if r["sampler"] == sampler), key=lambda r: r["nfe"])

@@ -222,7 +222,7 @@ class SampleConfig(_Section):
     eta: float = _f(0.0, "DDIM stochasticity: 0 deterministic, 1 DDPM-like", ge=0.0, le=1.0)
     spacing: str = _f("leading", "how DDIM/DPM-Solver pick timesteps from 0..T-1",
                       choices=["leading", "trailing", "linspace"])
-    cfg_scale: float = _f(3.0, "classifier-free guidance scale s: eps_u + s (eps_c - eps_u)",
+    guidance_scale: float = _f(3.0, "classifier-free guidance scale s: eps_u + s (eps_c - eps_u)",
                           ge=0.0)
     guidance_interval: List[int] = _f([], "[lo, hi]: guide only for lo <= t <= hi "
                                           "(empty: every step)")
@@ -254,7 +254,7 @@ class EvalConfig(_Section):
                                     "(pt_inception-2015-12-05-6726825d.pth)")
     classifier: str = _f("", "exported domain classifier directory (a run with train.target=classifier)")
     reference: str = _f("", "image shards for the reference statistics (empty: data.shards)")
-    cfg_scales: List[float] = _f([], "sweep: CFG scales to evaluate in one job (empty: sample.cfg_scale)")
+    guidance_scales: List[float] = _f([], "sweep: CFG scales to evaluate in one job (empty: sample.guidance_scale)")
     steps: List[int] = _f([], "sweep: sampler step counts to evaluate (empty: sample.steps)")
     samplers: List[str] = _f([], "sweep: samplers to evaluate, NAME (takes eval.steps) or NAME:STEPS "
                                  "(empty: sample.sampler; ddpm always takes T steps)")
@@ -384,7 +384,14 @@ def _merge(base: DictConfig, extra: DictConfig, source: str) -> DictConfig:
         reason = str(getattr(err, "msg", err)).splitlines()[0]
         hint = " (unknown key: check the spelling against `dist-diffusion config --docs`)" \
             if "not in" in reason or "Key" in reason else ""
+        renamed = RENAMED_KEYS.get(key)
+        if renamed:
+            raise ConfigError(f"{source}: {key} was renamed {renamed}; use {renamed}") from None
         raise ConfigError(f"{source}: {key}: {reason}{hint}") from None
+
+
+# Keys that changed name: an old recipe gets the new name, not "unknown key".
+RENAMED_KEYS = {"sample.cfg_scale": "sample.guidance_scale", "eval.cfg_scales": "eval.guidance_scales"}
 
 
 def _apply_presets(cfg: Config) -> None:

@@ -74,8 +74,8 @@ def _sweep_problems(cfg: Config) -> List[str]:
     """The eval sweeps obey the bounds of the single value they sweep: found
     here, not after the job already sampled the points before a bad one."""
     problems = []
-    if any(scale < 0 for scale in cfg.eval.cfg_scales):
-        problems.append(f"eval.cfg_scales={list(cfg.eval.cfg_scales)}: every scale must be >= 0")
+    if any(scale < 0 for scale in cfg.eval.guidance_scales):
+        problems.append(f"eval.guidance_scales={list(cfg.eval.guidance_scales)}: every scale must be >= 0")
     T = cfg.diffusion.num_train_timesteps
     try:
         pinned = [parse_sampler_entry(entry) for entry in cfg.eval.samplers or [cfg.sample.sampler]]

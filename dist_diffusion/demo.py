@@ -161,13 +161,13 @@ def _run_stages(cfg: Config, runs: DemoRuns, out: Path, stages: dict) -> dict:
     judged = [*runs.unet, *with_vae, *runs.eval, f"eval.classifier={data.classifier}",
               f"eval.reference={data.images_url}"]
     untrained = stage(stages, "eval untrained", lambda: evaluate(
-        out / "eval_untrained", [*judged, f"eval.unet={_untrained_unet(cfg, out)}", "eval.cfg_scales=[3]"], runs.nproc))
+        out / "eval_untrained", [*judged, f"eval.unet={_untrained_unet(cfg, out)}", "eval.guidance_scales=[3]"], runs.nproc))
     results = stage(stages, "sample + eval", lambda: evaluate(
-        out / "eval", [*judged, f"eval.unet={unet_dir}", f"eval.cfg_scales=[1,{cfg.sample.cfg_scale:g}]"],
+        out / "eval", [*judged, f"eval.unet={unet_dir}", f"eval.guidance_scales=[1,{cfg.sample.guidance_scale:g}]"],
         runs.nproc))
     for row in results:
-        shutil.copy(out / "eval" / f"cfg{row['cfg_scale']:g}_steps{row['steps']}/grid.png",
-                    out / f"samples_cfg{row['cfg_scale']:g}.png")
+        shutil.copy(out / "eval" / f"cfg{row['guidance_scale']:g}_steps{row['steps']}/grid.png",
+                    out / f"samples_cfg{row['guidance_scale']:g}.png")
     plot_loss(out / "unet/metrics.jsonl", out / "loss.png")
     return {"results": [_demo_row(r) for r in results], "fid_domain_untrained": untrained[0]["fid"],
             "loss_first": losses[0], "loss_last": losses[-1], "num_real_images": data.manifest["num_samples"]}
@@ -189,18 +189,18 @@ def evaluate(eval_out: Path, overrides: list[str], nproc: str = "2") -> list[dic
 
 
 def _demo_row(row: dict) -> dict:
-    return {"cfg_scale": row["cfg_scale"], "sampler": row["sampler"], "steps": row["steps"],
+    return {"guidance_scale": row["guidance_scale"], "sampler": row["sampler"], "steps": row["steps"],
             "fid_domain": row["fid"], "class_accuracy": row["class_accuracy"], "num_samples": row["num_samples"],
             "seconds": round(row["seconds"], 2), "samples_per_s": round(row["samples_per_s"], 2)}
 
 
 def quality_bar(report: dict) -> dict:
     """The demo's promise: CFG gives the asked digit, and training moved the samples to the data."""
-    by_scale = {r["cfg_scale"]: r for r in report["results"]}
+    by_scale = {r["guidance_scale"]: r for r in report["results"]}
     low, high = by_scale[min(by_scale)], by_scale[max(by_scale)]
     checks = {
-        f"class accuracy at CFG {high['cfg_scale']:g} >= 0.80": high["class_accuracy"] >= 0.80,
-        f"class accuracy at CFG {high['cfg_scale']:g} >= at CFG {low['cfg_scale']:g}":
+        f"class accuracy at CFG {high['guidance_scale']:g} >= 0.80": high["class_accuracy"] >= 0.80,
+        f"class accuracy at CFG {high['guidance_scale']:g} >= at CFG {low['guidance_scale']:g}":
             high["class_accuracy"] >= low["class_accuracy"],
         "domain FID <= 1/3 of the untrained model's":
             all(r["fid_domain"] <= report["fid_domain_untrained"] / 3 for r in report["results"]),
@@ -226,7 +226,7 @@ def write_demo_report(report: dict, out: Path) -> None:
     lines = ["# dist_diffusion demo", "",
              f"{report['num_real_images']} real digits; whole demo {report['total_seconds']:.0f} s.", "",
              "| CFG | sampler | steps | N | domain FID | class accuracy | samples/s |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['cfg_scale']:g} | {r['sampler']} | {r['steps']} | {r['num_samples']} | {r['fid_domain']:.3f} "
+    lines += [f"| {r['guidance_scale']:g} | {r['sampler']} | {r['steps']} | {r['num_samples']} | {r['fid_domain']:.3f} "
               f"| {r['class_accuracy']:.3f} | {r['samples_per_s']:.1f} |" for r in report["results"]]
     lines += ["", f"Untrained model (step 0, CFG 3): domain FID {report['fid_domain_untrained']:.3f}.", "",
               "| stage | seconds |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in report["stages"].items()], "",

@@ -25,7 +25,7 @@ def generate(cfg: Config, unet: torch.nn.Module, labels: torch.Tensor, indices: 
     where = _device_of(unet)
     gens = sample_generators(s.seed, indices)
     noise = per_sample_randn(gens, unet_input_shape(cfg), where)
-    guidance = Guidance(null_label(cfg), s.cfg_scale, tuple(s.guidance_interval) or None)
+    guidance = Guidance(null_label(cfg), s.guidance_scale, tuple(s.guidance_interval) or None)
     schedule = make_schedule(d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end).to(where)
     denoise = in_row_blocks(_in_precision(as_denoiser(unet), where, s.precision), s.network_batch)
     return run_sampler(s.sampler, denoise, schedule, noise, labels.to(where), guidance, steps=s.steps,

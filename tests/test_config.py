@@ -66,7 +66,7 @@ def test_out_of_range_names_key_and_bound():
     ("sample.guidance_interval=[500,100]", r"guidance_interval"),
     ("sample.sampler=euler", r"sample\.sampler='euler' is not one of"),
     ("model.preset=huge", r"model\.preset='huge' is not one of"),
-    ("eval.cfg_scales=[1,-2]", r"eval\.cfg_scales=\[1\.0, -2\.0\]: every scale must be >= 0"),
+    ("eval.guidance_scales=[1,-2]", r"eval\.guidance_scales=\[1\.0, -2\.0\]: every scale must be >= 0"),
     ("eval.steps=[10,0]", r"eval\.steps=\[10, 0\]: every step count must be in 1\.\.1000"),
     ("eval.steps=[5000]", r"eval\.steps=\[5000\]"),
     ("train.preempt_signals=[SIGTERM,SIGBOGUS]", r"train\.preempt_signals has \['SIGBOGUS'\]"),
@@ -106,7 +106,7 @@ def test_presets_fill_only_empty_fields():
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):
-    cfg = load_config(ROOT / "configs/tiny.yaml", ["sample.cfg_scale=5"])
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["sample.guidance_scale=5"])
     path = write(tmp_path, to_yaml(cfg))
     assert load_config(path) == cfg
 
@@ -135,15 +135,15 @@ def test_sampler_sweep_pins_steps_per_entry_and_walks_ddpm_once():
     from dist_diffusion.evaluate.sample import sweep
 
     cfg = load_config(ROOT_RECIPE, ["eval.samplers=[ddim:50,ddim:100,ddpm,ddpm:20,unipc:10,dpm_solver_2m]",
-                                    "eval.steps=[20]", "eval.cfg_scales=[1,3]"])
-    points = [(p.sampler, p.steps, p.cfg_scale) for p in sweep(cfg)]
+                                    "eval.steps=[20]", "eval.guidance_scales=[1,3]"])
+    points = [(p.sampler, p.steps, p.guidance_scale) for p in sweep(cfg)]
     assert points == [("ddim", 50, 1.0), ("ddim", 50, 3.0), ("ddim", 100, 1.0), ("ddim", 100, 3.0),
                       ("ddpm", 1000, 1.0), ("ddpm", 1000, 3.0), ("unipc", 10, 1.0), ("unipc", 10, 3.0),
                       ("dpm_solver_2m", 20, 1.0), ("dpm_solver_2m", 20, 3.0)]
     # the configured sampler keeps the names of a plain sweep; the others carry theirs
     assert [p.name for p in sweep(cfg)][:2] == ["cfg1_steps50", "cfg3_steps50"]
     assert sweep(cfg)[4].name == "ddpm_cfg1_steps1000"
-    plain = load_config(ROOT_RECIPE, ["eval.steps=[10,20]", "eval.cfg_scales=[3]"])
+    plain = load_config(ROOT_RECIPE, ["eval.steps=[10,20]", "eval.guidance_scales=[3]"])
     assert [p.name for p in sweep(plain)] == ["cfg3_steps10", "cfg3_steps20"]
 
 
@@ -164,3 +164,10 @@ def test_a_validated_config_is_frozen_and_derive_makes_a_validated_copy():
         derive(cfg, {"train.max_steps": 0})
     with pytest.raises(ConfigError, match="train.max_stepz is not a config key"):
         derive(cfg, {"train.max_stepz": 1})
+
+
+@pytest.mark.parametrize("old,new", [("sample.cfg_scale=2", "sample.guidance_scale"),
+                                     ("eval.cfg_scales=[1,3]", "eval.guidance_scales")])
+def test_a_renamed_key_names_its_new_name(old, new):
+    with pytest.raises(ConfigError, match=f"was renamed {new}"):
+        load_config(ROOT / "configs/tiny.yaml", [old])

@@ -41,7 +41,7 @@ def test_short_demo_runs_every_stage_and_holds_itself_to_the_bar(tmp_path):
     assert list(report["stages"]) == ["stack up", "digits", "prepare", "train classifier", "export classifier",
                                       "train vae", "export vae", "encode", "train unet", "export unet",
                                       "eval untrained", "sample + eval", "stack down"]
-    assert [r["cfg_scale"] for r in report["results"]] == [1.0, 3.0]
+    assert [r["guidance_scale"] for r in report["results"]] == [1.0, 3.0]
     for row in report["results"]:
         assert row["sampler"] == "ddim" and row["steps"] == 4 and row["num_samples"] == 40
         assert row["fid_domain"] > 0 and 0 <= row["class_accuracy"] <= 1
@@ -65,7 +65,7 @@ def test_short_ablation_trains_three_unets_and_tables_every_row(tmp_path):
     report = json.loads((out / "report.json").read_text())
     rows = {r["name"]: r for r in report["rows"]}
     assert list(rows) == [r.name for r in ROWS]
-    assert {r["nfe"] for r in report["rows"] if r["model"] == "latent_linear" and r["cfg_scale"] == 3} == \
+    assert {r["nfe"] for r in report["rows"] if r["model"] == "latent_linear" and r["guidance_scale"] == 3} == \
         {1000, 250, 100, 50, 20, 10}
     assert rows["pixel space (no VAE)"]["domain"] == "pixel" and rows["cosine schedule"]["schedule"] == "cosine"
     for row in report["rows"]:

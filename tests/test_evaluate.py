@@ -66,7 +66,7 @@ def eval_cmd(models, out, *overrides, nproc=1):
     return [sys.executable, "-m", "dist_diffusion.cli", "eval", "--config", "configs/tiny.yaml", "--nproc",
             str(nproc), *PIXELS, f"eval.unet={models / 'unet'}", f"eval.classifier={models / 'classifier'}",
             f"eval.reference={models / 'img16'}", f"eval.out={out}", "sample.num_samples=32",
-            "eval.samples_per_shard=8", "sample.batch_size=8", "sample.steps=10", "eval.cfg_scales=[3]", *overrides]
+            "eval.samples_per_shard=8", "sample.batch_size=8", "sample.steps=10", "eval.guidance_scales=[3]", *overrides]
 
 
 def run_eval(models, out, *overrides, nproc=1):
@@ -136,7 +136,7 @@ def latent_eval(models, out, reference, *overrides, nproc=1):
             "sample.network_batch=4", *overrides]
     done = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "eval", "--config", "configs/tiny.yaml",
                            "--nproc", str(nproc), f"eval.out={out}", "sample.num_samples=48", "eval.samples_per_shard=16",
-                           "sample.batch_size=8", "sample.steps=10", "eval.cfg_scales=[3]", *args],
+                           "sample.batch_size=8", "sample.steps=10", "eval.guidance_scales=[3]", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return json.loads((Path(out) / "report.json").read_text())["results"][0]

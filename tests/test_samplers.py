@@ -177,7 +177,7 @@ def test_sample_alone_equals_sample_in_batch(tiny_model, name, eta):
     assert max_diff(alone[0], batch[2]) <= 1e-5
 
 
-def test_cfg_scale_one_is_conditional_and_zero_is_unconditional(tiny_model):
+def test_guidance_scale_one_is_conditional_and_zero_is_unconditional(tiny_model):
     x, labels, _ = start(4)
     null = torch.full_like(labels, NUM_CLASSES)
     t = 500

@@ -11,7 +11,7 @@ from ..logs import get_logger
 
 LOG = get_logger("eval")
 
-COLUMNS = [("cfg_scale", "CFG", "{:g}"), ("guidance_interval", "interval", "{}"), ("sampler", "sampler", "{}"),
+COLUMNS = [("guidance_scale", "CFG", "{:g}"), ("guidance_interval", "interval", "{}"), ("sampler", "sampler", "{}"),
            ("steps", "steps", "{}"), ("nfe", "NFE", "{}"), ("num_samples", "N", "{}"), ("fid", "FID", "{:.3f}"),
            ("fid_inf", "FID_inf", "{:.3f}"), ("inception_score", "IS (10 splits)", "{:.3f}"),
            ("kid", "KID", "{:.4f}"), ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"),
@@ -20,7 +20,7 @@ COLUMNS = [("cfg_scale", "CFG", "{:g}"), ("guidance_interval", "interval", "{}")
 
 
 def result_row(cfg: Config, point, metrics: dict, seconds: float, resumed_shards: int) -> dict:
-    return {"cfg_scale": point.cfg_scale, "guidance_interval": list(cfg.sample.guidance_interval) or None,
+    return {"guidance_scale": point.guidance_scale, "guidance_interval": list(cfg.sample.guidance_interval) or None,
             "sampler": point.sampler, "steps": point.steps, "eta": cfg.sample.eta,
             "nfe": network_evaluations(point.sampler, point.steps, cfg.diffusion.num_train_timesteps),
             "num_samples": cfg.sample.num_samples, "seed": cfg.sample.seed, "checkpoint": _checkpoint(cfg),

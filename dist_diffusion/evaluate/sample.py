@@ -46,7 +46,7 @@ class Point:
     """One evaluated setting of a sweep. Points sampled with ``sample.sampler`` are named
     cfg<s>_steps<n>; a point of another sampler (eval.samplers) carries its name first."""
 
-    cfg_scale: float
+    guidance_scale: float
     steps: int
     sampler: str
     default_sampler: str
@@ -54,13 +54,13 @@ class Point:
     @property
     def name(self) -> str:
         prefix = "" if self.sampler == self.default_sampler else f"{self.sampler}_"
-        return f"{prefix}cfg{self.cfg_scale:g}_steps{self.steps}"
+        return f"{prefix}cfg{self.guidance_scale:g}_steps{self.steps}"
 
 
 def sweep(cfg: Config) -> list[Point]:
     """eval.samplers x steps x CFG scales, in that order. A sampler given as NAME:STEPS takes
     its own step count; DDPM walks all T steps whatever the count, so it is one point per scale."""
-    scales = cfg.eval.cfg_scales or [cfg.sample.cfg_scale]
+    scales = cfg.eval.guidance_scales or [cfg.sample.guidance_scale]
     points = []
     for sampler, pinned in map(parse_sampler_entry, cfg.eval.samplers or [cfg.sample.sampler]):
         counts = [pinned] if pinned else cfg.eval.steps or [cfg.sample.steps]
@@ -158,7 +158,7 @@ def sample_point(cfg: Config, point: Point, unet, vae, extractor: Extractor | No
     resumed = 0
     bar = tqdm(total=sum(min(n, (k + 1) * per_shard) - k * per_shard for k in mine), unit="img",
                desc=f"sample {point.name}", disable=not env.is_main)
-    point_cfg = derive(cfg, {"sample.cfg_scale": point.cfg_scale, "sample.steps": point.steps,
+    point_cfg = derive(cfg, {"sample.guidance_scale": point.guidance_scale, "sample.steps": point.steps,
                              "sample.sampler": point.sampler}, f"sweep point {point.name}")
     for k in mine:
         indices = list(range(k * per_shard, min(n, (k + 1) * per_shard)))
