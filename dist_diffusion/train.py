@@ -218,7 +218,7 @@ def train_step(run: Run, batches) -> dict:
         t0 = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - t0
-        corrupt += batch.get("skipped", 0)
+        corrupt += batch.get("corrupt", 0)
         empty = not batch["key"]  # every sample of this micro-batch was corrupt
         if empty:
             batch = _stand_in(run)
@@ -294,7 +294,7 @@ def _nonfinite(run: Run, loss: torch.Tensor) -> dict:
         run.skipped_steps += 1
         run.logger.info(f"non-finite loss or gradients at step {run.step + 1}: step skipped "
                         f"({run.skipped_steps} so far)")
-        return {"skipped": True}
+        return {"nonfinite_skipped": True}
     raise TrainingStopped(f"loss became {loss.item()} (or its gradients non-finite) at step {run.step + 1}; "
                           f"the last complete checkpoint is kept. Lower train.lr, check the data, or set "
                           f"train.nan_policy=skip")

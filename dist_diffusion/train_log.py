@@ -47,7 +47,7 @@ class TrainLogger:
 
     def step(self, step: int, m: dict) -> None:
         self.bar.update(1)
-        if m.get("skipped"):
+        if m.get("nonfinite_skipped"):
             return
         digest = hashlib.sha1("\n".join(m["keys"]).encode()).hexdigest()
         self.seen.write(json.dumps({"step": step, "n": len(m["keys"]), "keys_sha1": digest,

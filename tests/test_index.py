@@ -24,7 +24,7 @@ def streamed(url: str) -> dict[str, int]:
     loader = torch.utils.data.DataLoader(ShardStream(spec), batch_size=None, num_workers=2)
     seen = {}
     for batch in loader:
-        assert batch["image"].shape[1:] == (3, 16, 16) and batch["skipped"] == 0
+        assert batch["image"].shape[1:] == (3, 16, 16) and batch["corrupt"] == 0
         seen.update(zip(batch["key"], batch["label"].tolist()))
     return seen
 

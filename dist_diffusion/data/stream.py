@@ -156,7 +156,7 @@ def batches_per_epoch(manifest: dict, spec: StreamSpec) -> int:
 
 class ShardStream(torch.utils.data.IterableDataset):
     """Yields dicts {image (B,3,H,W) in [-1,1] | latent (B,c,h,w): ..., label: (B,), key: list,
-    skipped: int, epoch: int} from ``position``, for ``epochs`` epochs (None: forever);
+    corrupt: int (samples dropped from this batch), epoch: int} from ``position``, for ``epochs`` epochs (None: forever);
     use with ``DataLoader(batch_size=None, num_workers=spec.num_workers)``."""
 
     def __init__(self, spec: StreamSpec, position: Position | None = None, manifest: dict | None = None,
@@ -199,7 +199,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 samples = [reader.sample(s, j) for s, j in picks]
                 decoded = [self._decode(x, epoch, s, j) for x, (s, j) in zip(samples, picks)]
                 batch = _collate([d for d in decoded if d is not None], self.field)
-                batch["skipped"] = len(picks) - len(batch["key"])  # corrupt samples, counted by the caller
+                batch["corrupt"] = len(picks) - len(batch["key"])  # dropped, counted by the caller
                 batch["epoch"] = epoch
                 yield batch
         finally:
