@@ -108,8 +108,9 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         argv = ["encode", "--shards", args.shards, "--out", args.out, *args.overrides]
         return spawn_local(argv + (["--config", args.config] if args.config else []), args.nproc)
     from .encode import encode_dataset
+    from .runtime.env import process_env
 
-    result = encode_dataset(cfg, args.shards, args.out)
+    result = encode_dataset(cfg, args.shards, args.out, process_env())  # this rank of spawn_local's, or the only one
     if result:
         shape = "x".join(map(str, result["latent_shape"]))
         print(f"{result['num_samples']} latents {shape} in {len(result['shards'])} shards -> {args.out}")

@@ -19,19 +19,20 @@ from .core.models import build_vae
 from .data import shards, storage
 from .data.stream import decode_image, load_manifest, parse_tar
 from .runtime.distributed import select_device
-from .runtime.env import process_env
+from .runtime.env import ProcessEnv
 
 BATCH = 64
 
 
-def encode_dataset(cfg: Config, src_url: str, out_url: str, wait_timeout: float = 3600.0) -> dict | None:
-    """Encode this rank's shards; rank 0 also writes and returns the manifest."""
+def encode_dataset(cfg: Config, src_url: str, out_url: str, env: ProcessEnv,
+                   wait_timeout: float = 3600.0) -> dict | None:
+    """Encode the shards of rank ``env.rank`` of ``env.world_size``; rank 0 also writes and
+    returns the manifest."""
     if not cfg.vae.pretrained:
         raise ConfigError("encode needs vae.pretrained: a trained VAE directory (diffusers "
                           "format, e.g. an SD-VAE or the export of the VAE recipe)")
     source = load_manifest(src_url)
     storage.check_bucket(out_url)
-    env = process_env()
     where = select_device(cfg.runtime.device, env.local_rank)  # cuda:LOCAL_RANK, not every rank on cuda:0
     vae = build_vae(cfg).eval().to(where)
     mine = [e for i, e in enumerate(source["shards"]) if i % env.world_size == env.rank]
