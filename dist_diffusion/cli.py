@@ -123,7 +123,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.overrides)  # validate once, before any worker starts
     _check_device(cfg)
     from .runtime.env import process_env
-    from .train import preflight
+    from .train_checks import preflight
 
     nproc = args.nproc or cfg.runtime.nproc
     if process_env().world_size == 1:  # a rank of a launched job: build_run checks the same, once
@@ -144,9 +144,11 @@ def _check_device(cfg) -> None:
     """A GPU that was asked for and is missing, or a missing extra: one line here, before
     any rank starts."""
     from .extras import require
-    from .runtime.distributed import check_cuda_usable
 
-    check_cuda_usable(cfg.runtime.device, cfg.launch.gpus_per_worker > 0)
+    if cfg.runtime.device == "cuda" or cfg.launch.gpus_per_worker > 0:  # else nothing to check, and no torch import
+        from .runtime.distributed import check_cuda_usable
+
+        check_cuda_usable(cfg.runtime.device, cfg.launch.gpus_per_worker > 0)
     if cfg.eval.metrics and cfg.eval.features == "inception":
         require("torch_fidelity", "eval", "eval.features=inception")
 

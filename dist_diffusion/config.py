@@ -426,6 +426,13 @@ def latent_downsample(cfg: Config) -> int:
     return 2 ** (len(cfg.vae.block_out_channels) - 1)
 
 
+def unet_input_shape(cfg: Config) -> tuple[int, int, int]:
+    """(C, H, W) the UNet sees: VAE latents, or the images themselves in pixel space."""
+    side = cfg.data.resolution // latent_downsample(cfg)
+    channels = cfg.vae.latent_channels if cfg.vae.enabled else cfg.data.image_channels
+    return channels, side, side
+
+
 def to_yaml(cfg: Config) -> str:
     """The resolved tree as YAML (stored with checkpoints and printed by the CLI)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -8,12 +8,16 @@ A new objective is a subclass here and one entry in :data:`OBJECTIVES` (and the
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .config import Config
-from .core.losses import diffusion_loss, drop_labels
-from .core.models import build_classifier, build_unet, build_vae, null_label
-from .core.vae_loss import vae_loss
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and the networks are imported inside the methods: a launcher asks an objective
+# what data it needs (train_checks) before any rank starts, in a process that never
+# trains and should not pay the 5 s import of torch and diffusers.
 
 
 class Objective:
@@ -37,12 +41,16 @@ class Objective:
 
 
 def _dtype(cfg: Config) -> torch.dtype:
+    import torch
+
     return torch.bfloat16 if cfg.runtime.precision == "bf16" else torch.float32
 
 
 def on_device(gen: torch.Generator, where: torch.device) -> torch.Generator:
     """The step's generator on the compute device (same seed), so bulk draws (t, noise,
     label dropout) are made there with no host-to-device copy; on CPU it is ``gen``."""
+    import torch
+
     if where.type == "cpu":
         return gen
     return torch.Generator(device=where).manual_seed(gen.initial_seed())
@@ -54,12 +62,19 @@ class Diffusion(Objective):
     name, conditions_on_classes, draws_grids, export_kind = "unet", True, True, "UNet2DModel"
 
     def build(self, cfg: Config) -> torch.nn.Module:
+        from .core.models import build_unet
+
         return build_unet(cfg)
 
     def encodes_with_vae(self, cfg: Config, manifest: dict) -> bool:
         return cfg.vae.enabled and manifest["kind"] == "images"
 
     def loss(self, run, x0, labels, gen):
+        import torch
+
+        from .core.losses import diffusion_loss, drop_labels
+        from .core.models import null_label
+
         cfg, n, gen = run.cfg, x0.shape[0], on_device(gen, x0.device)
         t = torch.randint(0, run.schedule.num_timesteps, (n,), generator=gen, device=gen.device)
         noise = torch.randn(x0.shape, generator=gen, device=gen.device)
@@ -81,9 +96,13 @@ class VAE(Objective):
     name, needs_image_shards, export_kind = "vae", True, "AutoencoderKL"
 
     def build(self, cfg: Config) -> torch.nn.Module:
+        from .core.models import build_vae
+
         return build_vae(cfg)
 
     def loss(self, run, x0, labels, gen):
+        from .core.vae_loss import vae_loss
+
         cfg = run.cfg
         return vae_loss(run.engine.module, x0.to(_dtype(cfg)), gen, cfg.vae.kl_weight, cfg.vae.recon_loss), None
 
@@ -94,9 +113,13 @@ class Classifier(Objective):
     name, needs_image_shards, conditions_on_classes, export_kind = "classifier", True, False, "DomainClassifier"
 
     def build(self, cfg: Config) -> torch.nn.Module:
+        from .core.models import build_classifier
+
         return build_classifier(cfg)
 
     def loss(self, run, x0, labels, gen):
+        import torch
+
         logits = run.engine(x0.to(_dtype(run.cfg))).float()
         return torch.nn.functional.cross_entropy(logits, labels, reduction="none"), None
 

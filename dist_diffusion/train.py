@@ -16,18 +16,19 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, to_yaml
+from .config import Config, to_yaml
 from .core.ema import ema_decay
-from .core.models import build_vae, encode_images, unet_input_shape
+from .core.models import build_vae, encode_images
 from .core.schedule import make_schedule
 from .data import storage
-from .data.stream import Position, ShardStream, StreamSpec, load_manifest, unconsumed
+from .data.stream import Position, ShardStream, StreamSpec, unconsumed
 from .objectives import objective
 from .runtime import checkpoint, run_lock
 from .runtime.distributed import any_rank, describe, device, init_process_group, placement
 from .runtime.ema import EngineEMA
 from .runtime.engine import apply_numerics, build_engine, engine_checks_overflow, micro_batch_size
 from .runtime.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionGuard, mark_requeue  # noqa: F401 (Preempted: launchers)
+from .train_checks import check_data
 from .train_grids import TrainingGrids
 from .train_log import TrainLogger
 
@@ -141,50 +142,6 @@ def _record_placement(run_dir: Path, env) -> None:
 def build_trainable(cfg: Config) -> torch.nn.Module:
     """The network this run optimises (train.target's objective builds it)."""
     return objective(cfg).build(cfg).train()
-
-
-def preflight(cfg: Config, check_lock: bool = True) -> None:
-    """What every launcher checks before a rank starts, each failure one line: the run
-    directory can resume with this config and is not in use, and the shards are there and
-    fit the model."""
-    checkpoint.check_resumable(cfg)
-    check_data(cfg)
-    if cfg.train.ckpt_url:  # not found out at the first checkpoint, after the steps before it
-        storage.check_bucket(cfg.train.ckpt_url)
-    if check_lock:
-        run_lock.check_free(Path(cfg.train.run_dir))
-
-
-def check_data(cfg: Config) -> dict:
-    """The manifest of ``data.shards``, once it is known to fit the model."""
-    manifest = load_manifest(cfg.data.shards) if cfg.data.shards else _no_shards()
-    _check_data_matches(cfg, manifest)
-    return manifest
-
-
-def _no_shards():
-    raise ConfigError("data.shards is empty; point it at shards from `dist-diffusion prepare` "
-                      "(images) or `dist-diffusion encode` (latents)")
-
-
-def _check_data_matches(cfg: Config, manifest: dict) -> None:
-    """Shards and model must agree before any step: kind, shape and class count."""
-    if objective(cfg).needs_image_shards and manifest["kind"] != "images":
-        raise ConfigError(f"train.target={cfg.train.target} needs image shards, but {cfg.data.shards} holds "
-                          f"{manifest['kind']}; point data.shards at the output of prepare")
-    if manifest["num_classes"] > cfg.model.num_classes and objective(cfg).conditions_on_classes:
-        raise ConfigError(f"the shards at {cfg.data.shards} have {manifest['num_classes']} classes but "
-                          f"model.num_classes={cfg.model.num_classes}; raise it")
-    if manifest["kind"] == "latents":
-        if not cfg.vae.enabled:
-            raise ConfigError(f"{cfg.data.shards} holds latents but vae.enabled=false; use image shards "
-                              f"for pixel-space training")
-        if list(manifest["latent_shape"]) != list(unet_input_shape(cfg)):
-            raise ConfigError(f"latents in {cfg.data.shards} are {manifest['latent_shape']} but the config "
-                              f"expects {list(unet_input_shape(cfg))}; match vae.* and data.resolution")
-    elif manifest["resolution"] != cfg.data.resolution:
-        raise ConfigError(f"images in {cfg.data.shards} are {manifest['resolution']}px but "
-                          f"data.resolution={cfg.data.resolution}; re-run prepare or change it")
 
 
 def _frozen_vae(cfg: Config):

@@ -8,15 +8,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DModel
 
-from ..config import Config, ConfigError, latent_downsample
+from ..config import Config, ConfigError, unet_input_shape  # noqa: F401 (unet_input_shape re-exported)
 from .losses import Denoiser
-
-
-def unet_input_shape(cfg: Config) -> tuple[int, int, int]:
-    """(C, H, W) the UNet sees: VAE latents, or the images themselves in pixel space."""
-    side = cfg.data.resolution // latent_downsample(cfg)
-    channels = cfg.vae.latent_channels if cfg.vae.enabled else cfg.data.image_channels
-    return channels, side, side
 
 
 def build_unet(cfg: Config) -> UNet2DModel:

@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
+from . import storage
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
@@ -59,6 +61,19 @@ def manifest(kind: str, classes: list[str], shards: list[dict], **extra) -> dict
             "shards": shards, **extra}
 
 
+def load_manifest(url: str) -> dict:
+    """``URL/manifest.json``, or a StorageError naming the command that writes it."""
+    loc = storage.check_bucket(url)
+    man_loc = loc.join(MANIFEST)
+    if not storage.exists(man_loc):
+        raise storage.StorageError(f"{man_loc} not found; run `dist-diffusion prepare` into {url} first")
+    try:
+        return json.loads(storage.read_bytes(man_loc))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise storage.StorageError(f"{man_loc} is not a manifest (not JSON: {err}); rerun `dist-diffusion prepare` "
+                                   f"(or `encode`) into {url}") from None
+
+
 def dumps(obj: dict) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
@@ -66,8 +81,6 @@ def dumps(obj: dict) -> bytes:
 def upload_tar(target, samples: Iterable[tuple[str, dict[str, bytes]]]) -> dict:
     """:func:`write_tar` into a temporary file, then to ``target`` (a storage Location,
     local or S3) in one checked upload; returns {samples, bytes, sha256}."""
-    from . import storage
-
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "shard.tar"
         info = write_tar(local, samples)

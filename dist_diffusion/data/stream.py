@@ -24,7 +24,6 @@ import functools
 import hashlib
 import io
 import itertools
-import json
 import random
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import torch
 from PIL import Image
 
 from . import shards, storage
+from .shards import load_manifest  # noqa: F401 (its home before; callers import it from here)
 
 IMAGE_EXTS = shards.IMAGE_EXTS
 
@@ -107,18 +107,6 @@ def _absolute(intervals: list, start: int, end: int) -> list[list[int]]:
             out.append([a + lo - offset, a + hi - offset])
         offset += b - a
     return out
-
-
-def load_manifest(url: str) -> dict:
-    loc = storage.check_bucket(url)
-    man_loc = loc.join(shards.MANIFEST)
-    if not storage.exists(man_loc):
-        raise storage.StorageError(f"{man_loc} not found; run `dist-diffusion prepare` into {url} first")
-    try:
-        return json.loads(storage.read_bytes(man_loc))
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise storage.StorageError(f"{man_loc} is not a manifest (not JSON: {err}); rerun `dist-diffusion prepare` "
-                                   f"(or `encode`) into {url}") from None
 
 
 def epoch_order(manifest: dict, seed: int, epoch: int) -> list[tuple[int, int]]:

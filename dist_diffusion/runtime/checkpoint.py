@@ -14,13 +14,36 @@ import os
 import shutil
 from pathlib import Path
 
-import torch.distributed as dist
-from safetensors.torch import load_file, save_file
-
 from ..config import ConfigError, fingerprint_changes
-from .distributed import barrier
+
+# torch.distributed, safetensors and the process group are imported by the functions that
+# use them: check_resumable runs in the launcher, before any rank, and stays torch-free.
 
 COMPLETE = "COMPLETE"
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
+def _barrier() -> None:
+    from .distributed import barrier
+
+    barrier()
+
+
+def _save_file(tensors: dict, path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, path)
+
+
+def _load_file(path: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path)
 
 
 def ema_file(rank: int) -> str:
@@ -33,20 +56,20 @@ def tag_for(step: int) -> str:
 
 
 def save(engine, ema, root: Path, step: int, state: dict, keep_last: int, meta: dict) -> Path:
-    rank = dist.get_rank()
+    rank = _rank()
     tag = tag_for(step)
     # universal_checkpoint_info: lets ds_to_universal reshard this checkpoint for another world size
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "universal_checkpoint_info": {}},
                            save_latest=False)
     folder = root / tag
-    save_file(ema.state_dict(), str(folder / ema_file(rank)))
+    _save_file(ema.state_dict(), str(folder / ema_file(rank)))
     (folder / f"state_rank{rank:03d}.json").write_text(json.dumps(state))
-    barrier()  # every shard of every rank is on disk
+    _barrier()  # every shard of every rank is on disk
     if rank == 0:
         (folder / COMPLETE).write_text(json.dumps({"step": step, **meta}, indent=2))
         _atomic_write(root / "latest", tag)
         _prune(root, keep_last)
-    barrier()
+    _barrier()
     return folder
 
 
@@ -82,14 +105,14 @@ def load(engine, ema, root: Path, tag: str, world_size: int) -> list[dict]:
     """Restore engine (weights, optimizer, LR schedule) and EMA; returns the per-rank states
     the checkpoint holds: this rank's alone, or, when the world size changed (elastic
     resume through DeepSpeed's universal checkpoint), every old rank's."""
-    rank, old_world = dist.get_rank(), saved_world_size(root, tag)
+    rank, old_world = _rank(), saved_world_size(root, tag)
     if old_world == world_size:
         engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-        ema.load_state_dict(load_file(str(root / tag / ema_file(rank))))
+        ema.load_state_dict(_load_file(str(root / tag / ema_file(rank))))
         return [json.loads((root / tag / f"state_rank{rank:03d}.json").read_text())]
     universal = _to_universal(root, tag)
     engine.load_checkpoint(str(root), tag=universal, load_optimizer_states=True, load_lr_scheduler_states=True)
-    old = [load_file(str(root / tag / ema_file(r))) for r in range(old_world)]
+    old = [_load_file(str(root / tag / ema_file(r))) for r in range(old_world)]
     ema.load_resharded(old, rank, world_size)
     return [json.loads((root / tag / f"state_rank{r:03d}.json").read_text()) for r in range(old_world)]
 
@@ -99,10 +122,10 @@ def _to_universal(root: Path, tag: str) -> str:
     machine that cannot see its result (a run directory on node-local disk) converts its
     own copy. Two machines converting into one shared directory at once broke the files."""
     universal = f"{tag}_universal"
-    for converts in (dist.get_rank() == 0, int(os.environ.get("LOCAL_RANK", 0)) == 0):
+    for converts in (_rank() == 0, int(os.environ.get("LOCAL_RANK", 0)) == 0):
         if converts and not (root / universal / "zero").is_dir():
             _convert(root, tag, universal)
-        barrier()
+        _barrier()
     return universal
 
 
@@ -133,10 +156,10 @@ def upload(root: Path, tag: str, url: str, rank: int, world_size: int) -> None:
     files = sorted(p.name for p in folder.iterdir() if p.name != COMPLETE)
     for name in files[rank::world_size]:
         storage.put_file(folder / name, dest.join(name))
-    barrier()
+    _barrier()
     if rank == 0:
         storage.put_file(folder / COMPLETE, dest.join(COMPLETE))
-    barrier()
+    _barrier()
 
 
 def download_latest(url: str, root: Path, local_rank: int) -> str | None:
@@ -149,7 +172,7 @@ def download_latest(url: str, root: Path, local_rank: int) -> str | None:
         names = [n for n in storage.list_names(prefix.join(tags[-1]))]
         for name in sorted(names, key=lambda n: n == COMPLETE):  # the marker last
             storage.get_file(prefix.join(tags[-1]).join(name), root / tags[-1] / name)  # GBs: streamed
-    barrier()
+    _barrier()
     return tags[-1] if tags else None
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import IO
 
 from ..config import ConfigError
-from .distributed import any_rank
 
 LOCK_NAME = ".lock"
 _held: list[IO] = []  # open lock files of this process: closing one would release it
@@ -26,6 +25,8 @@ _held: list[IO] = []  # open lock files of this process: closing one would relea
 def hold(run_dir: Path, is_main: bool) -> None:
     """Rank 0 takes the run directory's lock; every rank stops with one line if it is held."""
     refusal = None if not is_main else _take(run_dir)
+    from .distributed import any_rank  # torch: only where ranks take the lock, not in check_free
+
     if any_rank(refusal is not None):
         raise ConfigError(refusal or f"train.run_dir={run_dir} is in use by another trainer (see rank 0's log)")
 
