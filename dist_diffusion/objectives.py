@@ -8,6 +8,7 @@ A new objective is a subclass here and one entry in :data:`OBJECTIVES` (and the
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 from .config import Config
@@ -20,24 +21,25 @@ if TYPE_CHECKING:
 # trains and should not pay the 5 s import of torch and diffusers.
 
 
-class Objective:
+class Objective(ABC):
     name = ""
     needs_image_shards = False  # trains on pixels, so latent shards cannot serve it
     conditions_on_classes = False  # the shards' classes must fit model.num_classes
     draws_grids = False  # train.sample_every writes sample grids
     export_kind = ""  # the diffusers class of its export
 
+    @abstractmethod
     def build(self, cfg: Config) -> torch.nn.Module:
-        raise NotImplementedError
+        """The network, freshly initialised."""
 
     def encodes_with_vae(self, cfg: Config, manifest: dict) -> bool:
         """Whether image shards go through the frozen VAE before the loss."""
         return False
 
+    @abstractmethod
     def loss(self, run, x0: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
         """(per-sample loss, timesteps or None) of one micro-batch; ``run`` has engine, cfg
         and schedule; ``gen`` is the micro-step's CPU generator."""
-        raise NotImplementedError
 
 
 def _dtype(cfg: Config) -> torch.dtype:
