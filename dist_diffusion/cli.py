@@ -284,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--raw", action="store_true", help="the trained weights instead of the EMA")
     p.set_defaults(func=_cmd_export)
+    _add_sampling_parsers(sub)
+    return parser
+
+
+def _add_sampling_parsers(sub) -> None:
     for name, text in (("sample", "distributed DDIM/DDPM/DPM-Solver + CFG sampling into shards and a grid"),
                        ("eval", "sample and score: FID / IS / class accuracy, report, CFG and step sweeps")):
         p = sub.add_parser(name, help=text)
@@ -293,7 +298,6 @@ def build_parser() -> argparse.ArgumentParser:
                        "also compute the metrics (as eval does)")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sample.num_samples=1000")
         p.set_defaults(func=_cmd_sample)
-    return parser
 
 
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
