@@ -151,8 +151,8 @@ def framework(root: Path, micro_batch: int, shards_url: str) -> dict:
 
     def step():
         m = train_step(run, batches)
-        run.step += 1
-        run.ema.update(ema_decay(run.step, 0.9999))
+        run.state.step += 1
+        run.ema.update(ema_decay(run.state.step, 0.9999))
         waited.append(m.get("data_wait_s", 0.0))
     torch.cuda.reset_peak_memory_stats() if where().type == "cuda" else None
     seconds = timed(step)
@@ -177,7 +177,7 @@ def components(run, batches, root: Path) -> dict:
     sync()
     return {"ema_update_ms": 1e3 * ema_s, "host_syncs_per_step": syncs,
             "checkpoint_save_s": time.perf_counter() - start,
-            "checkpoint_files": len(list((root / f"run-mb16/checkpoints/{checkpoint.tag_for(run.step)}").iterdir()))}
+            "checkpoint_files": len(list((root / f"run-mb16/checkpoints/{checkpoint.tag_for(run.state.step)}").iterdir()))}
 
 
 def count_syncs(step) -> int | None:

@@ -58,8 +58,8 @@ def framework_loop(run, batches) -> float:
     start = time.perf_counter()
     for _ in range(STEPS):
         train_step(run, batches)
-        run.step += 1
-        run.ema.update(ema_decay(run.step, 0.9999))
+        run.state.step += 1
+        run.ema.update(ema_decay(run.state.step, 0.9999))
     return (time.perf_counter() - start) / STEPS
 
 

@@ -123,7 +123,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.overrides)  # validate once, before any worker starts
     _check_device(cfg)
     from .runtime.env import process_env
-    from .train_checks import preflight
+    from .train.checks import preflight
 
     nproc = args.nproc or cfg.runtime.nproc
     if process_env().world_size == 1:  # a rank of a launched job: build_run checks the same, once

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from .config import Config, ConfigError, load_config
 from .core.schedule import DEFAULT_BETAS
 from .runtime.checkpoint import COMPLETE, consolidated_fp32_state, ema_file, latest_complete
-from .objectives import objective
+from .train.objectives import objective
 from .runtime.ema import join_partitions
 
 

@@ -153,7 +153,7 @@ def make_trainer(cfg: Config):
 
 def main(argv: list[str] | None = None) -> int:
     from dist_diffusion.errors import expected, one_line
-    from dist_diffusion.train_checks import preflight
+    from dist_diffusion.train.checks import preflight
 
     cfg = config_from_argv(argv, __doc__, "launchers/ray_train.py")
     try:

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local", action="store_true", help="submitit's local executor instead of SLURM")
     args = parser.parse_args(argv)
     from dist_diffusion.errors import expected, one_line
-    from dist_diffusion.train_checks import preflight
+    from dist_diffusion.train.checks import preflight
 
     try:
         cfg = load_config(args.config, args.overrides)

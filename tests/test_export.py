@@ -12,7 +12,7 @@ from dist_diffusion.config import load_config
 from dist_diffusion.core.models import build_unet, null_label, unet_input_shape
 from dist_diffusion.core.samplers import make_timesteps, per_sample_randn, sample_generators
 from dist_diffusion.export import write_export
-from dist_diffusion.generate import generate
+from dist_diffusion.core.generate import generate
 
 PIXELS = ["vae.enabled=false", "data.resolution=16", "model.num_classes=4", "sample.steps=10"]
 

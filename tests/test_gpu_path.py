@@ -133,7 +133,7 @@ def test_cpu_device_with_gpus_per_worker_is_a_config_error():
 
 def test_sample_grid_leaves_the_training_vae_where_it_is(tmp_path, monkeypatch):
     from dist_diffusion.core.models import build_unet, build_vae
-    from dist_diffusion.generate import ema_grid
+    from dist_diffusion.train.grids import ema_grid
 
     cfg = load_config(ROOT / "configs/tiny.yaml", ["model.num_classes=2", "data.resolution=16", "sample.steps=2"])
     vae = build_vae(cfg).eval().to(torch.bfloat16)  # e.g. the on-the-fly encoder in bf16 on cuda:0
@@ -185,7 +185,7 @@ cfg = load_config("configs/tiny.yaml", ["vae.enabled=false", "data.resolution=16
 prepare(root / "src", str(root / "shards"), cfg.data, progress=False)
 run = build_run(cfg)
 batches = stream_batches(run)
-train_step(run, batches); run.step += 1  # warm-up
+train_step(run, batches); run.state.step += 1  # warm-up
 calls = []
 def counting(name, original):
     def wrapper(self, *a, **k):
@@ -197,8 +197,8 @@ def counting(name, original):
 for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
     setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
 for _ in range(4):  # more than one epoch (40 samples, batch 8): the epoch turn too
-    m = train_step(run, batches); run.step += 1
-    run.ema.update(0.99); run.logger.step(run.step, m)
+    m = train_step(run, batches); run.state.step += 1
+    run.ema.update(0.99); run.logger.step(run.state.step, m)
 print(json.dumps(calls))
 """
 

@@ -46,7 +46,7 @@ def test_data_never_imports_the_runtime():
 
 
 def test_only_the_objective_registry_names_train_targets():
-    """No `train.target == ...` switch outside dist_diffusion/objectives.py: a new objective
+    """No `train.target == ...` switch outside dist_diffusion/train/objectives.py: a new objective
     is one class there, not an edit in the loop, the logger, export and the CLI."""
     offenders = []
     for path in (ROOT / "dist_diffusion").rglob("*.py"):
@@ -58,6 +58,24 @@ def test_only_the_objective_registry_names_train_targets():
                     for side in (node.left, *node.comparators)):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []
+
+
+def test_what_a_launcher_imports_before_any_rank_is_torch_free():
+    """The preflight and the preemption protocol are imported by the launchers' parent
+    process, which never trains: torch (seconds per import) stays out of it."""
+    probe = ("import sys, dist_diffusion.train.checks, dist_diffusion.train as t; t.Preempted, t.REQUEUE_EXIT_CODE; "
+             "print(sorted(m for m in ('torch', 'diffusers', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_training_package_names_resolve():
+    from dist_diffusion import train
+
+    assert callable(train.train) and callable(train.train_step) and issubclass(train.TrainingStopped, RuntimeError)
+    with pytest.raises(AttributeError):
+        train.no_such_name
 
 
 def run_cli(*args):

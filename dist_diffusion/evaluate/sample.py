@@ -28,7 +28,7 @@ from ..config import Config, ConfigError, derive, parse_sampler_entry
 from ..data import storage
 from ..logs import get_logger
 from ..data.shards import upload_tar
-from ..generate import decode_on_its_device, generate
+from ..core.generate import decode_on_its_device, generate
 from ..imaging import save_grid, to_uint8
 from ..runtime.distributed import all_reduce_sum, barrier, describe, device, init_process_group
 from .adm_npz import write_adm_npz

@@ -15,8 +15,6 @@ import signal
 import time
 from pathlib import Path
 
-from .distributed import barrier
-
 REQUEUE_EXIT_CODE = 124  # launchers treat it as "preempted, checkpoint saved: run me again"
 REQUEUE_MARKER = "REQUEUE"  # the same news as a file in the run directory
 
@@ -45,6 +43,8 @@ class PreemptionGuard:
 def mark_requeue(run_dir: Path, step: int, is_main: bool) -> None:
     """RUN/REQUEUE names the SLURM job that should run again (written by rank 0); no rank
     exits (and gets the others killed by srun) before the marker exists."""
+    from .distributed import barrier  # here: launchers import Preempted without torch
+
     if is_main:
         marker = {"step": step, "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
         (Path(run_dir) / REQUEUE_MARKER).write_text(json.dumps(marker) + "\n")

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Config, ConfigError, unet_input_shape
-from .data import storage
-from .data.shards import load_manifest
+from ..config import Config, ConfigError, unet_input_shape
+from ..data import storage
+from ..data.shards import load_manifest
 from .objectives import objective
-from .runtime import checkpoint, run_lock
+from ..runtime import checkpoint, run_lock
 
 
 def preflight(cfg: Config, check_lock: bool = True) -> None:

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Config
-from .core.models import build_vae
-from .generate import ema_grid
-from .runtime.distributed import device
+import torch
+
+from ..config import Config
+from ..core.generate import decode_on_its_device, generate
+from ..core.models import build_unet, build_vae
+from ..imaging import save_grid
+from ..runtime.distributed import device
 
 
 class TrainingGrids:
@@ -31,3 +34,22 @@ class TrainingGrids:
         if self._vae is None and self.cfg.vae.enabled and self.cfg.vae.pretrained:
             self._vae = build_vae(self.cfg).to(device()).eval()
         return self._vae
+
+
+def class_rows(num_classes: int, per_class: int) -> torch.Tensor:
+    """Labels 0,0,..,1,1,.. (per_class each): one grid row per class."""
+    return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+@torch.no_grad()
+def ema_grid(cfg: Config, ema_state: dict, vae, path: Path, where: torch.device, per_class: int = 8) -> Path:
+    """A grid of EMA samples on ``where``, one row per class (at most 10 classes), decoded
+    by the VAE."""
+    unet = build_unet(cfg)
+    unet.load_state_dict(ema_state)
+    unet.to(where).eval()
+    labels = class_rows(cfg.model.num_classes, per_class)[: per_class * 10]
+    x = generate(cfg, unet, labels, range(len(labels)))
+    if cfg.vae.enabled and vae is not None:
+        x = decode_on_its_device(vae, x)
+    return save_grid(x[:, :3], path, nrow=per_class, scale=2)

@@ -11,13 +11,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
-from .config import Config
+from ..config import Config
 
 if TYPE_CHECKING:
     import torch
 
 # torch and the networks are imported inside the methods: a launcher asks an objective
-# what data it needs (train_checks) before any rank starts, in a process that never
+# what data it needs (train.checks) before any rank starts, in a process that never
 # trains and should not pay the 5 s import of torch and diffusers.
 
 
@@ -64,7 +64,7 @@ class Diffusion(Objective):
     name, conditions_on_classes, draws_grids, export_kind = "unet", True, True, "UNet2DModel"
 
     def build(self, cfg: Config) -> torch.nn.Module:
-        from .core.models import build_unet
+        from ..core.models import build_unet
 
         return build_unet(cfg)
 
@@ -74,8 +74,8 @@ class Diffusion(Objective):
     def loss(self, run, x0, labels, gen):
         import torch
 
-        from .core.losses import diffusion_loss, drop_labels
-        from .core.models import null_label
+        from ..core.losses import diffusion_loss, drop_labels
+        from ..core.models import null_label
 
         cfg, n, gen = run.cfg, x0.shape[0], on_device(gen, x0.device)
         t = torch.randint(0, run.schedule.num_timesteps, (n,), generator=gen, device=gen.device)
@@ -98,12 +98,12 @@ class VAE(Objective):
     name, needs_image_shards, export_kind = "vae", True, "AutoencoderKL"
 
     def build(self, cfg: Config) -> torch.nn.Module:
-        from .core.models import build_vae
+        from ..core.models import build_vae
 
         return build_vae(cfg)
 
     def loss(self, run, x0, labels, gen):
-        from .core.vae_loss import vae_loss
+        from ..core.vae_loss import vae_loss
 
         cfg = run.cfg
         return vae_loss(run.engine.module, x0.to(_dtype(cfg)), gen, cfg.vae.kl_weight, cfg.vae.recon_loss), None
@@ -115,7 +115,7 @@ class Classifier(Objective):
     name, needs_image_shards, conditions_on_classes, export_kind = "classifier", True, False, "DomainClassifier"
 
     def build(self, cfg: Config) -> torch.nn.Module:
-        from .core.models import build_classifier
+        from ..core.models import build_classifier
 
         return build_classifier(cfg)
 

@@ -16,21 +16,22 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import Config, to_yaml
-from .core.ema import ema_decay
-from .core.models import build_vae, encode_images
-from .core.schedule import make_schedule
-from .data import storage
-from .data.stream import Position, ShardStream, StreamSpec, unconsumed
+from ..config import Config, to_yaml
+from ..core.ema import ema_decay
+from ..core.models import build_vae, encode_images
+from ..core.schedule import make_schedule
+from ..data import storage
+from ..data.stream import Position, ShardStream, StreamSpec
+from ..runtime import checkpoint, run_lock
+from ..runtime.distributed import any_rank, describe, device, init_process_group, placement
+from ..runtime.ema import EngineEMA
+from ..runtime.engine import apply_numerics, build_engine, engine_checks_overflow, micro_batch_size
+from ..runtime.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionGuard, mark_requeue
+from .checks import check_data
+from .grids import TrainingGrids
+from .log import TrainLogger
 from .objectives import objective
-from .runtime import checkpoint, run_lock
-from .runtime.distributed import any_rank, describe, device, init_process_group, placement
-from .runtime.ema import EngineEMA
-from .runtime.engine import apply_numerics, build_engine, engine_checks_overflow, micro_batch_size
-from .runtime.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionGuard, mark_requeue  # noqa: F401 (Preempted: launchers)
-from .train_checks import check_data
-from .train_grids import TrainingGrids
-from .train_log import TrainLogger
+from .state import TrainState, find_resume_tag
 
 class TrainingStopped(RuntimeError):
     """The run stopped cleanly for a reason a person must look at (e.g. a NaN loss)."""
@@ -50,9 +51,7 @@ class Run:
     manifest: dict
     logger: TrainLogger
     grids: TrainingGrids
-    step: int = 0
-    position: Position = field(default_factory=Position)
-    skipped_steps: int = 0
+    state: TrainState = field(default_factory=TrainState)
     resume_tag: str | None = None
     elastic: bool = False  # the resume checkpoint was written by another number of processes
     on_checkpoint: Callable[[int, Path], None] | None = None
@@ -66,7 +65,7 @@ def train(cfg: Config, on_checkpoint: Callable[[int, Path], None] | None = None)
     run = build_run(cfg)
     run.on_checkpoint = on_checkpoint
     restore(run)
-    run.logger.start(run.step)
+    run.logger.start(run.state.step)
     guard = PreemptionGuard(cfg.train.preempt_signals, cfg.train.wall_time_limit_s)
     batches = stream_batches(run)
     try:
@@ -74,32 +73,31 @@ def train(cfg: Config, on_checkpoint: Callable[[int, Path], None] | None = None)
     finally:
         batches.close()  # the loader's workers and downloads end here, not at interpreter exit
     run.logger.close()
-    return {"step": run.step, "skipped_steps": run.skipped_steps, "run_dir": cfg.train.run_dir}
+    return {"step": run.state.step, "skipped_steps": run.state.skipped_steps, "run_dir": cfg.train.run_dir}
 
 
 def _loop(run: Run, batches, guard: PreemptionGuard) -> None:
     """Steps until max_steps; raises Preempted after saving when a signal or the time limit came."""
-    cfg = run.cfg
-    while run.step < cfg.train.max_steps:
+    t, state = run.cfg.train, run.state
+    while state.step < t.max_steps:
         metrics = train_step(run, batches)
-        run.step += 1
-        run.ema.update(ema_decay(run.step - 1, cfg.train.ema_decay, cfg.train.ema_half_life_steps,
-                                 cfg.train.ema_warmup))
-        run.logger.step(run.step, metrics)
-        saved = run.step % cfg.train.ckpt_every == 0 or run.step == cfg.train.max_steps
+        state.step += 1
+        run.ema.update(ema_decay(state.step - 1, t.ema_decay, t.ema_half_life_steps, t.ema_warmup))
+        run.logger.step(state.step, metrics)
+        saved = state.step % t.ckpt_every == 0 or state.step == t.max_steps
         if saved:
             save(run)
-        if cfg.train.sample_every and run.step % cfg.train.sample_every == 0 and objective(cfg).draws_grids:
-            grid = run.grids.draw(run.step, run.ema)
+        if t.sample_every and state.step % t.sample_every == 0 and objective(run.cfg).draws_grids:
+            grid = run.grids.draw(state.step, run.ema)
             if grid:
                 run.logger.info(f"EMA samples -> {grid}")
         # a collective: every N steps (and beside a save), not every step, so GPUs never idle on it
-        check = saved or run.step % cfg.train.preempt_check_every == 0
+        check = saved or state.step % t.preempt_check_every == 0
         if check and any_rank(guard.should_stop()):
-            if run.step % cfg.train.ckpt_every and run.step != cfg.train.max_steps:
+            if not saved:
                 save(run)
-            mark_requeue(Path(cfg.train.run_dir), run.step, run.env.is_main)
-            run.logger.info(f"preempted at step {run.step}: checkpoint saved, exiting {REQUEUE_EXIT_CODE}")
+            mark_requeue(Path(t.run_dir), state.step, run.env.is_main)
+            run.logger.info(f"preempted at step {state.step}: checkpoint saved, exiting {REQUEUE_EXIT_CODE}")
             run.logger.close()
             raise Preempted()
 
@@ -112,7 +110,7 @@ def build_run(cfg: Config) -> Run:
     run_dir = Path(cfg.train.run_dir)
     run_lock.hold(run_dir, env.is_main)  # before anything in the run directory changes
     manifest = check_data(cfg)
-    resume = find_resume_tag(cfg, env)
+    resume = find_resume_tag(cfg.train.run_dir, cfg.train.ckpt_url, env.local_rank)
     elastic = resume is not None and checkpoint.saved_world_size(run_dir / "checkpoints", resume) != env.world_size
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     trainable = apply_numerics(cfg, build_trainable(cfg).to(device()), device())
@@ -151,16 +149,17 @@ def _frozen_vae(cfg: Config):
 
 def stream_batches(run: Run):
     """Micro-batches forever from one DataLoader whose workers walk epoch after epoch (they
-    stay alive and keep prefetching across epoch ends). ``run.position`` counts what the
+    stay alive and keep prefetching across epoch ends). ``run.state.position`` counts what the
     loop consumed (not what the workers prefetched), so a checkpoint taken between steps
     resumes exactly."""
-    start = Position(run.position.epoch, run.position.batches, run.position.remaining)
+    state = run.state
+    start = Position(state.position.epoch, state.position.batches, state.position.remaining)
     loader = torch.utils.data.DataLoader(ShardStream(run.spec, start, run.manifest, epochs=None), batch_size=None,
                                          num_workers=run.spec.num_workers, pin_memory=device().type == "cuda")
     for batch in loader:
-        if batch["epoch"] != run.position.epoch:
-            run.position = Position(batch["epoch"], 0)
-        run.position.batches += 1
+        if batch["epoch"] != state.position.epoch:
+            state.position = Position(batch["epoch"], 0)
+        state.position.batches += 1
         yield batch
 
 
@@ -179,7 +178,7 @@ def train_step(run: Run, batches) -> dict:
         empty = not batch["key"]  # every sample of this micro-batch was corrupt
         if empty:
             batch = _stand_in(run)
-        gen = _step_generator(cfg.train.seed, run.step, micro, run.env.rank)
+        gen = _step_generator(cfg.train.seed, run.state.step, micro, run.env.rank)
         per_sample, t = _micro_loss(run, batch, gen)
         loss = per_sample.mean() * (0.0 if empty else 1.0)
         if not engine_checks_overflow(cfg) and any_rank(not torch.isfinite(loss).item()):
@@ -248,74 +247,32 @@ def _memory_format(run: Run, x: torch.Tensor) -> torch.Tensor:
 def _nonfinite(run: Run, loss: torch.Tensor) -> dict:
     """A step whose loss or gradients were not finite was not applied: count it or stop."""
     if run.cfg.train.nan_policy == "skip":
-        run.skipped_steps += 1
-        run.logger.info(f"non-finite loss or gradients at step {run.step + 1}: step skipped "
-                        f"({run.skipped_steps} so far)")
+        run.state.skipped_steps += 1
+        run.logger.info(f"non-finite loss or gradients at step {run.state.step + 1}: step skipped "
+                        f"({run.state.skipped_steps} so far)")
         return {"nonfinite_skipped": True}
-    raise TrainingStopped(f"loss became {loss.item()} (or its gradients non-finite) at step {run.step + 1}; "
+    raise TrainingStopped(f"loss became {loss.item()} (or its gradients non-finite) at step {run.state.step + 1}; "
                           f"the last complete checkpoint is kept. Lower train.lr, check the data, or set "
                           f"train.nan_policy=skip")
 
 
 def save(run: Run) -> None:
-    stream = {k: getattr(run.spec, k) for k in ("batch_size", "world_size", "num_workers", "seed")}
-    state = {"step": run.step, "position": run.position.state_dict(), "skipped_steps": run.skipped_steps,
-             "stream": stream}
     meta = {"world_size": run.env.world_size, "zero_stage": run.cfg.runtime.zero_stage}
     root = Path(run.cfg.train.run_dir) / "checkpoints"
-    folder = checkpoint.save(run.engine, run.ema, root, run.step, state, run.cfg.train.keep_last, meta)
+    folder = run.state.save(run.engine, run.ema, root, run.spec, run.cfg.train.keep_last, meta)
     run.logger.info(f"checkpoint {folder} complete")
     if run.cfg.train.ckpt_url:
         checkpoint.upload(root, folder.name, run.cfg.train.ckpt_url, run.env.rank, run.env.world_size)
         run.logger.info(f"checkpoint uploaded to {run.cfg.train.ckpt_url}/{folder.name}")
     if run.on_checkpoint is not None:
-        run.on_checkpoint(run.step, folder)
-
-
-def find_resume_tag(cfg: Config, env) -> str | None:
-    """The newest complete checkpoint of the run directory, else of ``train.ckpt_url``.
-
-    Whether to download is decided by all ranks together: download_latest ends in a
-    barrier, and a rank that looked after local rank 0 had finished downloading would
-    otherwise skip it and leave the others waiting there (seen as a hang under load)."""
-    root = Path(cfg.train.run_dir) / "checkpoints"
-    tag = checkpoint.latest_complete(root)
-    if cfg.train.ckpt_url and any_rank(tag is None):
-        tag = checkpoint.download_latest(cfg.train.ckpt_url, root, env.local_rank)
-    return tag
+        run.on_checkpoint(run.state.step, folder)
 
 
 def restore(run: Run) -> None:
     if run.resume_tag is None:
         return
     root = Path(run.cfg.train.run_dir) / "checkpoints"
-    states = checkpoint.load(run.engine, run.ema, root, run.resume_tag, run.env.world_size)
-    run.step, run.skipped_steps = states[0]["step"], states[0]["skipped_steps"]
-    run.position = _merge_positions(run, states) if run.elastic else Position(**states[0]["position"])
-    how = f" (written by {len(states)} processes, now {run.env.world_size})" if run.elastic else ""
-    run.logger.info(f"resumed from {root / run.resume_tag} at step {run.step}{how}")
-
-
-def _merge_positions(run: Run, states: list[dict]) -> Position:
-    """After a world-size change: this epoch continues over what every old rank had left,
-    in rank order, split afresh over the new ranks; later epochs are whole again."""
-    left = []
-    for rank, state in enumerate(states):
-        old = StreamSpec(**{**state["stream"], "url": run.spec.url, "rank": rank})
-        left += unconsumed(run.manifest, old, Position(**state["position"]))
-    return Position(epoch=states[0]["position"]["epoch"], batches=0, remaining=left)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry for torchrun / srun: one process of the job; errors are the CLI's one-line
-    errors and exit codes."""
-    from .cli import main as cli_main, recipe_arguments
-
-    config, overrides = recipe_arguments(
-        "python -m dist_diffusion.train", "One training rank, as torchrun or srun start it (the rank, world and "
-        "rendezvous come from their environment). For a local run: dist-diffusion train --nproc N.", argv)
-    return cli_main(["train", "--config", config, "--nproc", "1", *overrides])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    run.state, writers = TrainState.restore(run.engine, run.ema, root, run.resume_tag, run.spec, run.manifest,
+                                            run.elastic)
+    how = f" (written by {writers} processes, now {run.env.world_size})" if run.elastic else ""
+    run.logger.info(f"resumed from {root / run.resume_tag} at step {run.state.step}{how}")

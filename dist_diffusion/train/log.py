@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import Config
-from .logs import get_logger
+from ..config import Config
+from ..logs import get_logger
 
 LOG = get_logger("train")
 
@@ -61,7 +61,7 @@ class TrainLogger:
 
     def _emit(self, step: int, m: dict) -> None:
         """The one place a step's device-side metrics are copied to the host."""
-        from .runtime.distributed import mean_over_ranks
+        from ..runtime.distributed import mean_over_ranks
 
         per_sample, t = m["per_sample"].cpu(), m["t"].cpu()
         sums = mean_over_ranks(_loss_sums(per_sample, t, self.cfg.diffusion.num_train_timesteps))

@@ -3,17 +3,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .config import Config
-from .core.guidance import Guidance
-from .core.models import as_denoiser, build_unet, decode_latents, null_label, unet_input_shape
-from .core.samplers import per_sample_randn, run_sampler, sample_generators
-from .core.schedule import make_schedule
-from .imaging import save_grid
+from ..config import Config
+from .guidance import Guidance
+from .models import as_denoiser, decode_latents, null_label, unet_input_shape
+from .samplers import per_sample_randn, run_sampler, sample_generators
+from .schedule import make_schedule
 
 
 @torch.no_grad()
@@ -75,22 +73,3 @@ def decode_on_its_device(vae, latents: torch.Tensor, rows: int = 0) -> torch.Ten
     dtype = next(vae.parameters()).dtype
     decode = in_row_blocks(lambda z: decode_latents(vae, z), rows)
     return decode(latents.to(_device_of(vae), dtype)).float()
-
-
-def class_rows(cfg: Config, per_class: int) -> torch.Tensor:
-    """Labels 0,0,..,1,1,.. (per_class each): one grid row per class."""
-    return torch.arange(cfg.model.num_classes).repeat_interleave(per_class)
-
-
-@torch.no_grad()
-def ema_grid(cfg: Config, ema_state: dict, vae, path: Path, device: torch.device, per_class: int = 8) -> Path:
-    """A grid of EMA samples on ``device``, one row per class (at most 10 classes), decoded
-    by the VAE."""
-    unet = build_unet(cfg)
-    unet.load_state_dict(ema_state)
-    unet.to(device).eval()
-    labels = class_rows(cfg, per_class)[: per_class * 10]
-    x = generate(cfg, unet, labels, range(len(labels)))
-    if cfg.vae.enabled and vae is not None:
-        x = decode_on_its_device(vae, x)
-    return save_grid(x[:, :3], path, nrow=per_class, scale=2)
