@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     runs = demo.DemoRuns(out, argparse.Namespace(overrides=[*args.overrides, f"train.max_steps={args.unet_steps}"],
                                                  vae_steps=args.vae_steps, classifier_steps=args.classifier_steps,
-                                                 eval_samples=args.samples, nproc=args.nproc))
+                                                 eval_samples=args.samples, nproc=args.nproc, dataset="digits"))
     cfg = load_config("configs/tiny.yaml", runs.unet)  # every recipe validated before anything starts
     for model in SCHEDULE:
         load_config("configs/tiny.yaml", [*runs.unet, *model_overrides(model, None)])
@@ -113,7 +113,7 @@ def run_rows(cfg, runs: "demo.DemoRuns", out: Path, stages: dict) -> list[dict]:
     data = demo.prepare_judge_and_latents(cfg, runs, out, stages)
     exports = {model: demo.train_unet(model, [*runs.unet, *model_overrides(model, data)], out, stages, runs.nproc)
                for model in SCHEDULE}
-    judged = [*runs.unet, *runs.eval, f"eval.classifier={data.classifier}", f"eval.reference={data.images_url}"]
+    judged = [*runs.unet, *runs.eval, f"eval.classifier={data.classifier}", f"eval.reference={data.reference_url}"]
     results = {}
     for (model, scale), group in groupby(sorted(ROWS, key=lambda r: r.job), key=lambda r: r.job):
         samplers = ",".join(f"{r.sampler}:{r.steps}" for r in group)

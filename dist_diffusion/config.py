@@ -84,8 +84,11 @@ class VAEConfig(_Section):
                                                  "the first halves the resolution")
     layers_per_block: int = _f(1, "ResNet blocks per level", ge=1)
     norm_num_groups: int = _f(8, "GroupNorm groups", ge=1)
-    scaling_factor: float = _f(1.0, "latents are multiplied by this so they have about unit "
-                                    "variance (SD-VAE: 0.18215)", gt=0.0)
+    scaling_factor: float = _f(1.0, "a fresh VAE's latent scale; a trained VAE's export measures its own "
+                                    "per-channel statistics (see calibration_images), a pretrained one keeps "
+                                    "its config's (SD-VAE: 0.18215)", gt=0.0)
+    calibration_images: int = _f(1024, "VAE export: training images its latent mean/std per channel are "
+                                       "measured on, so diffusion latents have unit variance", ge=1)
     sample_posterior: bool = _f(True, "encode by sampling the posterior (false: its mean)")
     kl_weight: float = _f(1e-6, "VAE training: weight of KL(q(z|x) || N(0, I)) (summed over the "
                                 "latent) against the per-pixel reconstruction loss", ge=0.0)
@@ -122,6 +125,9 @@ class DataConfig(_Section):
     prepare_workers: int = _f(2, "processes prepare uses to decode, resize and encode", ge=1)
     shuffle_seed: int = _f(0, "seed of the file order prepare writes (mixes classes in shards)")
     labels_file: str = _f("", "optional file of '<folder> <class name>' lines (ImageNet synsets)")
+    holdout_fraction: float = _f(0.0, "prepare: this share of the images (chosen by a seeded hash of each "
+                                      "file's path, so the split is stable) goes to OUT/holdout instead: the "
+                                      "held-out images FID references and the judges are scored on", ge=0.0, lt=1.0)
     label_key: str = _f("", "index: read each label from this field of the sample's .json "
                             "instead of its .cls (e.g. img2dataset metadata)")
     hflip: bool = _f(True, "random horizontal flip while streaming (off for digits and text)")

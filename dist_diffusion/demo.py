@@ -1,13 +1,17 @@
 """`make demo`: the product end to end on the embedded stack, on CPU.
 
-Real handwritten digits (scikit-learn's 1,797 8x8 scans) are written as a class-folder
-tree of 32x32 RGB PNGs (the ImageNet-100 layout) and prepared into WebDataset shards in
-the embedded S3 (SeaweedFS on loopback). Then, each as a user would run it: the small
-VAE trains (`configs/vae_tiny.yaml`, 2 DeepSpeed processes), is exported and encodes the
-shards into 8x8x4 latent shards (2 processes); the class-conditional latent UNet trains
-on them from S3 (`configs/tiny.yaml`, 2 processes, ZeRO-2, bf16, CFG label dropout, EMA)
-and is exported; DDIM + CFG samples one row per class, decoded by the VAE, into PNG
-grids beside a grid of real digits. The stack is stopped at the end, whatever happens.
+A real image set (``--dataset``: scikit-learn's handwritten digits, or scikit-image's
+texture scans and photographs; see demo_data.py) is written as a class-folder tree of
+32x32 RGB PNGs (the ImageNet-100 layout) and prepared into WebDataset shards in the
+embedded S3 (SeaweedFS on loopback), a fifth held out. Then, each as a user would run
+it: the domain classifier that judges samples trains; the small VAE trains
+(`configs/vae_tiny.yaml`, 2 DeepSpeed processes), is exported (which measures its latent
+statistics) and encodes the shards into 8x8x4 latent shards (2 processes); the
+class-conditional latent UNet trains on them from S3 (`configs/tiny.yaml`, 2 processes,
+ZeRO-2, bf16, CFG label dropout, EMA) and is exported; DDIM + CFG samples are scored
+against the held-out images, beside the FID of real images (the floor), and drawn as
+PNG grids beside a grid of real images. The same recipes serve both data sets; only
+the class count differs. The stack is stopped at the end, whatever happens.
 """
 
 from __future__ import annotations
@@ -24,55 +28,44 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, derive, load_config
 from .core.models import build_unet
 from .data import storage
 from .data.prepare import prepare
 from .data.stream import ShardStream, StreamSpec
 from .export import export_model
-from .imaging import save_grid
+from .demo_data import DATASETS
 from .extras import require
+from .imaging import save_grid
 from .stack import start_s3, stop_s3, weed_binary
 
-# The latent UNet run (configs/tiny.yaml: 32 px digits -> 8x8x4 latents) and its VAE run.
-UNET_OVERRIDES = ["data.samples_per_shard=256", "data.hflip=false", "model.num_classes=10",
+# The latent UNet run (configs/tiny.yaml: 32 px images -> 8x8x4 latents) and its VAE run.
+UNET_OVERRIDES = ["data.samples_per_shard=256", "data.hflip=false",
                   "data.num_workers=1", "train.ckpt_every=200", "train.max_steps=600", "train.lr=2e-3",
                   "train.warmup_steps=20", "train.ema_half_life_steps=50", "sample.steps=50",
                   "train.log_every=10"]
 VAE_OVERRIDES = ["data.hflip=false", "data.num_workers=1", "train.warmup_steps=20"]
 CLASSIFIER_OVERRIDES = ["data.num_workers=1"]
-
-
-def write_digit_folders(root: Path, size: int = 32) -> int:
-    """scikit-learn's digits as ROOT/<digit>/<index>.png, size x size RGB; returns the count."""
-    from PIL import Image
-
-    digits = require("sklearn.datasets", "demo", "the digits demo").load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (N,1,8,8) in [0,1]
-    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).repeat(1, 3, 1, 1).permute(0, 2, 3, 1)
-    for i, (img, label) in enumerate(zip(pixels.numpy(), digits.target)):
-        folder = root / f"digit_{label}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(folder / f"{i:05d}.png")
-    return len(pixels)
+HOLDOUT_FRACTION = 0.2  # of the images: the reference of FID and the judge's test set
+FLOOR_MULTIPLE = 3.0  # domain FID at the highest scale within this multiple of real data's own
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the UNet run")
-    parser.add_argument("--out", default="runs/demo", help="where the demo writes everything")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="digits", help="the real image set")
+    parser.add_argument("--out", help="where the demo writes everything (default: runs/demo, or "
+                                      "runs/demo-DATASET for another data set)")
     parser.add_argument("--vae-steps", type=int, default=400, help="VAE training steps")
     parser.add_argument("--classifier-steps", type=int, default=300, help="domain classifier training steps")
     parser.add_argument("--eval-samples", type=int, default=500, help="samples per evaluated CFG scale")
     parser.add_argument("--nproc", type=int, default=2, help="processes of every training and sampling job")
     args = parser.parse_args(argv)
-    for module in ("sklearn", "matplotlib"):  # missing extras: one line now, not after training
-        require(module, "demo", "the digits demo")
+    for module in ("sklearn", "skimage", "matplotlib"):  # missing extras: one line now, not after training
+        require(module, "demo", "the demo")
     weed_binary()
-    out = Path(args.out)
+    out = Path(args.out or ("runs/demo" if args.dataset == "digits" else f"runs/demo-{args.dataset}"))
     runs = DemoRuns(out, args)
     cfg = load_config("configs/tiny.yaml", runs.unet)  # every recipe validated before anything starts
     load_config("configs/vae_tiny.yaml", runs.vae)
@@ -106,11 +99,12 @@ class DemoRuns:
     processes each training and sampling job starts."""
 
     def __init__(self, out: Path, args):
-        self.nproc = str(args.nproc)
-        self.unet = UNET_OVERRIDES + args.overrides
+        self.nproc, self.dataset = str(args.nproc), DATASETS[args.dataset]
+        classes = f"model.num_classes={self.dataset.num_classes}"
+        self.unet = [*UNET_OVERRIDES, classes, *args.overrides]
         self.vae = VAE_OVERRIDES + [f"train.max_steps={args.vae_steps}", f"train.ckpt_every={args.vae_steps}",
                                     f"train.run_dir={out / 'vae'}"]
-        self.classifier = CLASSIFIER_OVERRIDES + [f"train.max_steps={args.classifier_steps}",
+        self.classifier = CLASSIFIER_OVERRIDES + [classes, f"train.max_steps={args.classifier_steps}",
                                                   f"train.ckpt_every={args.classifier_steps}",
                                                   f"train.run_dir={out / 'classifier'}"]
         self.eval = [f"sample.num_samples={args.eval_samples}", "eval.samples_per_shard=100",
@@ -119,7 +113,7 @@ class DemoRuns:
 
 @dataclass(frozen=True)
 class Prepared:
-    """What every UNet run of the digits builds on: the shards, the judge, the VAE."""
+    """What every UNet run of the data set builds on: the shards, the judge, the VAE."""
 
     manifest: dict
     images_url: str
@@ -127,12 +121,18 @@ class Prepared:
     classifier: Path
     vae: Path
 
+    @property
+    def reference_url(self) -> str:
+        """The held-out images: FID's reference, never trained on."""
+        return self.manifest["holdout"]["url"]
+
 
 def prepare_judge_and_latents(cfg: Config, runs: DemoRuns, out: Path, stages: dict) -> Prepared:
     """Digits -> image shards in S3; the domain classifier and the VAE trained and exported;
     the image shards encoded into latent shards."""
-    images_url, latents_url = "s3://demo/digits", "s3://demo/digits-latents"
-    manifest = _prepare_data(cfg, out, images_url, stages)
+    name = runs.dataset.name
+    images_url, latents_url = f"s3://demo/{name}", f"s3://demo/{name}-latents"
+    manifest = _prepare_data(cfg, runs.dataset, out, images_url, stages)
     stage(stages, "train classifier", lambda: _cli("train", "--config", "configs/classifier_tiny.yaml", "--nproc",
                                                     runs.nproc, *runs.classifier, f"data.shards={images_url}"))
     clf_dir = stage(stages, "export classifier", lambda: export_model(out / "classifier", out / "classifier_model"))
@@ -159,7 +159,7 @@ def _run_stages(cfg: Config, runs: DemoRuns, out: Path, stages: dict) -> dict:
     losses = [json.loads(line)["loss"] for line in (out / "unet/metrics.jsonl").read_text().splitlines()]
     print(f"        {cfg.train.max_steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     judged = [*runs.unet, *with_vae, *runs.eval, f"eval.classifier={data.classifier}",
-              f"eval.reference={data.images_url}"]
+              f"eval.reference={data.reference_url}"]
     untrained = stage(stages, "eval untrained", lambda: evaluate(
         out / "eval_untrained", [*judged, f"eval.unet={_untrained_unet(cfg, out)}", "eval.guidance_scales=[3]"], runs.nproc))
     results = stage(stages, "sample + eval", lambda: evaluate(
@@ -169,8 +169,14 @@ def _run_stages(cfg: Config, runs: DemoRuns, out: Path, stages: dict) -> dict:
         shutil.copy(out / "eval" / f"cfg{row['guidance_scale']:g}_steps{row['steps']}/grid.png",
                     out / f"samples_cfg{row['guidance_scale']:g}.png")
     plot_loss(out / "unet/metrics.jsonl", out / "loss.png")
-    return {"results": [_demo_row(r) for r in results], "fid_domain_untrained": untrained[0]["fid"],
-            "loss_first": losses[0], "loss_last": losses[-1], "num_real_images": data.manifest["num_samples"]}
+    judging = json.loads((out / "eval/report.json").read_text())
+    return {"dataset": runs.dataset.name, "what": runs.dataset.what, "accuracy_bar": runs.dataset.accuracy_bar,
+            "results": [_demo_row(r) for r in results], "fid_domain_untrained": untrained[0]["fid"],
+            "fid_real_floor": judging["fid_real_floor"], "fid_real_floor_n": judging["fid_real_floor_n"],
+            "classifier_heldout_accuracy": judging["classifier_accuracy"]["top1"],
+            "vae": json.loads((data.vae / "dist_diffusion.json").read_text())["reconstruction"],
+            "loss_first": losses[0], "loss_last": losses[-1], "num_real_images": data.manifest["source_files"],
+            "num_heldout_images": data.manifest["holdout"]["num_samples"]}
 
 
 def _untrained_unet(cfg: Config, out: Path) -> Path:
@@ -199,7 +205,10 @@ def quality_bar(report: dict) -> dict:
     by_scale = {r["guidance_scale"]: r for r in report["results"]}
     low, high = by_scale[min(by_scale)], by_scale[max(by_scale)]
     checks = {
-        f"class accuracy at CFG {high['guidance_scale']:g} >= 0.80": high["class_accuracy"] >= 0.80,
+        f"class accuracy at CFG {high['guidance_scale']:g} >= {report['accuracy_bar']:.2f}":
+            high["class_accuracy"] >= report["accuracy_bar"],
+        f"domain FID at CFG {high['guidance_scale']:g} <= {FLOOR_MULTIPLE:g}x the real-data floor":
+            high["fid_domain"] <= FLOOR_MULTIPLE * report["fid_real_floor"],
         f"class accuracy at CFG {high['guidance_scale']:g} >= at CFG {low['guidance_scale']:g}":
             high["class_accuracy"] >= low["class_accuracy"],
         "domain FID <= 1/3 of the untrained model's":
@@ -223,12 +232,19 @@ def plot_loss(metrics: Path, path: Path) -> None:
 
 def write_demo_report(report: dict, out: Path) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["# dist_diffusion demo", "",
-             f"{report['num_real_images']} real digits; whole demo {report['total_seconds']:.0f} s.", "",
-             "| CFG | sampler | steps | N | domain FID | class accuracy | samples/s |", "|---|---|---|---|---|---|---|"]
+    floor = report["fid_real_floor"]
+    lines = [f"# dist_diffusion demo: {report['dataset']}", "",
+             f"{report['num_real_images']} {report['what']}, {report['num_heldout_images']} of them held out; whole demo "
+             f"{report['total_seconds']:.0f} s.", "",
+             "| CFG | sampler | steps | N | domain FID | FID / floor | class accuracy | samples/s |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['guidance_scale']:g} | {r['sampler']} | {r['steps']} | {r['num_samples']} | {r['fid_domain']:.3f} "
-              f"| {r['class_accuracy']:.3f} | {r['samples_per_s']:.1f} |" for r in report["results"]]
-    lines += ["", f"Untrained model (step 0, CFG 3): domain FID {report['fid_domain_untrained']:.3f}.", "",
+              f"| {r['fid_domain'] / floor:.2f} | {r['class_accuracy']:.3f} | {r['samples_per_s']:.1f} |"
+              for r in report["results"]]
+    lines += ["", f"Real-data floor: domain FID {floor:.3f} ({report['fid_real_floor_n']} training images against "
+              f"the held-out reference). Judging classifier: accuracy {report['classifier_heldout_accuracy']:.3f} on "
+              f"held-out images. VAE: reconstruction PSNR {report['vae']['psnr_db']:.1f} dB on held-out images.", "",
+              f"Untrained model (step 0, CFG 3): domain FID {report['fid_domain_untrained']:.3f}.", "",
               "| stage | seconds |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in report["stages"].items()], "",
               "Quality bar:", *[f"- [{'x' if ok else ' '}] {name}" for name, ok in report["quality"]["checks"].items()]]
     text = "\n".join(lines) + "\n"
@@ -239,12 +255,15 @@ def write_demo_report(report: dict, out: Path) -> None:
           f"report.json, real.png, samples_cfg*.png, loss.png")
 
 
-def _prepare_data(cfg: Config, out: Path, url: str, stages: dict) -> dict:
-    count = stage(stages, "digits", lambda: write_digit_folders(out / "digits"))
-    print(f"        {count} real digits as a class-folder tree in {out / 'digits'}")
+def _prepare_data(cfg: Config, dataset, out: Path, url: str, stages: dict) -> dict:
+    folders = out / dataset.name
+    count = stage(stages, dataset.name, lambda: dataset.write(folders))
+    print(f"        {count} {dataset.what} as a class-folder tree in {folders}")
     storage.s3_client().create_bucket(Bucket="demo")
-    manifest = stage(stages, "prepare", lambda: prepare(out / "digits", url, cfg.data))
-    print(f"        {manifest['num_samples']} samples in {len(manifest['shards'])} shards at {url}")
+    data = derive(cfg, {"data.holdout_fraction": HOLDOUT_FRACTION}).data
+    manifest = stage(stages, "prepare", lambda: prepare(folders, url, data))
+    print(f"        {manifest['num_samples']} samples in {len(manifest['shards'])} shards at {url}, "
+          f"{manifest['holdout']['num_samples']} held out at {manifest['holdout']['url']}")
     spec = StreamSpec(url=url, batch_size=cfg.train.batch_size, num_workers=0, seed=cfg.train.seed,
                       hflip=cfg.data.hflip)
     batch = next(iter(ShardStream(spec)))

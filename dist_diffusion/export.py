@@ -38,7 +38,8 @@ def export_model(run_dir: str | Path, out: str | Path, weights: str = "ema") -> 
     model = objective(cfg).build(cfg)
     state = _ema_state(root / tag, model) if weights == "ema" else consolidated_fp32_state(root, tag)
     model.load_state_dict(state)
-    write_export(model, cfg, out, {"checkpoint": str(root / tag), "weights": weights})
+    measured = objective(cfg).measure_export(model, cfg)
+    write_export(model, cfg, out, {"checkpoint": str(root / tag), "weights": weights, **measured})
     return out
 
 

@@ -9,6 +9,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DModel
 
 from ..config import Config, ConfigError, unet_input_shape  # noqa: F401 (unet_input_shape re-exported)
+from .latent_stats import denormalise, latent_affine, normalise
 from .losses import Denoiser
 
 
@@ -71,15 +72,21 @@ def _load_pretrained_vae(path: Path, cfg: Config) -> AutoencoderKL:
 
 def encode_images(vae: AutoencoderKL, images: torch.Tensor, sample: bool = True,
                   generator: torch.Generator | list | None = None) -> torch.Tensor:
-    """Images in [-1, 1] (B,3,H,W) -> scaled latents (B,c,H/f,W/f) of about unit variance."""
+    """Images in [-1, 1] (B,3,H,W) -> diffusion latents (B,c,H/f,W/f) of about unit
+    variance per channel (see core.latent_stats)."""
     posterior = vae.encode(images).latent_dist
     z = posterior.sample(generator=generator) if sample else posterior.mean
-    return z * vae.config.scaling_factor
+    return normalise(z, *vae_latent_affine(vae))
 
 
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents -> images in about [-1, 1]."""
-    return vae.decode(latents / vae.config.scaling_factor).sample
+    """Diffusion latents -> images in about [-1, 1]."""
+    return vae.decode(denormalise(latents, *vae_latent_affine(vae))).sample
+
+
+def vae_latent_affine(vae: AutoencoderKL) -> tuple[list[float], list[float]]:
+    """(shift, scale) per channel that map this VAE's raw latents to diffusion latents."""
+    return latent_affine(vae.config, vae.config.latent_channels)
 
 
 def count_parameters(module: torch.nn.Module) -> int:

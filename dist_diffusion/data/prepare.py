@@ -10,7 +10,7 @@ shards; unreadable images are reported in the manifest and skipped.
 from __future__ import annotations
 
 import dataclasses
-
+import hashlib
 import io
 import multiprocessing as mp
 import random
@@ -25,6 +25,7 @@ from ..config import DataConfig
 from . import shards, storage
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+HOLDOUT = "holdout"  # OUT/holdout: the held-out split, a shard set with its own manifest
 
 
 class PrepareError(ValueError):
@@ -153,7 +154,7 @@ def write_shard(job: ShardJob) -> dict:
 
 # What the bytes of the shards depend on: a rerun with other values must not reuse them.
 SHARD_SETTINGS = ("resolution", "image_channels", "image_format", "jpeg_quality", "samples_per_shard",
-                  "shard_prefix", "shuffle_seed", "labels_file")
+                  "shard_prefix", "shuffle_seed", "labels_file", "holdout_fraction")
 SETTINGS_FILE = "prepare_settings.json"
 
 
@@ -189,7 +190,9 @@ def _stored_settings(out: str, record) -> dict:
 
 
 def prepare(src: str | Path, out: str, data: DataConfig, progress: bool = True, overwrite: bool = False) -> dict:
-    """Run the whole conversion; returns the manifest (also written to OUT/manifest.json)."""
+    """Run the whole conversion; returns the manifest (also written to OUT/manifest.json).
+    With ``data.holdout_fraction`` the held-out images become their own shard set in
+    OUT/holdout, named in the manifest's ``holdout``."""
     src = Path(src)
     classes, items = scan(src, data.labels_file)
     storage.check_bucket(out)  # missing bucket / bad credentials: fail before any work
@@ -197,8 +200,11 @@ def prepare(src: str | Path, out: str, data: DataConfig, progress: bool = True, 
         raise PrepareError(f"--out {out} is a file; give a directory (new or from an earlier prepare) or s3:// prefix")
     existed = bool(storage.list_names(storage.parse(out)))
     _claim_output(out, data, overwrite)
-    jobs = [dataclasses.replace(job, reuse=not overwrite) for job in plan_shards(items, data, src, out)]
-    entries = _run_jobs(jobs, data.prepare_workers, progress)
+    kept, held = split_holdout(items, data.holdout_fraction, data.shuffle_seed)
+    held_out = holdout_url(out)
+    jobs = plan_shards(kept, data, src, out) + (plan_shards(held, data, src, held_out) if held else [])
+    entries = _run_jobs([dataclasses.replace(job, reuse=not overwrite) for job in jobs], data.prepare_workers,
+                        progress)
     skipped = [s for e in entries for s in e.pop("skipped")]
     if skipped and len(skipped) == len(items):
         if not existed:  # the empty shards of this run would only pose as a dataset
@@ -207,11 +213,36 @@ def prepare(src: str | Path, out: str, data: DataConfig, progress: bool = True, 
                            f"{skipped[0]['error']}); check the files, or that they are images at all")
     for e in entries:
         e.pop("reused", None)
-    result = shards.manifest("images", classes, entries, resolution=data.resolution,
-                             image_format=data.image_format, skipped=skipped,
-                             source_files=len(items))
+    train_entries, held_entries = _by_output(jobs, entries, out)
+    extra = {"resolution": data.resolution, "image_format": data.image_format}
+    if held_entries:
+        held_manifest = shards.manifest("images", classes, held_entries, **extra, split="holdout", holdout_of=out)
+        storage.write_bytes(storage.parse(held_out).join(shards.MANIFEST), shards.dumps(held_manifest))
+        extra["holdout"] = {"url": held_out, "fraction": data.holdout_fraction,
+                            "num_samples": held_manifest["num_samples"]}
+    result = shards.manifest("images", classes, train_entries, **extra, skipped=skipped, source_files=len(items))
     storage.write_bytes(storage.parse(out).join(shards.MANIFEST), shards.dumps(result))
     return result
+
+
+def split_holdout(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """(kept, held out): an item is held out when a seeded hash of its path falls below
+    ``fraction``, so the split of a file never changes when others are added or removed."""
+    if fraction <= 0:
+        return items, []
+    def held(item: Item) -> bool:
+        digest = hashlib.sha256(f"{seed}:{item.path}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return [i for i in items if not held(i)], [i for i in items if held(i)]
+
+
+def holdout_url(out: str) -> str:
+    return str(storage.parse(out).join(HOLDOUT))
+
+
+def _by_output(jobs: list[ShardJob], entries: list[dict], out: str) -> tuple[list[dict], list[dict]]:
+    kept = [e for job, e in zip(jobs, entries) if job.out == out]
+    return kept, [e for job, e in zip(jobs, entries) if job.out != out]
 
 
 def _remove_output(out: str) -> None:
@@ -225,12 +256,12 @@ def _remove_output(out: str) -> None:
 
 def _run_jobs(jobs: list[ShardJob], workers: int, progress: bool) -> list[dict]:
     bar = tqdm(total=len(jobs), desc="prepare", unit="shard", disable=not progress)
-    results: dict[int, dict] = {}
+    results: list[dict] = []  # imap keeps the order of jobs
     # spawn, not fork: boto3 clients and their connection pools must not cross a fork
     with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-        for job, entry in zip(jobs, pool.imap(write_shard, jobs)):
-            results[job.index] = entry
+        for entry in pool.imap(write_shard, jobs):
+            results.append(entry)
             bar.update(1)
-            bar.set_postfix(samples=sum(e["samples"] for e in results.values()))
+            bar.set_postfix(samples=sum(e["samples"] for e in results))
     bar.close()
-    return [results[i] for i in sorted(results)]
+    return results

@@ -152,6 +152,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.spec, self.position, self.epochs = spec, position or Position(), epochs
         self.manifest = manifest or load_manifest(spec.url)
         self.field = "latent" if self.manifest["kind"] == "latents" else "image"
+        self._affine = latent_affine_of(self.manifest) if self.field == "latent" else None
         self.stats = {"corrupt": 0, "retries": 0}
 
     def __iter__(self) -> Iterator[dict]:
@@ -200,7 +201,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         try:
             label = shards.sample_label(sample, self.manifest.get("label_key", ""))
             if self.manifest["kind"] == "latents":
-                x = decode_latent(sample, rng, self.manifest["scaling_factor"])
+                x = decode_latent(sample, rng, self._affine)
             else:
                 x = decode_image_uint8(sample)
         except Exception:
@@ -243,12 +244,23 @@ def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.to(torch.float32).div_(127.5).sub_(1.0)
 
 
-def decode_latent(sample: dict, rng: np.random.Generator, scaling_factor: float) -> torch.Tensor:
-    """A draw z = mean + std * eps from the stored VAE posterior, times the latent scale."""
+def decode_latent(sample: dict, rng: np.random.Generator, affine: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
+    """A draw z = mean + std * eps from the stored VAE posterior, mapped to diffusion
+    latents by the manifest's per-channel (shift, scale): (z - shift) * scale."""
     mean = np.load(io.BytesIO(sample["mean.npy"])).astype(np.float32)
     std = np.load(io.BytesIO(sample["std.npy"])).astype(np.float32)
     z = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
-    return torch.from_numpy(z * np.float32(scaling_factor))
+    shift, scale = affine
+    return torch.from_numpy((z - shift) * scale)
+
+
+def latent_affine_of(manifest: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The manifest's (shift, scale) as (C,1,1) float32 arrays. Manifests written before
+    per-channel statistics carry one ``scaling_factor`` and no shift."""
+    channels = manifest["latent_shape"][0]
+    shift = manifest.get("latent_shift", [0.0] * channels)
+    scale = manifest.get("latent_scale", [manifest["scaling_factor"]] * channels)
+    return (np.asarray(shift, np.float32).reshape(-1, 1, 1), np.asarray(scale, np.float32).reshape(-1, 1, 1))
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number

@@ -18,7 +18,7 @@ from ..imaging import to_uint8
 from ..runtime.distributed import barrier
 from ..runtime.env import ProcessEnv
 from .features import Extractor
-from .stats import FeatureSums
+from .stats import FeatureSums, frechet_distance
 
 
 def reference_stats(shards: str, extractor: Extractor, env: ProcessEnv,
@@ -68,6 +68,42 @@ def reference_features(shards: str, extractor: Extractor, count: int) -> np.ndar
             parts.append(f["features"])
         have += len(parts[-1])
     return np.concatenate(parts)[:count] if parts else None
+
+
+def floor_images(reference: str) -> tuple[str, str]:
+    """(real images to measure the floor with, what they are). Not the reference's own
+    images where others exist: the split a held-out reference was held out of, or the
+    held-out split of a reference that has one; else the reference itself (a floor
+    biased low: those images are part of the statistics)."""
+    manifest = load_manifest(reference)
+    if manifest.get("holdout_of"):
+        return manifest["holdout_of"], "training split"
+    if manifest.get("holdout"):
+        return manifest["holdout"]["url"], "held-out split"
+    return reference, "reference images themselves"
+
+
+def real_floor(reference: FeatureSums | None, shards: str, extractor: Extractor, count: int,
+               env: ProcessEnv) -> dict | None:
+    """``fid_real_floor``: the FID of ``count`` real images of ``shards`` (the first, in
+    shard order) against ``reference``, at the samples' N, so a sample's FID reads as a
+    multiple of what real data scores. On the main rank (None elsewhere); every rank
+    extracts a share of the shards it needs."""
+    root, entries = storage.parse(shards), load_manifest(shards)["shards"]
+    needed, have = 0, 0
+    while needed < len(entries) and have < count:
+        have, needed = have + entries[needed]["samples"], needed + 1
+    for k in range(env.rank, needed, env.world_size):
+        _extract_shard(root, entries[k], _features_file(root, extractor, k), extractor, 64)
+    barrier()
+    if not env.is_main:
+        return None
+    features = reference_features(shards, extractor, count)
+    sums = FeatureSums.empty(extractor.dim, extractor.classes)
+    sums.add(features, np.zeros((len(features), extractor.classes)))
+    with threadpool_limits(limits=1):
+        fid = frechet_distance(*sums.mean_cov(), *reference.mean_cov())
+    return {"fid_real_floor": fid, "fid_real_floor_n": len(features), "fid_real_floor_images": shards}
 
 
 def _features_file(root, extractor: Extractor, k: int):

@@ -13,7 +13,7 @@ LOG = get_logger("eval")
 
 COLUMNS = [("guidance_scale", "CFG", "{:g}"), ("guidance_interval", "interval", "{}"), ("sampler", "sampler", "{}"),
            ("steps", "steps", "{}"), ("nfe", "NFE", "{}"), ("num_samples", "N", "{}"), ("fid", "FID", "{:.3f}"),
-           ("fid_inf", "FID_inf", "{:.3f}"), ("inception_score", "IS (10 splits)", "{:.3f}"),
+           ("fid_vs_floor", "FID / floor", "{:.2f}"), ("fid_inf", "FID_inf", "{:.3f}"), ("inception_score", "IS (10 splits)", "{:.3f}"),
            ("kid", "KID", "{:.4f}"), ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"),
            ("class_accuracy", "class acc", "{:.3f}"),
            ("seconds", "seconds", "{:.1f}"), ("samples_per_s", "samples/s", "{:.2f}")]
@@ -44,10 +44,24 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(cfg: Config, rows: list[dict], features: str | None) -> None:
+def write_report(cfg: Config, rows: list[dict], features: str | None, judging: dict | None = None) -> None:
     out = storage.parse(cfg.eval.out)
-    report = {"unet": cfg.eval.unet, "features": features, "results": rows}
+    report = {"unet": cfg.eval.unet, "features": features, **(judging or {}), "results": rows}
     storage.write_bytes(out.join("report.json"), (json.dumps(report, indent=2) + "\n").encode())
-    text = f"# Evaluation of {_checkpoint(cfg)}\n\nfeatures: {features or 'none'}\n\n" + markdown(rows)
+    text = f"# Evaluation of {_checkpoint(cfg)}\n\nfeatures: {features or 'none'}\n\n" + _judging_lines(judging or {})
+    text += markdown(rows)
     storage.write_bytes(out.join("report.md"), text.encode())
     LOG.info(text)
+
+
+def _judging_lines(judging: dict) -> str:
+    lines = []
+    if "fid_real_floor" in judging:
+        lines.append(f"reference: {judging['reference']} ({judging['reference_images']} images); FID floor "
+                     f"{judging['fid_real_floor']:.3f}: {judging['fid_real_floor_n']} real images of "
+                     f"{judging['fid_real_floor_images']} ({judging['fid_real_floor_source']}) against it")
+    if "classifier_accuracy" in judging:
+        acc = judging["classifier_accuracy"]
+        where = "held-out" if acc.get("held_out") else "training"
+        lines.append(f"judging classifier: accuracy {acc['top1']:.3f} on {acc['num_images']} real {where} images")
+    return "".join(f"{line}\n\n" for line in lines)

@@ -34,7 +34,7 @@ from ..runtime.distributed import all_reduce_sum, barrier, describe, device, ini
 from .adm_npz import write_adm_npz
 from .features import Extractor, build_extractor, check_extractor
 from .metrics import IS_SPLITS, fid_infinity, inception_score, kernel_inception_distance, precision_recall
-from .reference import reference_features, reference_stats
+from .reference import floor_images, real_floor, reference_features, reference_stats
 from .report import result_row, write_report
 from .stats import FeatureSums, frechet_distance
 
@@ -84,31 +84,60 @@ def evaluate(cfg: Config) -> list[dict]:
     if env.is_main:
         LOG.info(describe(env))
     unet, vae = load_models(cfg, device())
-    extractor, reference, real = None, None, None
-    if cfg.eval.metrics:
-        extractor = build_extractor(cfg, device())
-        shards = cfg.eval.reference or cfg.data.shards
-        if not shards:
-            raise ConfigError("eval.metrics needs reference images: set eval.reference (or data.shards) to the "
-                              "image shards from prepare")
-        reference, cached = reference_stats(shards, extractor, env)
-        real = reference_features(shards, extractor, cfg.sample.num_samples) if env.is_main else None
-        if env.is_main:
-            LOG.info(f"reference statistics of {shards} ({reference.count} images, {extractor.id}): "
-                     f"{'cached' if cached else 'computed and cached'}")
+    extractor = build_extractor(cfg, device()) if cfg.eval.metrics else None
+    judge = Judge(cfg, extractor, env) if extractor else None
     rows = []
     for point in sweep(cfg):
         started = time.monotonic()
         point_features, resumed = sample_point(cfg, point, unet, vae, extractor, env)
         seconds = time.monotonic() - started
-        metrics = score(point_features, reference, real, extractor) if point_features is not None else {}
+        metrics = judge.score(point_features) if point_features is not None else {}
         barrier()  # the main rank scored; no rank goes on to the next point's shards before
         rows.append(result_row(cfg, point, metrics, seconds, resumed))
         if env.is_main:
             save_point_grid(cfg, point)
     if env.is_main:
-        write_report(cfg, rows, extractor.id if extractor else None)
+        write_report(cfg, rows, extractor.id if extractor else None, judge.summary() if judge else {})
     return rows
+
+
+class Judge:
+    """What samples are scored against: the reference statistics, as many real reference
+    features as samples (KID, precision/recall), and the real-data FID floor at that N."""
+
+    def __init__(self, cfg: Config, extractor: Extractor, env):
+        self.extractor, shards, n = extractor, cfg.eval.reference or cfg.data.shards, cfg.sample.num_samples
+        if not shards:
+            raise ConfigError("eval.metrics needs reference images: set eval.reference (or data.shards) to the "
+                              "image shards from prepare (held-out images: prepare with data.holdout_fraction)")
+        self.reference, cached = reference_stats(shards, extractor, env)
+        self.real = reference_features(shards, extractor, n) if env.is_main else None
+        floor_shards, self.floor_source = floor_images(shards)
+        self.floor = real_floor(self.reference, floor_shards, extractor, n, env)
+        self.shards, self.classifier = shards, _classifier_record(cfg)
+        if env.is_main:
+            LOG.info(f"reference statistics of {shards} ({self.reference.count} images, {extractor.id}): "
+                     f"{'cached' if cached else 'computed and cached'}; FID of {self.floor['fid_real_floor_n']} "
+                     f"real images ({self.floor_source}) against it: {self.floor['fid_real_floor']:.3f}")
+
+    def score(self, point: PointFeatures) -> dict:
+        metrics = score(point, self.reference, self.real, self.extractor)
+        floor = self.floor["fid_real_floor"]
+        return {**metrics, "fid_real_floor": floor, "fid_vs_floor": metrics["fid"] / floor if floor > 0 else None}
+
+    def summary(self) -> dict:
+        """What the report says once about its judging."""
+        return {"reference": self.shards, "reference_images": self.reference.count, **self.floor,
+                "fid_real_floor_source": self.floor_source, **self.classifier}
+
+
+def _classifier_record(cfg: Config) -> dict:
+    """The judging classifier's own accuracy on real held-out images, from its export."""
+    meta = Path(cfg.eval.classifier) / "dist_diffusion.json" if cfg.eval.classifier else None
+    if meta is None or not meta.is_file():
+        return {}
+    accuracy = json.loads(meta.read_text()).get("accuracy")
+    return {"classifier_accuracy": accuracy} if accuracy else {}
 
 
 def load_models(cfg: Config, where: torch.device):

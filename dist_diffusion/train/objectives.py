@@ -41,6 +41,11 @@ class Objective(ABC):
         """(per-sample loss, timesteps or None) of one micro-batch; ``run`` has engine, cfg
         and schedule; ``gen`` is the micro-step's CPU generator."""
 
+    def measure_export(self, model: torch.nn.Module, cfg: Config) -> dict:
+        """What the export measures on the data and records beside the weights (it may
+        also set the model's config, before it is saved)."""
+        return {}
+
 
 def _dtype(cfg: Config) -> torch.dtype:
     import torch
@@ -108,6 +113,21 @@ class VAE(Objective):
         cfg = run.cfg
         return vae_loss(run.engine.module, x0.to(_dtype(cfg)), gen, cfg.vae.kl_weight, cfg.vae.recon_loss), None
 
+    def measure_export(self, model, cfg):
+        """Latent statistics on the training images (written into the VAE's config, so its
+        latents are unit-variance per channel) and the reconstruction PSNR."""
+        import itertools
+
+        from ..calibrate import calibrate, image_batches, reconstruction_psnr
+        from ..data import storage
+
+        storage.configure(cfg.s3)
+        model.eval()
+        stats = calibrate(model, cfg.data.shards, cfg.vae.calibration_images, cfg.train.seed)
+        judged_on = heldout_url(cfg.data.shards)
+        quality = reconstruction_psnr(model, itertools.islice(image_batches(judged_on, 1024, cfg.train.seed), 16))
+        return {"latent_stats": stats, "reconstruction": {**quality, "images": judged_on}}
+
 
 class Classifier(Objective):
     """The domain classifier that judges class accuracy of samples."""
@@ -124,6 +144,25 @@ class Classifier(Objective):
 
         logits = run.engine(x0.to(_dtype(run.cfg))).float()
         return torch.nn.functional.cross_entropy(logits, labels, reduction="none"), None
+
+    def measure_export(self, model, cfg):
+        """Accuracy on the held-out split (on the training images when there is none)."""
+        from ..calibrate import classification_accuracy, image_batches
+        from ..data import storage
+
+        storage.configure(cfg.s3)
+        judged_on = heldout_url(cfg.data.shards)
+        accuracy = classification_accuracy(model.eval(), image_batches(judged_on, 10**9, cfg.train.seed,
+                                                                        labels=True))
+        return {"accuracy": {**accuracy, "images": judged_on, "held_out": judged_on != cfg.data.shards}}
+
+
+def heldout_url(shards_url: str) -> str:
+    """The held-out split prepare wrote beside ``shards_url`` (``data.holdout_fraction``),
+    else ``shards_url`` itself."""
+    from ..data.shards import load_manifest
+
+    return load_manifest(shards_url).get("holdout", {}).get("url", shards_url)
 
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (Diffusion(), VAE(), Classifier())}

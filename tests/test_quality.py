@@ -1,0 +1,130 @@
+"""What sample quality is judged against: latents normalised from the data, a held-out
+split that stays put, and the real-against-real FID floor."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_one_line, make_class_folders, run_cli
+from dist_diffusion.calibrate import calibrate, image_batches, reconstruction_psnr
+from dist_diffusion.config import load_config
+from dist_diffusion.core.latent_stats import latent_affine, summary
+from dist_diffusion.core.models import build_vae, decode_latents, encode_images
+from dist_diffusion.data.prepare import Item, prepare, split_holdout
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ["data.resolution=32", "data.samples_per_shard=20", "data.prepare_workers=1", "data.holdout_fraction=0.25"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """80 images of 4 classes as 32 px shards, a quarter held out."""
+    root = tmp_path_factory.mktemp("quality")
+    make_class_folders(root / "src", classes=4, per_class=20)
+    cfg = load_config(ROOT / "configs/tiny.yaml", DATA)
+    manifest = prepare(root / "src", str(root / "shards"), cfg.data, progress=False)
+    return root, manifest
+
+
+class _Config:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def test_the_affine_follows_diffusers_conventions():
+    sd = _Config(scaling_factor=0.18215, shift_factor=None, latents_mean=None, latents_std=None)
+    assert latent_affine(sd, 4) == ([0.0] * 4, [0.18215] * 4)
+    flux_like = _Config(scaling_factor=0.5, shift_factor=0.1)
+    assert latent_affine(flux_like, 2) == ([0.1, 0.1], [0.5, 0.5])
+    per_channel = _Config(scaling_factor=1.0, latents_mean=[1.0, -2.0], latents_std=[2.0, 0.5])
+    assert latent_affine(per_channel, 2) == ([1.0, -2.0], [0.5, 2.0])
+
+
+def test_a_calibrated_vae_gives_unit_variance_latents_and_decodes_the_same(shards):
+    root, _ = shards
+    cfg = load_config(ROOT / "configs/tiny.yaml", DATA)
+    torch.manual_seed(0)
+    vae = build_vae(cfg).eval()
+    images = torch.cat(list(image_batches(str(root / "shards"), 10_000)))
+    with torch.no_grad():
+        raw = summary(encode_images(vae, images, generator=torch.Generator().manual_seed(1)))
+        before = decode_latents(vae, encode_images(vae, images[:4], sample=False))
+    calibrate(vae, str(root / "shards"), num_images=10_000)
+    with torch.no_grad():
+        z = encode_images(vae, images, generator=torch.Generator().manual_seed(1))
+        after = decode_latents(vae, encode_images(vae, images[:4], sample=False))
+    stats = summary(z)
+    assert abs(stats["std"] - 1) < 0.1 and all(abs(s - 1) < 0.1 for s in stats["channel_std"])
+    assert all(abs(m) < 0.1 for m in stats["channel_mean"])
+    assert any(abs(s - 1) > 0.1 for s in raw["channel_std"])  # the untrained VAE's raw scale was off
+    assert torch.allclose(before, after, atol=1e-4)  # normalising is invertible: the decoder sees the same
+    assert vae.config.latents_mean is not None and len(vae.config.latents_std) == cfg.vae.latent_channels
+
+
+def test_encode_records_unit_variance_for_a_calibrated_vae(shards, tmp_path):
+    from dist_diffusion.encode import encode_dataset
+    from dist_diffusion.runtime.env import ProcessEnv
+
+    root, _ = shards
+    cfg = load_config(ROOT / "configs/tiny.yaml", DATA)
+    torch.manual_seed(0)
+    vae = build_vae(cfg).eval()
+    calibrate(vae, str(root / "shards"), num_images=10_000)
+    vae.save_pretrained(tmp_path / "vae")
+    cfg = load_config(ROOT / "configs/tiny.yaml", [*DATA, f"vae.pretrained={tmp_path / 'vae'}"])
+    manifest = encode_dataset(cfg, str(root / "shards"), str(tmp_path / "latents"), ProcessEnv())
+    stats = manifest["latent_stats"]
+    assert abs(stats["std"] - 1) < 0.1 and all(abs(s - 1) < 0.1 for s in stats["channel_std"])
+    assert manifest["latent_shift"] == pytest.approx(vae.config.latents_mean)
+
+
+def test_the_holdout_split_is_disjoint_complete_and_stable(shards):
+    root, manifest = shards
+    held = json.loads((root / "shards/holdout/manifest.json").read_text())
+    assert manifest["holdout"]["url"] == str(root / "shards/holdout") and held["holdout_of"] == str(root / "shards")
+    assert manifest["num_samples"] + held["num_samples"] == 80 and 8 <= held["num_samples"] <= 32
+    assert not _paths(root / "shards", manifest) & _paths(root / "shards/holdout", held)
+    items = [Item(f"s{i}", f"c/{i}.png", 0) for i in range(200)]
+    _, before = split_holdout(items, 0.25, 0)
+    _, after = split_holdout(items[:150] + [Item("new", "c/new.png", 0)] + items[150:], 0.25, 0)
+    assert {i.path for i in before} == {i.path for i in after} - {"c/new.png"}  # adding a file moves no other
+    assert split_holdout(items, 0.25, 1)[1] != before  # the seed is the split's
+
+
+def _paths(folder: Path, manifest: dict) -> set[str]:
+    """The source paths of every sample of a shard set."""
+    import tarfile
+
+    found = set()
+    for entry in manifest["shards"]:
+        with tarfile.open(folder / entry["name"]) as tar:
+            found |= {tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".path.txt")}
+    return found
+
+
+def test_an_untrained_vae_reconstructs_held_out_images_badly(shards):
+    root, _ = shards
+    cfg = load_config(ROOT / "configs/tiny.yaml", DATA)
+    torch.manual_seed(0)
+    quality = reconstruction_psnr(build_vae(cfg).eval(), image_batches(str(root / "shards/holdout"), 64))
+    assert 0 < quality["psnr_db"] < 40 and quality["num_images"] > 0 and quality["mse"] > 0
+
+
+def test_calibrate_vae_writes_the_statistics_into_the_vae_directory(shards, tmp_path, capsys):
+    from diffusers import AutoencoderKL
+
+    root, manifest = shards
+    torch.manual_seed(0)
+    build_vae(load_config(ROOT / "configs/tiny.yaml", DATA)).save_pretrained(tmp_path / "sd-like")
+    code, _ = run_cli(["calibrate-vae", "--vae", str(tmp_path / "sd-like"), "--shards", str(root / "shards"),
+                       "--out", str(tmp_path / "calibrated")], capsys)
+    assert code == 0
+    assert AutoencoderKL.from_pretrained(tmp_path / "sd-like").config.latents_mean is None  # the source is kept
+    calibrated = AutoencoderKL.from_pretrained(tmp_path / "calibrated")
+    assert len(calibrated.config.latents_std) == 4 and calibrated.config.scaling_factor == 1.0
+    record = json.loads((tmp_path / "calibrated/dist_diffusion.json").read_text())
+    assert record["latent_stats"]["num_images"] == manifest["num_samples"] and record["reconstruction"]["psnr_db"] > 0
+    assert_one_line(*run_cli(["calibrate-vae", "--vae", str(tmp_path / "nothing"), "--shards", str(root / "shards")],
+                             capsys), 2, "no diffusers config.json")
