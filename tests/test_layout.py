@@ -61,9 +61,10 @@ def test_only_the_objective_registry_names_train_targets():
 
 
 def test_what_a_launcher_imports_before_any_rank_is_torch_free():
-    """The preflight and the preemption protocol are imported by the launchers' parent
-    process, which never trains: torch (seconds per import) stays out of it."""
-    probe = ("import sys, dist_diffusion.train.checks, dist_diffusion.train as t; t.Preempted, t.REQUEUE_EXIT_CODE; "
+    """The preflight, the preemption protocol and the one-line errors are imported by the
+    launchers' parent process, which never trains: torch (seconds per import) stays out."""
+    probe = ("import sys, dist_diffusion.train.checks, dist_diffusion.train as t, dist_diffusion.errors as e; "
+             "t.Preempted, t.REQUEUE_EXIT_CODE, e.expected(); "
              "print(sorted(m for m in ('torch', 'diffusers', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

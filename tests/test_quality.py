@@ -128,3 +128,63 @@ def test_calibrate_vae_writes_the_statistics_into_the_vae_directory(shards, tmp_
     assert record["latent_stats"]["num_images"] == manifest["num_samples"] and record["reconstruction"]["psnr_db"] > 0
     assert_one_line(*run_cli(["calibrate-vae", "--vae", str(tmp_path / "nothing"), "--shards", str(root / "shards")],
                              capsys), 2, "no diffusers config.json")
+
+
+class _MeanColour:
+    """A stand-in extractor (pure logic): an image's mean colour and its spread."""
+    id, dim, classes, judges_labels = "mean-colour", 6, 2, False
+
+    def __call__(self, images):
+        x = images.double() / 255
+        feats = torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1).numpy()
+        return feats, feats[:, :2]
+
+
+def test_the_floor_uses_real_images_outside_the_reference(shards, tmp_path):
+    from dist_diffusion.evaluate.reference import floor_images, real_floor, reference_stats
+    from dist_diffusion.runtime.env import ProcessEnv
+
+    root, manifest = shards
+    train, held = str(root / "shards"), str(root / "shards/holdout")
+    assert floor_images(held) == (train, "training split")  # a held-out reference: real images it lacks
+    assert floor_images(train) == (held, "held-out split")
+    make_class_folders(tmp_path / "src", classes=2, per_class=10)
+    plain = prepare(tmp_path / "src", str(tmp_path / "plain"), load_config(ROOT / "configs/tiny.yaml", [
+        *DATA, "data.holdout_fraction=0"]).data, progress=False)
+    assert "holdout" not in plain and floor_images(str(tmp_path / "plain"))[0] == str(tmp_path / "plain")
+
+    reference, _ = reference_stats(held, _MeanColour(), ProcessEnv())
+    floor = real_floor(reference, train, _MeanColour(), 40, ProcessEnv())
+    assert floor["fid_real_floor_n"] == 40 and floor["fid_real_floor_images"] == train
+    assert 0 < floor["fid_real_floor"]
+    whole = real_floor(reference, train, _MeanColour(), 10_000, ProcessEnv())
+    assert whole["fid_real_floor_n"] == manifest["num_samples"]  # N is capped by what there is
+    assert whole["fid_real_floor"] < floor["fid_real_floor"]  # more images, less small-N bias
+
+
+def test_the_textures_set_is_real_tiles_of_at_least_five_classes(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from dist_diffusion.demo_data import DATASETS, MAX_TILES
+
+    textures = DATASETS["textures"]
+    count = textures.write(tmp_path)
+    classes = sorted(p.name for p in tmp_path.iterdir())
+    assert len(classes) == textures.num_classes >= 5 and count > 200 * len(classes)
+    for name in classes:
+        tiles = sorted((tmp_path / name).iterdir())
+        assert len(tiles) <= MAX_TILES and len({t.name for t in tiles}) == len(tiles)  # one tile per grid cell
+        first = np.asarray(Image.open(tiles[0]))
+        assert first.shape == (32, 32, 3) and first.std() > 0
+
+
+def test_the_demo_bar_holds_samples_to_the_floor():
+    from dist_diffusion.demo import quality_bar
+
+    rows = [{"guidance_scale": 1.0, "fid_domain": 10.0, "class_accuracy": 0.7},
+            {"guidance_scale": 3.0, "fid_domain": 9.0, "class_accuracy": 0.95}]
+    report = {"results": rows, "fid_domain_untrained": 100.0, "fid_real_floor": 2.0, "accuracy_bar": 0.9}
+    assert quality_bar(report)["passed"] is False  # 9 > 3 x 2
+    assert quality_bar({**report, "fid_real_floor": 3.0})["passed"] is True
+    assert quality_bar({**report, "fid_real_floor": 3.0, "accuracy_bar": 0.96})["passed"] is False

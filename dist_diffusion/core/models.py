@@ -44,7 +44,7 @@ def build_vae(cfg: Config) -> AutoencoderKL:
     """The configured VAE: ``vae.pretrained`` (a diffusers directory) or a fresh small one."""
     v = cfg.vae
     if v.pretrained:
-        return _load_pretrained_vae(Path(v.pretrained), cfg)
+        return _load_pretrained_vae(Path(v.pretrained), v.latent_channels, cfg.data.resolution)
     levels = len(v.block_out_channels)
     return AutoencoderKL(
         in_channels=cfg.data.image_channels, out_channels=cfg.data.image_channels,
@@ -55,17 +55,17 @@ def build_vae(cfg: Config) -> AutoencoderKL:
     )
 
 
-def _load_pretrained_vae(path: Path, cfg: Config) -> AutoencoderKL:
+def _load_pretrained_vae(path: Path, latent_channels: int, resolution: int) -> AutoencoderKL:
     if not (path / "config.json").is_file():
         raise ConfigError(f"vae.pretrained={path}: no diffusers config.json there; point it at a "
                           f"directory saved by AutoencoderKL.save_pretrained (e.g. an SD-VAE)")
     vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
-    if vae.config.latent_channels != cfg.vae.latent_channels:
-        raise ConfigError(f"vae.latent_channels={cfg.vae.latent_channels} but the VAE in {path} has "
+    if vae.config.latent_channels != latent_channels:
+        raise ConfigError(f"vae.latent_channels={latent_channels} but the VAE in {path} has "
                           f"{vae.config.latent_channels}; set vae.latent_channels to match")
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if cfg.data.resolution % factor:
-        raise ConfigError(f"data.resolution={cfg.data.resolution} is not divisible by the VAE's "
+    if resolution % factor:
+        raise ConfigError(f"data.resolution={resolution} is not divisible by the VAE's "
                           f"downsampling factor {factor}")
     return vae
 

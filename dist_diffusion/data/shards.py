@@ -24,6 +24,11 @@ from typing import IO, Iterable, Iterator
 
 from . import storage
 
+
+class DataError(RuntimeError):
+    """The stream cannot go on (too many corrupt samples, S3 unreachable after retries).
+    Defined here, torch-free, so an entry point can name it without importing the stream."""
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")

@@ -36,13 +36,9 @@ import torch
 from PIL import Image
 
 from . import shards, storage
-from .shards import load_manifest  # noqa: F401 (its home before; callers import it from here)
+from .shards import DataError, load_manifest  # noqa: F401 (DataError: the stream raises it; callers catch it here)
 
 IMAGE_EXTS = shards.IMAGE_EXTS
-
-
-class DataError(RuntimeError):
-    """The stream cannot go on (too many corrupt samples, S3 unreachable after retries)."""
 
 
 @dataclass(frozen=True)
@@ -239,9 +235,9 @@ def decode_image_uint8(sample: dict) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
-def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float32 in [-1, 1]."""
-    return pixels.to(torch.float32).div_(127.5).sub_(1.0)
+def to_unit_range(pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1] (written into ``out`` when given)."""
+    return torch.div(pixels, 127.5, out=out).sub_(1.0)
 
 
 def decode_latent(sample: dict, rng: np.random.Generator, affine: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
@@ -298,7 +294,7 @@ def _float_batch(tensors: list[torch.Tensor]) -> torch.Tensor:
     stacked = torch.stack(tensors)
     out = _empty_for_loader(stacked.shape, torch.float32)
     if stacked.dtype == torch.uint8:
-        return torch.div(stacked, 127.5, out=out).sub_(1.0)
+        return to_unit_range(stacked, out)
     return out.copy_(stacked)
 
 

@@ -13,7 +13,8 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from ..data import storage
-from ..data.stream import IMAGE_EXTS, decode_image, load_manifest, parse_tar
+from ..data.shards import load_manifest
+from ..data.stream import IMAGE_EXTS, decode_image, parse_tar
 from ..imaging import to_uint8
 from ..runtime.distributed import barrier
 from ..runtime.env import ProcessEnv

@@ -23,16 +23,17 @@ def result_row(cfg: Config, point, metrics: dict, seconds: float, resumed_shards
     return {"guidance_scale": point.guidance_scale, "guidance_interval": list(cfg.sample.guidance_interval) or None,
             "sampler": point.sampler, "steps": point.steps, "eta": cfg.sample.eta,
             "nfe": network_evaluations(point.sampler, point.steps, cfg.diffusion.num_train_timesteps),
-            "num_samples": cfg.sample.num_samples, "seed": cfg.sample.seed, "checkpoint": _checkpoint(cfg),
+            "num_samples": cfg.sample.num_samples, "seed": cfg.sample.seed, "checkpoint": _checkpoint(cfg.eval.unet),
             **metrics, "seconds": seconds, "samples_per_s": cfg.sample.num_samples / max(seconds, 1e-9),
             "resumed_shards": resumed_shards, "samples": str(storage.parse(cfg.eval.out).join(point.name))}
 
 
-def _checkpoint(cfg: Config) -> str:
+def _checkpoint(unet_dir: str) -> str:
+    """The checkpoint an exported UNet came from (its own path if it does not say)."""
     from pathlib import Path
 
-    meta = Path(cfg.eval.unet) / "dist_diffusion.json"
-    return json.loads(meta.read_text()).get("checkpoint", cfg.eval.unet) if meta.is_file() else cfg.eval.unet
+    meta = Path(unet_dir) / "dist_diffusion.json"
+    return json.loads(meta.read_text()).get("checkpoint", unet_dir) if meta.is_file() else unet_dir
 
 
 def markdown(rows: list[dict]) -> str:
@@ -48,7 +49,7 @@ def write_report(cfg: Config, rows: list[dict], features: str | None, judging: d
     out = storage.parse(cfg.eval.out)
     report = {"unet": cfg.eval.unet, "features": features, **(judging or {}), "results": rows}
     storage.write_bytes(out.join("report.json"), (json.dumps(report, indent=2) + "\n").encode())
-    text = f"# Evaluation of {_checkpoint(cfg)}\n\nfeatures: {features or 'none'}\n\n" + _judging_lines(judging or {})
+    text = f"# Evaluation of {_checkpoint(cfg.eval.unet)}\n\nfeatures: {features or 'none'}\n\n" + _judging_lines(judging or {})
     text += markdown(rows)
     storage.write_bytes(out.join("report.md"), text.encode())
     LOG.info(text)

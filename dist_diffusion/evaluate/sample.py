@@ -114,7 +114,7 @@ class Judge:
         self.real = reference_features(shards, extractor, n) if env.is_main else None
         floor_shards, self.floor_source = floor_images(shards)
         self.floor = real_floor(self.reference, floor_shards, extractor, n, env)
-        self.shards, self.classifier = shards, _classifier_record(cfg)
+        self.shards, self.classifier = shards, _classifier_record(cfg.eval.classifier)
         if env.is_main:
             LOG.info(f"reference statistics of {shards} ({self.reference.count} images, {extractor.id}): "
                      f"{'cached' if cached else 'computed and cached'}; FID of {self.floor['fid_real_floor_n']} "
@@ -131,9 +131,9 @@ class Judge:
                 "fid_real_floor_source": self.floor_source, **self.classifier}
 
 
-def _classifier_record(cfg: Config) -> dict:
+def _classifier_record(classifier_dir: str) -> dict:
     """The judging classifier's own accuracy on real held-out images, from its export."""
-    meta = Path(cfg.eval.classifier) / "dist_diffusion.json" if cfg.eval.classifier else None
+    meta = Path(classifier_dir) / "dist_diffusion.json" if classifier_dir else None
     if meta is None or not meta.is_file():
         return {}
     accuracy = json.loads(meta.read_text()).get("accuracy")
@@ -229,24 +229,24 @@ class PointFeatures:
     logits: np.ndarray
 
 
-def labels_for(cfg: Config, indices: list[int]) -> torch.Tensor:
+def labels_for(num_classes: int, indices: list[int]) -> torch.Tensor:
     """Class-balanced, fixed order: sample i asks for class i mod num_classes."""
-    return torch.tensor([i % cfg.model.num_classes for i in indices])
+    return torch.tensor([i % num_classes for i in indices])
 
 
 def _make_shard(cfg: Config, unet, vae, extractor, indices: list[int], out, k: int, bar) -> dict:
     images = []
     for start in range(0, len(indices), cfg.sample.batch_size):
         idx = indices[start:start + cfg.sample.batch_size]
-        x = generate(cfg, unet, labels_for(cfg, idx), idx)
+        x = generate(cfg, unet, labels_for(cfg.model.num_classes, idx), idx)
         if vae is not None:
             x = decode_on_its_device(vae, x, cfg.sample.network_batch)
         images.append(to_uint8(x[:, :3]).cpu())
         bar.update(len(idx))
         bar.set_postfix(img_per_s=f"{bar.n / max(bar.format_dict['elapsed'], 1e-9):.1f}")
     images = torch.cat(images)
-    labels = labels_for(cfg, indices).numpy()
-    _write_images(cfg, out, k, indices, images, labels)
+    labels = labels_for(cfg.model.num_classes, indices).numpy()
+    _write_images(out, k, indices, images, labels, cfg.eval.write_png)
     feats, logits = extractor(images) if extractor else (np.zeros((len(indices), 1)), np.zeros((len(indices), 1)))
     record = {"labels": labels, "features": feats.astype(np.float32), "logits": logits.astype(np.float32)}
     buf = io.BytesIO()
@@ -255,11 +255,11 @@ def _make_shard(cfg: Config, unet, vae, extractor, indices: list[int], out, k: i
     return record
 
 
-def _write_images(cfg: Config, out, k: int, indices: list[int], images: torch.Tensor, labels: np.ndarray) -> None:
+def _write_images(out, k: int, indices: list[int], images: torch.Tensor, labels: np.ndarray, write_png: bool) -> None:
     pngs = [_png(img) for img in images]
     samples = [(f"{i:08d}", {"png": png, "cls": str(int(y)).encode()}) for i, png, y in zip(indices, pngs, labels)]
     upload_tar(out.join(f"samples-{k:06d}.tar"), samples)
-    if cfg.eval.write_png:
+    if write_png:
         for i, png in zip(indices, pngs):
             storage.write_bytes(out.join(f"png/{i:08d}.png"), png)
 

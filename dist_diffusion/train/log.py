@@ -13,22 +13,23 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import Config
+from ..config import TrainConfig
 from ..logs import get_logger
 
 LOG = get_logger("train")
 
 
 class TrainLogger:
-    def __init__(self, cfg: Config, env, run_dir: Path):
-        self.cfg, self.env, self.run_dir = cfg, env, run_dir
+    def __init__(self, train: TrainConfig, num_timesteps: int, env, run_dir: Path):
+        """``num_timesteps``: T of the diffusion schedule, whose quarters the loss is logged by."""
+        self.train, self.num_timesteps, self.env, self.run_dir = train, num_timesteps, env, run_dir
         self.main = env.is_main
         self.window_start, self.window_images, self.window_wait = time.perf_counter(), 0, 0.0
         self.corrupt_total = 0  # corrupt samples this rank skipped since the process started
         self.seen = open(run_dir / f"samples_rank{env.rank:03d}.jsonl", "a")
         self.metrics = open(run_dir / "metrics.jsonl", "a") if self.main else None
         self.tb = self._tensorboard() if self.main else None
-        self.bar = tqdm(total=cfg.train.max_steps, desc="train", unit="step", disable=not self.main,
+        self.bar = tqdm(total=train.max_steps, desc="train", unit="step", disable=not self.main,
                         dynamic_ncols=True)
 
     def start(self, step: int) -> None:
@@ -56,7 +57,7 @@ class TrainLogger:
         self.window_images += len(m["keys"])
         self.corrupt_total += m["corrupt_samples"]
         self.window_wait += m["data_wait_s"]
-        if step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps:
+        if step % self.train.log_every == 0 or step == self.train.max_steps:
             self._emit(step, m)
 
     def _emit(self, step: int, m: dict) -> None:
@@ -64,7 +65,7 @@ class TrainLogger:
         from ..runtime.distributed import mean_over_ranks
 
         per_sample, t = m["per_sample"].cpu(), m["t"].cpu()
-        sums = mean_over_ranks(_loss_sums(per_sample, t, self.cfg.diffusion.num_train_timesteps))
+        sums = mean_over_ranks(_loss_sums(per_sample, t, self.num_timesteps))
         reduced = [(total / count).item() if count > 0 else float("nan") for total, count in sums.view(-1, 2)]
         elapsed = time.perf_counter() - self.window_start
         per_proc = self.window_images / elapsed
@@ -87,7 +88,7 @@ class TrainLogger:
         for key, value in row.items():
             if key != "step":
                 self.tb.add_scalar(f"train/{key}", value, step)
-        LOG.info(f"step {step}/{self.cfg.train.max_steps} loss {row['loss']:.4f} grad {row['grad_norm']:.3f} "
+        LOG.info(f"step {step}/{self.train.max_steps} loss {row['loss']:.4f} grad {row['grad_norm']:.3f} "
                  f"lr {row['lr']:.2e} {row['images_per_s']:.1f} img/s data-wait {100 * row['data_wait_fraction']:.0f}%")
 
     def close(self) -> None:

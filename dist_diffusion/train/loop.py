@@ -113,16 +113,16 @@ def build_run(cfg: Config) -> Run:
     resume = find_resume_tag(cfg.train.run_dir, cfg.train.ckpt_url, env.local_rank)
     elastic = resume is not None and checkpoint.saved_world_size(run_dir / "checkpoints", resume) != env.world_size
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    trainable = apply_numerics(cfg, build_trainable(cfg).to(device()), device())
-    engine = build_engine(cfg, trainable, env.world_size, run_dir, load_universal=elastic)
+    trainable = apply_numerics(cfg.runtime, build_trainable(cfg).to(device()), device())
+    engine = build_engine(cfg.train, cfg.runtime, trainable, env.world_size, run_dir, load_universal=elastic)
     vae = _frozen_vae(cfg) if objective(cfg).encodes_with_vae(cfg, manifest) else None
-    spec = StreamSpec(url=cfg.data.shards, batch_size=micro_batch_size(cfg, env.world_size), rank=env.rank,
+    spec = StreamSpec(url=cfg.data.shards, batch_size=micro_batch_size(cfg.train, env.world_size), rank=env.rank,
                       world_size=env.world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
                       hflip=cfg.data.hflip, max_corrupt_fraction=cfg.data.max_corrupt_fraction)
     if env.is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     _record_placement(run_dir, env)
-    logger = TrainLogger(cfg, env, run_dir)
+    logger = TrainLogger(cfg.train, cfg.diffusion.num_train_timesteps, env, run_dir)
     logger.info(describe(env))
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_train_timesteps,
                              cfg.diffusion.beta_start, cfg.diffusion.beta_end).to(device())
@@ -181,11 +181,11 @@ def train_step(run: Run, batches) -> dict:
         gen = _step_generator(cfg.train.seed, run.state.step, micro, run.env.rank)
         per_sample, t = _micro_loss(run, batch, gen)
         loss = per_sample.mean() * (0.0 if empty else 1.0)
-        if not engine_checks_overflow(cfg) and any_rank(not torch.isfinite(loss).item()):
+        if not engine_checks_overflow(cfg.runtime) and any_rank(not torch.isfinite(loss).item()):
             return _nonfinite(run, loss)
         run.engine.backward(loss)
         run.engine.step()
-        if micro == cfg.train.grad_accum - 1 and engine_checks_overflow(cfg) and not run.engine.was_step_applied():
+        if micro == cfg.train.grad_accum - 1 and engine_checks_overflow(cfg.runtime) and not run.engine.was_step_applied():
             return _nonfinite(run, loss)  # every rank saw the same reduced overflow flag
         if not empty:
             losses.append(per_sample.detach().float())
