@@ -40,6 +40,9 @@ def export_model(run_dir: str | Path, out: str | Path, weights: str = "ema") -> 
     model.load_state_dict(state)
     measured = objective(cfg).measure_export(model, cfg)
     write_export(model, cfg, out, {"checkpoint": str(root / tag), "weights": weights, **measured})
+    if measured:  # the run keeps what its export measured on held-out data, beside metrics.jsonl
+        record = {"checkpoint": tag, "weights": weights, "export": str(out), **measured}
+        (run_dir / "heldout_metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 

@@ -322,11 +322,20 @@ def test_vae_recipe_trains_exports_and_feeds_encode(tmp_path, datasets):
 
     vae = AutoencoderKL.from_pretrained(tmp_path / "vae-export")
     assert vae.config.latent_channels == 4
+    assert len(vae.config.latents_mean) == len(vae.config.latents_std) == 4  # measured by the export
+    measured = json.loads((run / "heldout_metrics.json").read_text())
+    assert measured["reconstruction"]["psnr_db"] > 0 and measured["latent_stats"]["num_images"] > 0
+    assert json.loads((tmp_path / "vae-export/dist_diffusion.json").read_text())["reconstruction"] == \
+        measured["reconstruction"]
     encoded = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "encode", "--shards",
                               datasets["pixels"].replace("16", "32"), "--out", "s3://train-data/lat-own-vae",
                               "--config", "configs/tiny.yaml", f"vae.pretrained={tmp_path / 'vae-export'}"],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert encoded.returncode == 0 and "latents 4x8x8" in encoded.stdout, encoded.stderr
+    from dist_diffusion.data.shards import load_manifest
+
+    stats = load_manifest("s3://train-data/lat-own-vae")["latent_stats"]
+    assert abs(stats["std"] - 1) < 0.1 and all(abs(s - 1) < 0.1 for s in stats["channel_std"])
 
 
 def test_checkpoints_upload_to_s3_and_a_fresh_run_dir_resumes_from_there(tmp_path, datasets):

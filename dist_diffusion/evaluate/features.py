@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ..config import Config, ConfigError
+from ..config import ConfigError, EvalConfig
 from ..data import storage
 
 
@@ -79,15 +79,15 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().cpu().numpy()
 
 
-def build_extractor(cfg: Config, where: torch.device = torch.device("cpu")) -> Extractor:
-    e = cfg.eval
+def build_extractor(e: EvalConfig, where: torch.device = torch.device("cpu")) -> Extractor:
+    """The feature network the ``eval`` section names, on ``where``."""
     check_extractor(e)
     if e.features == "inception":
         return InceptionExtractor(_local_file(e.inception_weights, "eval.inception_weights"), where)
     return ClassifierExtractor(Path(e.classifier), where)
 
 
-def check_extractor(e) -> None:
+def check_extractor(e: EvalConfig) -> None:
     """The feature network the ``eval`` section names is there and is what it is named as
     (checked before any rank starts; an s3:// weights URL is checked when it is fetched)."""
     if e.features == "inception":

@@ -84,7 +84,7 @@ def evaluate(cfg: Config) -> list[dict]:
     if env.is_main:
         LOG.info(describe(env))
     unet, vae = load_models(cfg, device())
-    extractor = build_extractor(cfg, device()) if cfg.eval.metrics else None
+    extractor = build_extractor(cfg.eval, device()) if cfg.eval.metrics else None
     judge = Judge(cfg, extractor, env) if extractor else None
     rows = []
     for point in sweep(cfg):
