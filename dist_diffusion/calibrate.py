@@ -9,7 +9,6 @@ published factor unless asked).
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 from typing import Iterator
@@ -95,7 +94,7 @@ def calibrate_directory(vae_dir: str | Path, url: str, out: str | Path | None = 
                           f"AutoencoderKL.save_pretrained (an SD-VAE, or `dist-diffusion export` of a VAE run)")
     vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval()
     stats = calibrate(vae, url, num_images, seed)
-    quality = reconstruction_psnr(vae, itertools.islice(image_batches(url, 256, seed + 1), 4))
+    quality = reconstruction_psnr(vae, image_batches(url, 256, seed + 1))
     target = Path(out or vae_dir)
     vae.save_pretrained(target, safe_serialization=True)
     record = _read_record(Path(vae_dir))

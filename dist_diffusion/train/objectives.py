@@ -116,8 +116,6 @@ class VAE(Objective):
     def measure_export(self, model, cfg):
         """Latent statistics on the training images (written into the VAE's config, so its
         latents are unit-variance per channel) and the reconstruction PSNR."""
-        import itertools
-
         from ..calibrate import calibrate, image_batches, reconstruction_psnr
         from ..data import storage
 
@@ -125,7 +123,7 @@ class VAE(Objective):
         model.eval()
         stats = calibrate(model, cfg.data.shards, cfg.vae.calibration_images, cfg.train.seed)
         judged_on = heldout_url(cfg.data.shards)
-        quality = reconstruction_psnr(model, itertools.islice(image_batches(judged_on, 1024, cfg.train.seed), 16))
+        quality = reconstruction_psnr(model, image_batches(judged_on, 1024, cfg.train.seed))
         return {"latent_stats": stats, "reconstruction": {**quality, "images": judged_on}}
 
 
