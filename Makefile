@@ -26,12 +26,18 @@ system-deps:
 	@command -v slurmctld >/dev/null && command -v mariadbd >/dev/null && command -v ip >/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PKGS) >/dev/null; }
 
+# Two pytest-xdist workers: much of the suite waits on daemons, requeues and rank start-up,
+# and the other worker computes meanwhile. A module is one unit of work (tests/conftest.py),
+# so its fixtures start once. TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+
 test: venv
-	$(BIN)/python -m pytest $(TEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(TEST_ARGS)
 
 # The inner loop: no training, sampling or cluster processes (markers in pyproject.toml).
 test-fast: venv
-	$(BIN)/python -m pytest -m "not slow and not cluster" $(TEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow and not cluster" $(TEST_ARGS)
 
 demo: venv
 	$(BIN)/python -m dist_diffusion.demo

@@ -12,6 +12,31 @@ CLUSTER_MODULES = {"test_cluster", "test_slurm", "test_ray"}
 SLOW_MODULES = CLUSTER_MODULES | {"test_train", "test_evaluate", "test_demo", "test_encode"}
 
 
+# `make test` runs the suite in two pytest-xdist workers (`--dist loadfile`): a module is
+# one unit of work, so its module fixtures (a SLURM cluster, a Ray head, trained models)
+# start once. Units start longest first (measured on 2 cores), so the two workers end
+# close together; unlisted modules take seconds and fill in at the end. Tests that look
+# for processes by name (Ray Train workers, ranks) look only in their own cluster's
+# network namespaces (`net_namespace`), since the other worker may run a cluster too.
+LONGEST_FIRST = ["test_cluster", "test_train", "test_demo", "test_slurm", "test_evaluate", "test_ray",
+                 "test_stream"]
+
+
+def unit_rank(item) -> int:
+    module = item.module.__name__
+    return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
+def net_namespace(pid: int | str = "self") -> str | None:
+    """The network namespace a process lives in (None once it has exited)."""
+    import os
+
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__
@@ -21,6 +46,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if "s3_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.s3)
+    items.sort(key=unit_rank)  # stable: a module's tests keep their order, modules theirs
 
 
 class TinyDenoiser(torch.nn.Module):

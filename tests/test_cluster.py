@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PIXEL16, eval_overrides, logged_steps, make_class_folders, wait_until
+from conftest import PIXEL16, eval_overrides, logged_steps, make_class_folders, net_namespace, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "infra/local/cluster.sh")
@@ -354,9 +354,13 @@ def assert_bitwise_the_uninterrupted_run(run: Path, uninterrupted: Path) -> None
 
 
 def processes(*needles: str) -> list[psutil.Process]:
-    """Python processes whose command line holds every needle (not srun or bash around them)."""
+    """Python processes on the cluster's nodes (in a network namespace other than this
+    process's, not a loopback Ray of another test) whose command line holds every needle
+    (not srun or bash around them)."""
+    here = net_namespace()
     return [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].split("/")[-1]
-            .startswith(("python", "ray::")) and all(n in " ".join(p.info["cmdline"]) for n in needles)]
+            .startswith(("python", "ray::")) and all(n in " ".join(p.info["cmdline"]) for n in needles)
+            and net_namespace(p.pid) not in (here, None)]
 
 
 def freeze_both_after_their_first_checkpoint(runs: list[tuple[Path, Path, object]]) -> list[psutil.Process]:

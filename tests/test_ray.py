@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import PIXEL16, eval_overrides, logged_steps, wait_until
+from conftest import PIXEL16, eval_overrides, logged_steps, net_namespace, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -59,7 +59,11 @@ def test_ray_job_trains_and_stores_checkpoints(ray_head, tmp_path, pixel_shards)
 
 
 def ray_train_workers():
-    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    """This head's Ray Train workers: those on loopback, in this process's network namespace
+    (the 2-node cluster's, which another xdist worker may be running, are in their own)."""
+    ours = net_namespace()
+    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+            and net_namespace(p.pid) == ours]
 
 
 def test_killed_worker_restarts_from_ray_checkpoint(ray_head, tmp_path, pixel_shards):
