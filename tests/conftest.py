@@ -1,7 +1,22 @@
 """Shared fixtures. Everything here runs on CPU with tiny shapes."""
 
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
-import torch
+
+# Under pytest-xdist each worker gets its share of the cores, as each rank of a job does
+# (runtime.distributed): with every worker's torch, and the ranks it starts (they inherit
+# OMP_NUM_THREADS), on all cores at once, OpenMP threads spin against each other and a
+# CPU-bound test ran up to 8x slower than alone.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+import torch  # noqa: E402 (after the thread count it reads)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 from dist_diffusion.core.schedule import make_schedule
 
@@ -9,7 +24,7 @@ from dist_diffusion.core.schedule import make_schedule
 # start training or sampling processes; tests that use the S3 server are marked `s3`.
 # `make test-fast` (-m "not slow and not cluster") is the inner loop.
 CLUSTER_MODULES = {"test_cluster", "test_slurm", "test_ray"}
-SLOW_MODULES = CLUSTER_MODULES | {"test_train", "test_evaluate", "test_demo", "test_encode"}
+SLOW_MODULES = CLUSTER_MODULES | {"test_train", "test_evaluate", "test_demo", "test_ablation", "test_encode"}
 
 
 # `make test` runs the suite in two pytest-xdist workers (`--dist loadfile`): a module is
@@ -18,8 +33,8 @@ SLOW_MODULES = CLUSTER_MODULES | {"test_train", "test_evaluate", "test_demo", "t
 # close together; unlisted modules take seconds and fill in at the end. Tests that look
 # for processes by name (Ray Train workers, ranks) look only in their own cluster's
 # network namespaces (`net_namespace`), since the other worker may run a cluster too.
-LONGEST_FIRST = ["test_cluster", "test_train", "test_demo", "test_slurm", "test_evaluate", "test_ray",
-                 "test_stream"]
+LONGEST_FIRST = ["test_cluster", "test_train", "test_ablation", "test_slurm", "test_demo", "test_evaluate",
+                 "test_ray", "test_stream", "test_models"]
 
 
 def unit_rank(item) -> int:
@@ -73,6 +88,22 @@ class TinyDenoiser(torch.nn.Module):
         a = self.alphas_cumprod[t].to(x.dtype)[:, None, None, None]
         exact = (1 - a).sqrt() * x if self.prediction == "epsilon" else torch.zeros_like(x)
         return exact + 0.1 * torch.tanh(self.out(h))
+
+
+def run_stopping_with_sigterm(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run, except that a demo stopped early (its timeout, pytest-timeout's)
+    gets SIGTERM first, so it stops its own S3 server; SIGKILL would orphan it."""
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def make_tiny_model(schedule: str = "linear", prediction: str = "epsilon"):
