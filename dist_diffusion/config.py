@@ -93,6 +93,11 @@ class VAEConfig(_Section):
     kl_weight: float = _f(1e-6, "VAE training: weight of KL(q(z|x) || N(0, I)) (summed over the "
                                 "latent) against the per-pixel reconstruction loss", ge=0.0)
     recon_loss: str = _f("l1", "VAE training: reconstruction loss", choices=["l1", "mse"])
+    adversarial_weight: float = _f(0.0, "VAE training: weight of a patch discriminator's hinge loss on the "
+                                        "decoded images (LDM's autoencoder), which keeps texture the "
+                                        "reconstruction loss alone smears; 0 trains without one", ge=0.0)
+    discriminator_width: int = _f(32, "VAE training: channels of the patch discriminator's first stage "
+                                      "(it has 3 convolutions, width x 1, 2, 2)", ge=8)
 
 
 @dataclass

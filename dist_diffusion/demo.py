@@ -102,8 +102,8 @@ class DemoRuns:
         self.nproc, self.dataset = str(args.nproc), DATASETS[args.dataset]
         classes = f"model.num_classes={self.dataset.num_classes}"
         self.unet = [*UNET_OVERRIDES, classes, *args.overrides]
-        self.vae = VAE_OVERRIDES + [f"train.max_steps={args.vae_steps}", f"train.ckpt_every={args.vae_steps}",
-                                    f"train.run_dir={out / 'vae'}"]
+        self.vae = [*VAE_OVERRIDES, *self.dataset.vae_overrides, f"train.max_steps={args.vae_steps}",
+                    f"train.ckpt_every={args.vae_steps}", f"train.run_dir={out / 'vae'}"]
         self.classifier = CLASSIFIER_OVERRIDES + [classes, f"train.max_steps={args.classifier_steps}",
                                                   f"train.ckpt_every={args.classifier_steps}",
                                                   f"train.run_dir={out / 'classifier'}"]

@@ -35,9 +35,10 @@ def export_model(run_dir: str | Path, out: str | Path, weights: str = "ema") -> 
         raise ConfigError(f"{run_dir} has no complete checkpoint; train first (or point --run-dir "
                           f"at the run's directory)")
     cfg = load_config(run_dir / "config.yaml")
-    model = objective(cfg).build(cfg)
-    state = _ema_state(root / tag, model) if weights == "ema" else consolidated_fp32_state(root, tag)
-    model.load_state_dict(state)
+    trained = objective(cfg).build(cfg)
+    state = _ema_state(root / tag, trained) if weights == "ema" else consolidated_fp32_state(root, tag)
+    trained.load_state_dict(state)
+    model = objective(cfg).exported(trained)
     measured = objective(cfg).measure_export(model, cfg)
     write_export(model, cfg, out, {"checkpoint": str(root / tag), "weights": weights, **measured})
     if measured:  # the run keeps what its export measured on held-out data, beside metrics.jsonl

@@ -183,6 +183,9 @@ DATA = [  # files and directories that are not what they are named as
          "F/latents holds latents but vae.enabled=false"),
     case("vae-target-on-latents", f"train --config {T} train.run_dir=F/run7 data.shards=F/latents "
          "train.target=vae", "train.target=vae needs image shards"),
+    case("adversarial-vae-on-zero3", f"train --config {T} train.run_dir=F/run8 data.shards=F/made16 "
+         "train.target=vae vae.adversarial_weight=0.1 runtime.zero_stage=3",
+         "vae.adversarial_weight=0.1 needs runtime.zero_stage 1 or 2"),
     case("run-dir-is-a-file", f"train --config {T} train.run_dir=F/a_file data.shards=F/made16",
          "train.run_dir=F/a_file is a file"),
     case("resume-with-another-model", f"train --config {T} train.run_dir=F/oldrun data.shards=F/made16 "

@@ -188,3 +188,60 @@ def test_the_demo_bar_holds_samples_to_the_floor():
     assert quality_bar(report)["passed"] is False  # 9 > 3 x 2
     assert quality_bar({**report, "fid_real_floor": 3.0})["passed"] is True
     assert quality_bar({**report, "fid_real_floor": 3.0, "accuracy_bar": 0.96})["passed"] is False
+
+
+def test_adversarial_terms_train_each_player_only_on_its_own_loss():
+    """One backward of the summed terms gives the discriminator exactly the gradient of its
+    hinge loss (the decoded images detached) and the decoder exactly that of -w * D(x_hat)
+    (the discriminator held fixed)."""
+    from dist_diffusion.core.vae_loss import PatchDiscriminator, adversarial_terms
+
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(3, 8)
+    decoder_out = torch.nn.Parameter(torch.randn(2, 3, 16, 16))
+    real = torch.randn(2, 3, 16, 16)
+    adversarial_terms(disc, real, torch.tanh(decoder_out), weight=0.5).sum().backward()
+    got_disc, got_decoder = [p.grad.clone() for p in disc.parameters()], decoder_out.grad.clone()
+
+    disc.zero_grad()
+    hinge = torch.relu(1 - disc(real)) + torch.relu(1 + disc(torch.tanh(decoder_out).detach()))
+    hinge.flatten(1).mean(dim=1).sum().backward()
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(got_disc, disc.parameters()))
+    decoder_out.grad = None
+    disc.requires_grad_(False)
+    (-0.5 * disc(torch.tanh(decoder_out))).flatten(1).mean(dim=1).sum().backward()
+    assert torch.allclose(got_decoder, decoder_out.grad, atol=1e-6) and got_decoder.abs().sum() > 0
+
+
+def test_an_adversarial_vae_trains_its_discriminator_beside_it_and_exports_the_vae_alone():
+    from diffusers import AutoencoderKL
+
+    from dist_diffusion.core.vae_loss import AdversarialAutoencoder
+    from dist_diffusion.train.objectives import OBJECTIVES
+
+    cfg = load_config(ROOT / "configs/vae_tiny.yaml", ["vae.adversarial_weight=0.1"])
+    trained = OBJECTIVES["vae"].build(cfg)
+    assert isinstance(trained, AdversarialAutoencoder)
+    assert any(name.startswith("discriminator.") for name in trained.state_dict())
+    assert isinstance(OBJECTIVES["vae"].exported(trained), AutoencoderKL)
+    plain = load_config(ROOT / "configs/vae_tiny.yaml", ["vae.adversarial_weight=0"])
+    assert isinstance(OBJECTIVES["vae"].build(plain), AutoencoderKL)
+
+
+def test_the_adversarial_pull_is_a_fixed_fraction_of_the_reconstructions():
+    """However large the discriminator's logits grow, the decoder's adversarial gradient at
+    the decoded image is `weight` times the reconstruction's (VQGAN's adaptive weight)."""
+    from dist_diffusion.core.vae_loss import PatchDiscriminator, balanced_weight
+
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(3, 8)
+    decoded = torch.nn.Parameter(torch.randn(2, 3, 16, 16))
+    target = torch.randn(2, 3, 16, 16)
+    reconstruction = (decoded - target).abs().mean()
+    for scale in (1.0, 1000.0):
+        adversarial = -scale * disc(decoded).mean()
+        weight = balanced_weight(reconstruction, adversarial, decoded, 0.5)
+        g_rec, = torch.autograd.grad(reconstruction, decoded, retain_graph=True)
+        g_adv, = torch.autograd.grad(weight * adversarial, decoded, retain_graph=True)
+        assert not weight.requires_grad
+        assert torch.allclose(g_adv.norm(), 0.5 * g_rec.norm(), rtol=1e-4)

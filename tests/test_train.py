@@ -338,6 +338,21 @@ def test_vae_recipe_trains_exports_and_feeds_encode(tmp_path, datasets):
     assert abs(stats["std"] - 1) < 0.1 and all(abs(s - 1) < 0.1 for s in stats["channel_std"])
 
 
+def test_an_adversarial_vae_trains_its_discriminator_on_two_ranks_and_exports_the_vae_alone(tmp_path, datasets):
+    run = tmp_path / "vae-gan"
+    run_train(run, [f"data.shards={datasets['pixels'].replace('16', '32')}", "train.target=vae",
+                    "vae.adversarial_weight=0.5", "train.max_steps=4", "train.batch_size=16", "train.log_every=1",
+                    "train.warmup_steps=2"])
+    assert len(losses(run)) == 4 and all(torch.isfinite(torch.tensor(losses(run))))
+    ema = load_file(str(run / "checkpoints/step00000004/ema_rank000.safetensors"))
+    assert any(key.startswith("discriminator.") for key in ema), sorted(ema)[:5]  # trained and kept for resume
+    out = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "export", "--run-dir", str(run), "--out",
+                          str(tmp_path / "export")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "AutoencoderKL" in out.stdout, out.stderr[-3000:]
+    weights = load_file(str(tmp_path / "export/diffusion_pytorch_model.safetensors"))
+    assert not any("discriminator" in key for key in weights) and "decoder.conv_out.weight" in weights
+
+
 def test_checkpoints_upload_to_s3_and_a_fresh_run_dir_resumes_from_there(tmp_path, datasets):
     from dist_diffusion.data import storage
 

@@ -18,6 +18,7 @@ def preflight(cfg: Config, check_lock: bool = True) -> None:
     """What every launcher checks before a rank starts, each failure one line: the run
     directory can resume with this config and is not in use, and the shards are there and
     fit the model."""
+    objective(cfg).check(cfg)
     checkpoint.check_resumable(cfg)
     check_data(cfg)
     if cfg.train.ckpt_url:  # not found out at the first checkpoint, after the steps before it

@@ -32,6 +32,10 @@ class Objective(ABC):
     def build(self, cfg: Config) -> torch.nn.Module:
         """The network, freshly initialised."""
 
+    def check(self, cfg: Config) -> None:
+        """This objective's rules for the recipe, checked before any rank starts (one
+        ConfigError naming the fix)."""
+
     def encodes_with_vae(self, cfg: Config, manifest: dict) -> bool:
         """Whether image shards go through the frozen VAE before the loss."""
         return False
@@ -40,6 +44,11 @@ class Objective(ABC):
     def loss(self, run, x0: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
         """(per-sample loss, timesteps or None) of one micro-batch; ``run`` has engine, cfg
         and schedule; ``gen`` is the micro-step's CPU generator."""
+
+    def exported(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The part of the trained module that export writes (all of it, unless the
+        objective trains helpers beside its network)."""
+        return model
 
     def measure_export(self, model: torch.nn.Module, cfg: Config) -> dict:
         """What the export measures on the data and records beside the weights (it may
@@ -98,20 +107,37 @@ class Diffusion(Objective):
 
 
 class VAE(Objective):
-    """The autoencoder the latent runs use: reconstruction + KL."""
+    """The autoencoder the latent runs use: reconstruction + KL, and with
+    ``vae.adversarial_weight`` a patch discriminator trained beside it (never exported)."""
 
     name, needs_image_shards, export_kind = "vae", True, "AutoencoderKL"
 
+    def check(self, cfg: Config) -> None:
+        from ..config import ConfigError
+
+        if cfg.vae.adversarial_weight > 0 and cfg.runtime.zero_stage == 3:
+            # the decoder's term runs the discriminator on detached whole parameters
+            raise ConfigError(f"vae.adversarial_weight={cfg.vae.adversarial_weight:g} needs runtime.zero_stage 1 "
+                              f"or 2: ZeRO-3 partitions the discriminator's parameters")
+
     def build(self, cfg: Config) -> torch.nn.Module:
         from ..core.models import build_vae
+        from ..core.vae_loss import AdversarialAutoencoder, PatchDiscriminator
 
-        return build_vae(cfg)
+        vae = build_vae(cfg)
+        if cfg.vae.adversarial_weight == 0:
+            return vae
+        return AdversarialAutoencoder(vae, PatchDiscriminator(cfg.data.image_channels, cfg.vae.discriminator_width))
+
+    def exported(self, model):
+        return getattr(model, "vae", model)
 
     def loss(self, run, x0, labels, gen):
         from ..core.vae_loss import vae_loss
 
-        cfg = run.cfg
-        return vae_loss(run.engine.module, x0.to(_dtype(cfg)), gen, cfg.vae.kl_weight, cfg.vae.recon_loss), None
+        v, module = run.cfg.vae, run.engine.module
+        return vae_loss(self.exported(module), x0.to(_dtype(run.cfg)), gen, v.kl_weight, v.recon_loss,
+                        getattr(module, "discriminator", None), v.adversarial_weight), None
 
     def measure_export(self, model, cfg):
         """Latent statistics on the training images (written into the VAE's config, so its
