@@ -78,7 +78,8 @@ def adversarial_terms(discriminator: nn.Module, real: torch.Tensor, decoded: tor
     - discriminator: relu(1 - D(x)) + relu(1 + D(x_hat)), with x_hat detached, so this term
       moves only D;
     - decoder: -weight * D(x_hat), with D's parameters detached (a functional call on
-      detached copies), so this term moves only the VAE.
+      detached copies), so this term moves only the VAE. Given the ``reconstruction``
+      loss (summed), the weight is balanced against it (:func:`balanced_weight`).
     """
     frozen = {name: p.detach() for name, p in discriminator.named_parameters()}
     fooled = functional_call(discriminator, frozen, (decoded,)).float().flatten(1).mean(dim=1)
