@@ -16,9 +16,9 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 import torch  # noqa: E402 (after the thread count it reads)
 
-ROOT = Path(__file__).resolve().parents[1]
+from dist_diffusion.core.schedule import make_schedule  # noqa: E402
 
-from dist_diffusion.core.schedule import make_schedule
+ROOT = Path(__file__).resolve().parents[1]
 
 # Modules whose tests start SLURM, Ray or the 2-node cluster, and modules whose tests
 # start training or sampling processes; tests that use the S3 server are marked `s3`.
@@ -44,8 +44,6 @@ def unit_rank(item) -> int:
 
 def net_namespace(pid: int | str = "self") -> str | None:
     """The network namespace a process lives in (None once it has exited)."""
-    import os
-
     try:
         return os.readlink(f"/proc/{pid}/ns/net")
     except OSError:
