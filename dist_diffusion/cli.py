@@ -12,6 +12,14 @@ from . import __version__
 from .config import ConfigError, field_docs, load_config, to_yaml
 from .errors import expected, one_line
 
+# What a local rank of each `--nproc N` command imports, so the launcher imports it once and
+# forks the ranks from itself (runtime.env.spawn_local); drivers that run many commands
+# (the demo) fork each from a server that imported all of them (runtime.env.run_command).
+_MODELS = ("dist_diffusion.core.models", "dist_diffusion.runtime.distributed")
+RANK_IMPORTS = {"train": ("dist_diffusion.train", *_MODELS), "sample": ("dist_diffusion.evaluate.sample", *_MODELS),
+                "encode": ("dist_diffusion.encode", *_MODELS)}
+COMMAND_IMPORTS = tuple(sorted({module for modules in RANK_IMPORTS.values() for module in modules}))
+
 
 def _cmd_config(args: argparse.Namespace) -> int:
     if args.docs:
@@ -106,7 +114,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     _check_device(cfg)
     if args.nproc > 1:
         argv = ["encode", "--shards", args.shards, "--out", args.out, *args.overrides]
-        return spawn_local(argv + (["--config", args.config] if args.config else []), args.nproc)
+        return spawn_local(argv + (["--config", args.config] if args.config else []), args.nproc, main,
+                           RANK_IMPORTS["encode"])
     from .encode import encode_dataset
     from .runtime.env import process_env
 
@@ -149,7 +158,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if process_env().world_size == 1:  # a rank of a launched job: build_run checks the same, once
         preflight(cfg, check_lock=nproc > 1)  # a single process takes the lock itself, at once
     if nproc > 1:
-        return spawn_local(["train", "--config", args.config, "--nproc", "1", *args.overrides], nproc)
+        return spawn_local(["train", "--config", args.config, "--nproc", "1", *args.overrides], nproc, main,
+                           RANK_IMPORTS["train"])
     from .train import train
 
     summary, code = _run_rank(train, cfg)
@@ -194,7 +204,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     check_inputs(cfg)
     if args.nproc > 1:
-        return spawn_local([args.command, "--config", args.config, "--nproc", "1", *overrides], args.nproc)
+        return spawn_local([args.command, "--config", args.config, "--nproc", "1", *overrides], args.nproc, main,
+                           RANK_IMPORTS["sample"])
     from .evaluate.sample import evaluate
 
     return _run_rank(evaluate, cfg)[1]

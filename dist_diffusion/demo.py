@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import COMMAND_IMPORTS
 from .config import Config, ConfigError, derive, load_config
 from .core.models import build_unet
 from .data import storage
@@ -38,6 +39,7 @@ from .export import export_model
 from .demo_data import DATASETS
 from .extras import require
 from .imaging import save_grid
+from .runtime.env import run_command
 from .stack import start_s3, stop_s3, weed_binary
 
 # The latent UNet run (configs/tiny.yaml: 32 px images -> 8x8x4 latents) and its VAE run.
@@ -273,8 +275,11 @@ def _prepare_data(cfg: Config, dataset, out: Path, url: str, stages: dict) -> di
 
 
 def _cli(*args: str) -> None:
-    """A product command as a user runs it (the trainer starts its 2 DeepSpeed processes)."""
-    subprocess.run([sys.executable, "-m", "dist_diffusion.cli", *args], check=True)
+    """A product command as a user runs it, in a process of its own (the trainer starts its 2
+    DeepSpeed processes); the processes share one import of torch and diffusers."""
+    code = run_command(list(args), COMMAND_IMPORTS)
+    if code:
+        raise subprocess.CalledProcessError(code, ["dist-diffusion", *args])
 
 
 def stage(stages: dict, name: str, work):

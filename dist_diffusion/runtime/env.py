@@ -7,9 +7,14 @@ never imports torch.distributed, so data jobs can split work without a process g
 
 from __future__ import annotations
 
+import atexit
+import importlib
 import os
+import signal
 import socket
+import traceback
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -33,19 +38,26 @@ def process_env(environ: dict | None = None) -> ProcessEnv:
     return ProcessEnv()
 
 
-def spawn_local(argv: list[str], nproc: int) -> int:
-    """Run ``python -m dist_diffusion.cli ARGV`` as nproc local ranks with a loopback
-    rendezvous; the first failure stops the others and its exit code is returned."""
-    import subprocess
-    import sys
+def spawn_local(argv: list[str], nproc: int, entry: Callable[[list[str]], int] | None = None,
+                preload: tuple[str, ...] = ()) -> int:
+    """Run ``dist-diffusion ARGV`` as nproc local ranks with a loopback rendezvous; the
+    first failure stops the others and its exit code is returned.
+
+    Where this process may fork (:func:`may_fork_ranks`), the ranks are forks of it that call
+    ``entry(argv)``, after it imported the ``preload`` modules once: each rank then skips
+    importing torch, diffusers and the framework, about 4 s of CPU a rank (most of a short
+    job's startup). Otherwise each rank is a fresh ``python -m dist_diffusion.cli``."""
     import time
 
     port = free_ports(1)[0]
-    base = {**os.environ, "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    procs = [subprocess.Popen([sys.executable, "-m", "dist_diffusion.cli", *argv],
-                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(nproc)]
+    shared = {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(port)}
+    forking = entry is not None and may_fork_ranks()
+    if forking:
+        for module in preload:
+            importlib.import_module(module)
+    start = (lambda env: _forked_rank(entry, argv, env)) if forking else (lambda env: _fresh_rank(argv, env))
+    procs = [start({**shared, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
     try:
         while any(p.poll() is None for p in procs):
             if any(p.returncode not in (None, 0) for p in procs):
@@ -57,6 +69,74 @@ def spawn_local(argv: list[str], nproc: int) -> int:
                 p.terminate()
         codes = [p.wait() for p in procs]
     return next((c for c in codes if c != 0), 0)
+
+
+def may_fork_ranks() -> bool:
+    """Forked ranks are safe here: no other Python thread (a lock it holds would stay held
+    in the child forever) and no GPU (CUDA does not survive a fork; a GPU job's ranks are
+    fresh processes, as torch.multiprocessing requires)."""
+    import threading
+
+    import torch
+
+    return threading.active_count() == 1 and not torch.cuda.is_available()
+
+
+def _fresh_rank(argv: list[str], rank_env: dict[str, str]):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "dist_diffusion.cli", *argv], env={**os.environ, **rank_env})
+
+
+class _ForkedRank:
+    """A forked rank, watched like a ``subprocess.Popen``: poll, wait, terminate, returncode."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+    def terminate(self) -> None:
+        os.kill(self.pid, signal.SIGTERM)
+
+
+def _forked_rank(entry: Callable[[list[str]], int], argv: list[str], rank_env: dict[str, str]) -> _ForkedRank:
+    """Fork; the child becomes the rank and never returns into the launcher's stack (whose
+    ``finally`` blocks belong to the launcher): it leaves through os._exit, after the exit
+    handlers an interpreter runs when a script ends."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return _ForkedRank(pid)
+    code = 1
+    try:
+        os.environ.update(rank_env)
+        code = entry(argv) or 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -71,3 +151,37 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def run_command(argv: list[str], preload: tuple[str, ...] = ()) -> int:
+    """``dist-diffusion ARGV`` in a process of its own, as a user runs it, and its exit code.
+    The process is forked from multiprocessing's fork server, a clean process that imported
+    the ``preload`` modules once, so a driver running many commands (the demo, the
+    ablation) pays torch's and diffusers' import (about 5 s of CPU) once, not per command.
+    The command sees this process's environment and working directory as they are now."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["dist_diffusion.cli", *preload])
+    proc = context.Process(target=_command_process, args=(argv, dict(os.environ), os.getcwd()))
+    proc.start()
+    try:
+        proc.join()
+    finally:
+        if proc.exitcode is None:  # this driver was stopped: so is its command
+            proc.terminate()
+            proc.join()
+    return proc.exitcode
+
+
+def _command_process(argv: list[str], environ: dict[str, str], cwd: str) -> None:
+    from ..cli import main
+
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
+    try:
+        code = main(argv)
+    finally:
+        atexit._run_exitfuncs()  # what the interpreter runs when a script ends; a forked child leaves by os._exit
+    raise SystemExit(code)
