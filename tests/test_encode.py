@@ -1,15 +1,13 @@
 """encode: image shards in S3 -> latent shards, split over 2 processes; stream latents back."""
 
 import io
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_class_folders
+from conftest import make_class_folders, run_dist_diffusion
 from dist_diffusion.config import DataConfig, load_config
 from dist_diffusion.core.models import build_vae
 from dist_diffusion.data import storage
@@ -31,9 +29,8 @@ def test_encode_with_two_processes_then_stream_latents(tmp_path, bucket, vae_dir
     src = make_class_folders(tmp_path / "src", classes=3, per_class=20)
     images_url, latents_url = f"s3://{bucket}/images", f"s3://{bucket}/latents"
     prepare(src, images_url, DataConfig(resolution=32, samples_per_shard=16), progress=False)
-    cmd = [sys.executable, "-m", "dist_diffusion.cli", "encode", "--shards", images_url, "--out",
-           latents_url, "--config", "configs/tiny.yaml", "--nproc", "2", f"vae.pretrained={vae_dir}"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = run_dist_diffusion(["encode", "--shards", images_url, "--out", latents_url, "--config", "configs/tiny.yaml",
+                              "--nproc", "2", f"vae.pretrained={vae_dir}"], timeout=300)
     assert out.returncode == 0, out.stderr
     manifest = load_manifest(latents_url)
     assert manifest["kind"] == "latents" and manifest["num_samples"] == 60
@@ -55,8 +52,8 @@ def test_encode_with_two_processes_then_stream_latents(tmp_path, bucket, vae_dir
 
 
 def test_encode_needs_a_pretrained_vae(bucket):
-    out = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "encode", "--shards",
-                          f"s3://{bucket}/x", "--out", f"s3://{bucket}/y", "--config", "configs/tiny.yaml"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = run_dist_diffusion(["encode", "--shards",
+                              f"s3://{bucket}/x", "--out", f"s3://{bucket}/y", "--config", "configs/tiny.yaml"],
+                             timeout=120)
     assert out.returncode == 2 and "encode needs vae.pretrained" in out.stderr
     assert "Traceback" not in out.stderr

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_class_folders, wait_until
+from conftest import make_class_folders, run_dist_diffusion, wait_until
 from dist_diffusion.config import DataConfig, load_config
 from dist_diffusion.core.models import build_classifier, build_unet
 from dist_diffusion.evaluate.stats import FeatureSums, frechet_distance
@@ -63,15 +63,18 @@ def models(tmp_path_factory):
 
 
 def eval_cmd(models, out, *overrides, nproc=1):
-    return [sys.executable, "-m", "dist_diffusion.cli", "eval", "--config", "configs/tiny.yaml", "--nproc",
-            str(nproc), *PIXELS, f"eval.unet={models / 'unet'}", f"eval.classifier={models / 'classifier'}",
-            f"eval.reference={models / 'img16'}", f"eval.out={out}", "sample.num_samples=32",
-            "eval.samples_per_shard=8", "sample.batch_size=8", "sample.steps=10", "eval.guidance_scales=[3]", *overrides]
+    return [sys.executable, "-m", "dist_diffusion.cli", *eval_args(models, out, *overrides, nproc=nproc)]
+
+
+def eval_args(models, out, *overrides, nproc=1):
+    return ["eval", "--config", "configs/tiny.yaml", "--nproc", str(nproc), *PIXELS, f"eval.unet={models / 'unet'}",
+            f"eval.classifier={models / 'classifier'}", f"eval.reference={models / 'img16'}", f"eval.out={out}",
+            "sample.num_samples=32", "eval.samples_per_shard=8", "sample.batch_size=8", "sample.steps=10",
+            "eval.guidance_scales=[3]", *overrides]
 
 
 def run_eval(models, out, *overrides, nproc=1):
-    done = subprocess.run(eval_cmd(models, out, *overrides, nproc=nproc), cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    done = run_dist_diffusion(eval_args(models, out, *overrides, nproc=nproc), timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return json.loads((Path(out) / "report.json").read_text())["results"][0], done.stdout
 
@@ -134,10 +137,9 @@ def latent_eval(models, out, reference, *overrides, nproc=1):
     args = ["model.num_classes=4", f"vae.pretrained={models / 'vae'}", f"eval.unet={models / 'unet-latent'}",
             f"eval.classifier={models / 'classifier32'}", f"eval.reference={models / reference}",
             "sample.network_batch=4", *overrides]
-    done = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "eval", "--config", "configs/tiny.yaml",
-                           "--nproc", str(nproc), f"eval.out={out}", "sample.num_samples=48", "eval.samples_per_shard=16",
-                           "sample.batch_size=8", "sample.steps=10", "eval.guidance_scales=[3]", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = run_dist_diffusion(["eval", "--config", "configs/tiny.yaml", "--nproc", str(nproc), f"eval.out={out}",
+                               "sample.num_samples=48", "eval.samples_per_shard=16", "sample.batch_size=8",
+                               "sample.steps=10", "eval.guidance_scales=[3]", *args], timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return json.loads((Path(out) / "report.json").read_text())["results"][0]
 
@@ -208,9 +210,8 @@ def test_inception_path_end_to_end_and_clear_error_without_weights(models):
                          f"eval.inception_weights={weights}", "sample.num_samples=8", "sample.steps=2")
     assert np.isfinite(result["fid"]) and result["features"].startswith("inception-v3-compat-")
     assert "class_accuracy" not in result  # Inception's classes are not the dataset's
-    missing = subprocess.run(eval_cmd(models, models / "out-none", "eval.features=inception",
-                                      f"eval.inception_weights={models / 'absent.pth'}"),
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    missing = run_dist_diffusion(eval_args(models, models / "out-none", "eval.features=inception",
+                                           f"eval.inception_weights={models / 'absent.pth'}"), timeout=300)
     assert missing.returncode == 2 and "eval.inception_weights=" in missing.stderr
     assert "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_dist_diffusion
 from dist_diffusion.config import ConfigError, load_config
 from dist_diffusion.runtime import distributed
 from dist_diffusion.runtime.env import process_env
@@ -116,9 +117,8 @@ def test_sbatch_scripts_bind_gpus_per_node_not_per_task():
 def test_asking_for_a_gpu_without_cuda_is_one_line_before_any_worker(tmp_path, override):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    out = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "train", "--config", "configs/tiny.yaml",
-                          "--nproc", "2", override, f"train.run_dir={tmp_path / 'run'}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = run_dist_diffusion(["train", "--config", "configs/tiny.yaml",
+                              "--nproc", "2", override, f"train.run_dir={tmp_path / 'run'}"], timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     line = out.stderr.strip()
     assert line.count("\n") == 0 and line.startswith("error: ")

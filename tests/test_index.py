@@ -5,14 +5,13 @@ import hashlib
 import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import PIXEL16, make_class_folders, make_pairs, run_cli
+from conftest import PIXEL16, make_class_folders, make_pairs, run_cli, run_dist_diffusion
 from dist_diffusion.data.stream import ShardStream, StreamSpec, decode_image, load_manifest, parse_tar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,10 +85,9 @@ def test_shardwriter_shards_with_json_labels_are_indexed_streamed_and_trained_on
     assert len(manifest["shards"]) == 7 and manifest["num_samples"] == 64
     assert manifest["classes"] == ["red", "green", "blue", "gray"] and manifest["label_key"] == "label"
     assert streamed(str(shards)) == {f"{i:06d}": i % 4 for i in range(64)}
-    done = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "train", "--config", "configs/tiny.yaml",
-                           "--nproc", "1", f"train.run_dir={run}", f"data.shards={shards}", *PIXEL16,
-                           "train.max_steps=3", "train.ckpt_every=3"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = run_dist_diffusion(["train", "--config", "configs/tiny.yaml",
+                               "--nproc", "1", f"train.run_dir={run}", f"data.shards={shards}", *PIXEL16,
+                               "train.max_steps=3", "train.ckpt_every=3"], timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 3

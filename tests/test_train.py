@@ -13,7 +13,7 @@ import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
-from conftest import make_class_folders
+from conftest import make_class_folders, run_dist_diffusion
 from dist_diffusion.config import DataConfig, load_config
 from dist_diffusion.core.models import build_unet, build_vae
 
@@ -36,21 +36,23 @@ def datasets(tmp_path_factory, s3_server):
     prepare(src, "s3://train-data/img32", DataConfig(resolution=32, samples_per_shard=40), progress=False)
     torch.manual_seed(0)
     build_vae(load_config(ROOT / "configs/tiny.yaml")).save_pretrained(tmp / "vae")
-    out = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "encode", "--shards", "s3://train-data/img32",
-                          "--out", "s3://train-data/lat32", "--config", "configs/tiny.yaml",
-                          f"vae.pretrained={tmp / 'vae'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = run_dist_diffusion(["encode", "--shards", "s3://train-data/img32",
+                              "--out", "s3://train-data/lat32", "--config", "configs/tiny.yaml",
+                              f"vae.pretrained={tmp / 'vae'}"], timeout=300)
     assert out.returncode == 0, out.stderr
     return {"pixels": "s3://train-data/img16", "latents": "s3://train-data/lat32", "vae": tmp / "vae"}
 
 
+def train_args(run_dir, overrides, nproc=2):
+    return ["train", "--config", "configs/tiny.yaml", "--nproc", str(nproc), f"train.run_dir={run_dir}", *overrides]
+
+
 def train_cmd(run_dir, overrides, nproc=2):
-    return [sys.executable, "-m", "dist_diffusion.cli", "train", "--config", "configs/tiny.yaml",
-            "--nproc", str(nproc), f"train.run_dir={run_dir}", *overrides]
+    return [sys.executable, "-m", "dist_diffusion.cli", *train_args(run_dir, overrides, nproc)]
 
 
 def run_train(run_dir, overrides, nproc=2, expect=0):
-    out = subprocess.run(train_cmd(run_dir, overrides, nproc), cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+    out = run_dist_diffusion(train_args(run_dir, overrides, nproc), timeout=600)
     assert out.returncode == expect, out.stdout[-2000:] + out.stderr[-4000:]
     return out
 
@@ -72,8 +74,7 @@ def test_zero2_bf16_latents_loss_falls_and_export_matches(tmp_path, datasets):
     grid = Image.open(run / "samples/step00000030.png")  # EMA samples, decoded by the VAE to 32 px
     assert grid.size[0] > 8 * 32
 
-    out = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "export", "--run-dir", str(run),
-                          "--out", str(tmp_path / "unet")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = run_dist_diffusion(["export", "--run-dir", str(run), "--out", str(tmp_path / "unet")], timeout=300)
     assert out.returncode == 0, out.stderr
     exported = UNet2DModel.from_pretrained(tmp_path / "unet").eval()
     ours = build_unet(load_config(run / "config.yaml")).eval()
@@ -100,8 +101,7 @@ def test_zero3_bf16_pixels_sharded_ema(tmp_path, datasets):
     assert all(0.49 * total <= n <= 0.51 * total for n in per_rank), (per_rank, total)
     for name in ("ema", "raw"):
         args = ["--raw"] if name == "raw" else []
-        out = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "export", "--run-dir", str(run), "--out",
-                              str(tmp_path / name), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        out = run_dist_diffusion(["export", "--run-dir", str(run), "--out", str(tmp_path / name), *args], timeout=300)
         assert out.returncode == 0, out.stderr
     ema = load_file(str(tmp_path / "ema/diffusion_pytorch_model.safetensors"))
     raw = load_file(str(tmp_path / "raw/diffusion_pytorch_model.safetensors"))
@@ -307,16 +307,14 @@ def test_a_rank_whose_micro_batches_are_all_corrupt_stays_in_step(tmp_path):
 
 def test_vae_recipe_trains_exports_and_feeds_encode(tmp_path, datasets):
     run = tmp_path / "vae"
-    out = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "train", "--config", "configs/vae_tiny.yaml",
-                          "--nproc", "2", f"train.run_dir={run}", f"data.shards={datasets['pixels'].replace('16', '32')}",
-                          "train.max_steps=25", "train.log_every=1", "data.num_workers=0", "train.warmup_steps=2",
-                          "train.batch_size=16"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = run_dist_diffusion(["train", "--config", "configs/vae_tiny.yaml", "--nproc", "2", f"train.run_dir={run}",
+                              f"data.shards={datasets['pixels'].replace('16', '32')}", "train.max_steps=25",
+                              "train.log_every=1", "data.num_workers=0", "train.warmup_steps=2", "train.batch_size=16"],
+                             timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     curve = losses(run)
     assert sum(curve[-5:]) / 5 < 0.8 * sum(curve[:5]) / 5, curve
-    exported = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "export", "--run-dir", str(run),
-                               "--out", str(tmp_path / "vae-export")], cwd=ROOT, capture_output=True, text=True,
-                              timeout=300)
+    exported = run_dist_diffusion(["export", "--run-dir", str(run), "--out", str(tmp_path / "vae-export")], timeout=300)
     assert exported.returncode == 0 and "AutoencoderKL" in exported.stdout, exported.stderr
     from diffusers import AutoencoderKL
 
@@ -327,10 +325,10 @@ def test_vae_recipe_trains_exports_and_feeds_encode(tmp_path, datasets):
     assert measured["reconstruction"]["psnr_db"] > 0 and measured["latent_stats"]["num_images"] > 0
     assert json.loads((tmp_path / "vae-export/dist_diffusion.json").read_text())["reconstruction"] == \
         measured["reconstruction"]
-    encoded = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "encode", "--shards",
-                              datasets["pixels"].replace("16", "32"), "--out", "s3://train-data/lat-own-vae",
-                              "--config", "configs/tiny.yaml", f"vae.pretrained={tmp_path / 'vae-export'}"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    encoded = run_dist_diffusion(["encode", "--shards",
+                                  datasets["pixels"].replace("16", "32"), "--out", "s3://train-data/lat-own-vae",
+                                  "--config", "configs/tiny.yaml", f"vae.pretrained={tmp_path / 'vae-export'}"],
+                                 timeout=300)
     assert encoded.returncode == 0 and "latents 4x8x8" in encoded.stdout, encoded.stderr
     from dist_diffusion.data.shards import load_manifest
 
@@ -346,8 +344,7 @@ def test_an_adversarial_vae_trains_its_discriminator_on_two_ranks_and_exports_th
     assert len(losses(run)) == 4 and all(torch.isfinite(torch.tensor(losses(run))))
     ema = load_file(str(run / "checkpoints/step00000004/ema_rank000.safetensors"))
     assert any(key.startswith("discriminator.") for key in ema), sorted(ema)[:5]  # trained and kept for resume
-    out = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", "export", "--run-dir", str(run), "--out",
-                          str(tmp_path / "export")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = run_dist_diffusion(["export", "--run-dir", str(run), "--out", str(tmp_path / "export")], timeout=300)
     assert out.returncode == 0 and "AutoencoderKL" in out.stdout, out.stderr[-3000:]
     weights = load_file(str(tmp_path / "export/diffusion_pytorch_model.safetensors"))
     assert not any("discriminator" in key for key in weights) and "decoder.conv_out.weight" in weights

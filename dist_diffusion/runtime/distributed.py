@@ -68,6 +68,9 @@ def init_process_group(requested_device: str = "auto", require_gpu: bool = False
     import deepspeed
 
     global _OWN_GROUP
+    if env.world_size == 1:  # no peer to meet: a store in memory, not a port another process can take first
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, timeout=timedelta(seconds=timeout_s))
     try:
         deepspeed.init_distributed(dist_backend="nccl" if chosen.type == "cuda" else "gloo", rank=env.rank,
                                    world_size=env.world_size, timeout=timedelta(seconds=timeout_s), verbose=False)
@@ -210,10 +213,12 @@ def describe(env: ProcessEnv) -> str:
 def _share_cpu_cores() -> None:
     """N ranks on one machine each default to every core: 2N threads fight over N cores
     (a CPU step got ~3x slower; on GPUs the data workers and launch threads starve). Give
-    each rank its share (an explicit OMP_NUM_THREADS wins: torch has already applied it).
-    Under SLURM the share is the task's --cpus-per-task: the node's core count may include
-    cores the job was not given."""
-    if os.environ.get("OMP_NUM_THREADS"):
+    each rank its share (an explicit OMP_NUM_THREADS wins, applied here again: a rank forked
+    from a process that imported torch under another value has that one). Under SLURM the
+    share is the task's --cpus-per-task: the node's core count may include cores the job
+    was not given."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
         return
     if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
         torch.set_num_threads(max(1, int(os.environ["SLURM_CPUS_PER_TASK"])))

@@ -153,35 +153,55 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-def run_command(argv: list[str], preload: tuple[str, ...] = ()) -> int:
+def run_command(argv: list[str], preload: tuple[str, ...] = (), *, env: dict[str, str] | None = None,
+                cwd: str | os.PathLike | None = None, stdout: str | os.PathLike | None = None,
+                stderr: str | os.PathLike | None = None, timeout: float | None = None) -> int:
     """``dist-diffusion ARGV`` in a process of its own, as a user runs it, and its exit code.
     The process is forked from multiprocessing's fork server, a clean process that imported
     the ``preload`` modules once, so a driver running many commands (the demo, the
-    ablation) pays torch's and diffusers' import (about 5 s of CPU) once, not per command.
-    The command sees this process's environment and working directory as they are now."""
+    ablation, the test suite) pays torch's and diffusers' import (about 5 s of CPU) once,
+    not per command.
+    - ``env``, ``cwd``: the command's environment and directory (default: this process's,
+      as they are now);
+    - ``stdout``, ``stderr``: files the command's output goes to (default: this process's);
+    - ``timeout``: seconds, after which the command is stopped (SIGTERM) and
+      ``subprocess.TimeoutExpired`` raised."""
     import multiprocessing
+    import subprocess
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["dist_diffusion.cli", *preload])
-    proc = context.Process(target=_command_process, args=(argv, dict(os.environ), os.getcwd()))
+    streams = (str(stdout) if stdout else None, str(stderr) if stderr else None)
+    proc = context.Process(target=_command_process,
+                           args=(argv, dict(os.environ if env is None else env), str(cwd or os.getcwd()), streams))
     proc.start()
     try:
-        proc.join()
+        proc.join(timeout)
+        if proc.exitcode is None:
+            raise subprocess.TimeoutExpired(["dist-diffusion", *argv], timeout)
     finally:
-        if proc.exitcode is None:  # this driver was stopped: so is its command
+        if proc.exitcode is None:  # timed out, or this driver was stopped: so is its command
             proc.terminate()
             proc.join()
     return proc.exitcode
 
 
-def _command_process(argv: list[str], environ: dict[str, str], cwd: str) -> None:
-    from ..cli import main
+def _command_process(argv: list[str], environ: dict[str, str], cwd: str, streams: tuple[str | None, ...]) -> None:
+    import sys
 
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)
+    for fd, path in zip((1, 2), streams):
+        if path:
+            with open(path, "ab") as file:
+                os.dup2(file.fileno(), fd)
+    from ..cli import main
+
     try:
         code = main(argv)
     finally:
         atexit._run_exitfuncs()  # what the interpreter runs when a script ends; a forked child leaves by os._exit
+        sys.stdout.flush()
+        sys.stderr.flush()
     raise SystemExit(code)
