@@ -12,6 +12,7 @@ import importlib
 import os
 import signal
 import socket
+import sys
 import traceback
 from dataclasses import dataclass
 from typing import Callable
@@ -45,7 +46,7 @@ def spawn_local(argv: list[str], nproc: int, entry: Callable[[list[str]], int] |
 
     Where this process may fork (:func:`may_fork_ranks`), the ranks are forks of it that call
     ``entry(argv)``, after it imported the ``preload`` modules once: each rank then skips
-    importing torch, diffusers and the framework, about 4 s of CPU a rank (most of a short
+    importing torch, diffusers and the framework, about 5 s of CPU a rank (most of a short
     job's startup). Otherwise each rank is a fresh ``python -m dist_diffusion.cli``."""
     import time
 
@@ -74,7 +75,10 @@ def spawn_local(argv: list[str], nproc: int, entry: Callable[[list[str]], int] |
 def may_fork_ranks() -> bool:
     """Forked ranks are safe here: no other Python thread (a lock it holds would stay held
     in the child forever) and no GPU (CUDA does not survive a fork; a GPU job's ranks are
-    fresh processes, as torch.multiprocessing requires)."""
+    fresh processes, as torch.multiprocessing requires). Nor does a multi-threaded OpenMP
+    pool: a child forked after a parallel torch op hangs at its first one. That cannot be
+    seen from here, so the caller of :func:`spawn_local` must have done no tensor math (the
+    CLI launchers only read config and JSON before they start ranks)."""
     import threading
 
     import torch
@@ -84,7 +88,6 @@ def may_fork_ranks() -> bool:
 
 def _fresh_rank(argv: list[str], rank_env: dict[str, str]):
     import subprocess
-    import sys
 
     return subprocess.Popen([sys.executable, "-m", "dist_diffusion.cli", *argv], env={**os.environ, **rank_env})
 
@@ -115,8 +118,6 @@ def _forked_rank(entry: Callable[[list[str]], int], argv: list[str], rank_env: d
     """Fork; the child becomes the rank and never returns into the launcher's stack (whose
     ``finally`` blocks belong to the launcher): it leaves through os._exit, after the exit
     handlers an interpreter runs when a script ends."""
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -132,9 +133,7 @@ def _forked_rank(entry: Callable[[list[str]], int], argv: list[str], rank_env: d
         traceback.print_exc()
     finally:
         try:
-            atexit._run_exitfuncs()
-            sys.stdout.flush()
-            sys.stderr.flush()
+            _end_like_a_script()
         finally:
             os._exit(code)
 
@@ -187,8 +186,6 @@ def run_command(argv: list[str], preload: tuple[str, ...] = (), *, env: dict[str
 
 
 def _command_process(argv: list[str], environ: dict[str, str], cwd: str, streams: tuple[str | None, ...]) -> None:
-    import sys
-
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)
@@ -201,7 +198,13 @@ def _command_process(argv: list[str], environ: dict[str, str], cwd: str, streams
     try:
         code = main(argv)
     finally:
-        atexit._run_exitfuncs()  # what the interpreter runs when a script ends; a forked child leaves by os._exit
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _end_like_a_script()
     raise SystemExit(code)
+
+
+def _end_like_a_script() -> None:
+    """The exit handlers an interpreter runs when a script ends, and the flush of its output:
+    a forked process leaves by os._exit, which skips both."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
