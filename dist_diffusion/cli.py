@@ -14,11 +14,26 @@ from .errors import expected, one_line
 
 # What a local rank of each `--nproc N` command imports, so the launcher imports it once and
 # forks the ranks from itself (runtime.env.spawn_local); drivers that run many commands
-# (the demo) fork each from a server that imported all of them (runtime.env.run_command).
+# (the demo, the tests) fork each from a server that imported all of them (run_forked).
 _MODELS = ("dist_diffusion.core.models", "dist_diffusion.runtime.distributed")
-RANK_IMPORTS = {"train": ("dist_diffusion.train", *_MODELS), "sample": ("dist_diffusion.evaluate.sample", *_MODELS),
-                "encode": ("dist_diffusion.encode", *_MODELS)}
-COMMAND_IMPORTS = tuple(sorted({module for modules in RANK_IMPORTS.values() for module in modules}))
+_RANK_IMPORTS = {"train": ("dist_diffusion.train", *_MODELS), "sample": ("dist_diffusion.evaluate.sample", *_MODELS),
+                 "encode": ("dist_diffusion.encode", *_MODELS)}
+_COMMAND_IMPORTS = tuple(sorted({module for modules in _RANK_IMPORTS.values() for module in modules}))
+
+
+def run_forked(argv: list[str], **options) -> int:
+    """`dist-diffusion ARGV` in a process of its own, forked from a server that imported every
+    command's modules once, and its exit code; ``options`` as runtime.env.run_command's."""
+    from .runtime.env import run_command
+
+    return run_command(argv, _COMMAND_IMPORTS, **options)
+
+
+def _spawn_ranks(argv: list[str], nproc: int, imports: str) -> int:
+    """``nproc`` local ranks of ``dist-diffusion ARGV``, each importing what ``imports`` names."""
+    from .runtime.env import spawn_local
+
+    return spawn_local(argv, nproc, main, _RANK_IMPORTS[imports])
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -108,14 +123,11 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    from .runtime.env import spawn_local
-
     cfg = _load(args.config, args.overrides)  # validate once, before spawning ranks
     _check_device(cfg)
     if args.nproc > 1:
         argv = ["encode", "--shards", args.shards, "--out", args.out, *args.overrides]
-        return spawn_local(argv + (["--config", args.config] if args.config else []), args.nproc, main,
-                           RANK_IMPORTS["encode"])
+        return _spawn_ranks(argv + (["--config", args.config] if args.config else []), args.nproc, "encode")
     from .encode import encode_dataset
     from .runtime.env import process_env
 
@@ -147,8 +159,6 @@ def _add_calibrate_parser(sub) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .runtime.env import spawn_local
-
     cfg = _load(args.config, args.overrides)  # validate once, before any worker starts
     _check_device(cfg)
     from .runtime.env import process_env
@@ -158,8 +168,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if process_env().world_size == 1:  # a rank of a launched job: build_run checks the same, once
         preflight(cfg, check_lock=nproc > 1)  # a single process takes the lock itself, at once
     if nproc > 1:
-        return spawn_local(["train", "--config", args.config, "--nproc", "1", *args.overrides], nproc, main,
-                           RANK_IMPORTS["train"])
+        return _spawn_ranks(["train", "--config", args.config, "--nproc", "1", *args.overrides], nproc, "train")
     from .train import train
 
     summary, code = _run_rank(train, cfg)
@@ -195,8 +204,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     """`sample` writes images (metrics off unless asked); `eval` also scores them."""
-    from .runtime.env import spawn_local
-
     overrides = [*args.overrides, *(["eval.metrics=false"] if args.command == "sample" and not args.metrics else [])]
     cfg = _load(args.config, overrides)  # validate once, before any worker starts
     _check_device(cfg)
@@ -204,8 +211,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     check_inputs(cfg)
     if args.nproc > 1:
-        return spawn_local([args.command, "--config", args.config, "--nproc", "1", *overrides], args.nproc, main,
-                           RANK_IMPORTS["sample"])
+        return _spawn_ranks([args.command, "--config", args.config, "--nproc", "1", *overrides], args.nproc,
+                            "sample")
     from .evaluate.sample import evaluate
 
     return _run_rank(evaluate, cfg)[1]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import COMMAND_IMPORTS
+from .cli import run_forked
 from .config import Config, ConfigError, derive, load_config
 from .core.models import build_unet
 from .data import storage
@@ -39,7 +39,6 @@ from .export import export_model
 from .demo_data import DATASETS
 from .extras import require
 from .imaging import save_grid
-from .runtime.env import run_command
 from .stack import start_s3, stop_s3, weed_binary
 
 # The latent UNet run (configs/tiny.yaml: 32 px images -> 8x8x4 latents) and its VAE run.
@@ -277,7 +276,7 @@ def _prepare_data(cfg: Config, dataset, out: Path, url: str, stages: dict) -> di
 def _cli(*args: str) -> None:
     """A product command as a user runs it, in a process of its own (the trainer starts its 2
     DeepSpeed processes); the processes share one import of torch and diffusers."""
-    code = run_command(list(args), COMMAND_IMPORTS)
+    code = run_forked(list(args))
     if code:
         raise subprocess.CalledProcessError(code, ["dist-diffusion", *args])
 

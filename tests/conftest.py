@@ -107,16 +107,15 @@ def run_stopping_with_sigterm(cmd: list[str], timeout: float) -> subprocess.Comp
 def run_dist_diffusion(argv: list[str], timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """subprocess.run of `python -m dist_diffusion.cli ARGV` (from ROOT, output captured as
     text), in a process forked from a fork server that imported torch and diffusers once
-    (runtime.env.run_command): each call saves about 5 s of CPU. A test of how the entry
+    (dist_diffusion.cli.run_forked): each call saves about 5 s of CPU. A test of how the entry
     point itself starts (--help, installs, extras) runs the real interpreter instead."""
     import tempfile
 
-    from dist_diffusion.cli import COMMAND_IMPORTS
-    from dist_diffusion.runtime.env import run_command
+    from dist_diffusion.cli import run_forked
 
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-        code = run_command(argv, COMMAND_IMPORTS, env=env, cwd=ROOT, stdout=out, stderr=err, timeout=timeout)
+        code = run_forked(argv, env=env, cwd=ROOT, stdout=out, stderr=err, timeout=timeout)
         return subprocess.CompletedProcess(argv, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
 
 

@@ -68,11 +68,12 @@ def init_process_group(requested_device: str = "auto", require_gpu: bool = False
     import deepspeed
 
     global _OWN_GROUP
+    backend = "nccl" if chosen.type == "cuda" else "gloo"
     if env.world_size == 1:  # no peer to meet: a store in memory, not a port another process can take first
-        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(seconds=timeout_s))
     try:
-        deepspeed.init_distributed(dist_backend="nccl" if chosen.type == "cuda" else "gloo", rank=env.rank,
+        deepspeed.init_distributed(dist_backend=backend, rank=env.rank,
                                    world_size=env.world_size, timeout=timedelta(seconds=timeout_s), verbose=False)
     except (RuntimeError, ValueError) as err:  # DistStoreError and gloo's connect errors are RuntimeErrors
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"

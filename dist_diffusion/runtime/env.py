@@ -44,7 +44,7 @@ def spawn_local(argv: list[str], nproc: int, entry: Callable[[list[str]], int] |
     """Run ``dist-diffusion ARGV`` as nproc local ranks with a loopback rendezvous; the
     first failure stops the others and its exit code is returned.
 
-    Where this process may fork (:func:`may_fork_ranks`), the ranks are forks of it that call
+    Where this process may fork (:func:`_may_fork_ranks`), the ranks are forks of it that call
     ``entry(argv)``, after it imported the ``preload`` modules once: each rank then skips
     importing torch, diffusers and the framework, about 5 s of CPU a rank (most of a short
     job's startup). Otherwise each rank is a fresh ``python -m dist_diffusion.cli``."""
@@ -53,7 +53,7 @@ def spawn_local(argv: list[str], nproc: int, entry: Callable[[list[str]], int] |
     port = free_ports(1)[0]
     shared = {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
               "MASTER_PORT": str(port)}
-    forking = entry is not None and may_fork_ranks()
+    forking = entry is not None and _may_fork_ranks()
     if forking:
         for module in preload:
             importlib.import_module(module)
@@ -72,7 +72,7 @@ def spawn_local(argv: list[str], nproc: int, entry: Callable[[list[str]], int] |
     return next((c for c in codes if c != 0), 0)
 
 
-def may_fork_ranks() -> bool:
+def _may_fork_ranks() -> bool:
     """Forked ranks are safe here: no other Python thread (a lock it holds would stay held
     in the child forever) and no GPU (CUDA does not survive a fork; a GPU job's ranks are
     fresh processes, as torch.multiprocessing requires). Nor does a multi-threaded OpenMP
