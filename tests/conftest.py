@@ -261,6 +261,34 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+SLURM_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+def slurm_job(env: dict, job: str) -> dict:
+    """`scontrol show job` as a dict ({} once SLURM has forgotten the job)."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True, timeout=30)
+    return dict(item.split("=", 1) for item in out.stdout.split() if "=" in item)
+
+
+def sbatch_and_wait(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """What ``sbatch --wait ARGS`` does, polling twice a second: sbatch --wait sleeps 2, 8,
+    then 32 s between its polls, so a job of 20 s held the test for 42. The returncode is
+    the job's exit code (128 + the signal that ended it; 1 if SLURM ended it otherwise)."""
+    submitted = subprocess.run(["sbatch", "--parsable", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                               timeout=60)
+    if submitted.returncode != 0:
+        return submitted
+    job = submitted.stdout.strip().split(";")[0]
+    try:
+        fields = wait_until(lambda: (f := slurm_job(env, job)).get("JobState") in SLURM_ENDED and f, timeout,
+                            f"SLURM job {job} to end")
+    finally:
+        subprocess.run(["scancel", job], env=env, capture_output=True, timeout=30)  # a no-op once it ended
+    code, signal = (int(part) for part in fields.get("ExitCode", "1:0").split(":"))
+    code = 128 + signal if signal else code or int(fields["JobState"] != "COMPLETED")
+    return subprocess.CompletedProcess(submitted.args, code, submitted.stdout, f"job {job}: {fields['JobState']}")
+
+
 def logged_steps(run_dir) -> list[int]:
     import json
     from pathlib import Path

@@ -11,11 +11,14 @@ import pytest
 
 import json
 
-from conftest import PIXEL16, eval_overrides, logged_steps, wait_until
+from conftest import PIXEL16, eval_overrides, logged_steps, sbatch_and_wait, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 # This node has 2 cores and no GPU: override the GPU-cluster header of train_latent.sh.
 SMALL_NODE = ["--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1"]
+# A preempted run: long enough that the signal, sent after its 3rd step, arrives well
+# before its end; its periodic checkpoint (every CKPT_EVERY) is not where it stops.
+STEPS, CKPT_EVERY = 80, 50
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +51,15 @@ def squeue_reason(env, job_id: str) -> str:
     return out.stdout.strip()
 
 
-def sbatch_train(env, mode: str, log, run, shards, steps: int, ckpt_every: int, timeout: int):
-    """``sbatch MODE slurm/train_latent.sh`` on the tiny pixel recipe, sized for this node."""
-    return subprocess.run(["sbatch", mode, *SMALL_NODE, f"--output={log}", "slurm/train_latent.sh",
-                           "configs/tiny.yaml", *PIXEL16, f"train.max_steps={steps}",
-                           f"train.ckpt_every={ckpt_every}", f"train.run_dir={run}", f"data.shards={shards}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+def train_job(log, run, shards, steps: int, ckpt_every: int) -> list[str]:
+    """sbatch's arguments for slurm/train_latent.sh on the tiny pixel recipe, sized for this node."""
+    return [*SMALL_NODE, f"--output={log}", "slurm/train_latent.sh", "configs/tiny.yaml", *PIXEL16,
+            f"train.max_steps={steps}", f"train.ckpt_every={ckpt_every}", f"train.run_dir={run}", f"data.shards={shards}"]
 
 
 def test_sbatch_trains_with_two_tasks(slurm, tmp_path, pixel_shards):
     run, log = tmp_path / "run", tmp_path / "job.out"
-    out = sbatch_train(slurm, "--wait", log, run, pixel_shards, steps=8, ckpt_every=4, timeout=400)
+    out = sbatch_and_wait(train_job(log, run, pixel_shards, steps=8, ckpt_every=4), slurm, timeout=400)
     assert out.returncode == 0, out.stderr + log.read_text(errors="replace")[-3000:]
     assert "2 tasks" in log.read_text(errors="replace")
     assert (run / "checkpoints/step00000008/COMPLETE").exists()
@@ -79,7 +80,9 @@ def test_usr1_saves_requeues_and_resumes(slurm, tmp_path, pixel_shards, python):
     run, log = tmp_path / "run", tmp_path / "job.out"
     if python == "masks-124":  # the requeue must not hang on the exit code alone
         slurm = {**slurm, "DD_PYTHON": str(exit_code_masking_python(tmp_path))}
-    out = sbatch_train(slurm, "--parsable", log, run, pixel_shards, steps=150, ckpt_every=50, timeout=60)
+    job_args = train_job(log, run, pixel_shards, steps=STEPS, ckpt_every=CKPT_EVERY)
+    out = subprocess.run(["sbatch", "--parsable", *job_args], cwd=ROOT, env=slurm, capture_output=True, text=True,
+                         timeout=60)
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip().split(";")[0]
     try:
@@ -97,11 +100,11 @@ def test_usr1_saves_requeues_and_resumes(slurm, tmp_path, pixel_shards, python):
         subprocess.run(["scancel", job], env=slurm, capture_output=True, timeout=30)
     text = log.read_text(errors="replace")
     preempted_at = int(text.split("preempted at step ")[1].split(":")[0])
-    assert 3 <= preempted_at < 150, text[-3000:]
+    assert 3 <= preempted_at < STEPS, text[-3000:]
     assert f"resumed from {run / 'checkpoints'}/step{preempted_at:08d} at step {preempted_at}" in text
     assert "(restart 1)" in text
     # every step exactly once: nothing after the preemption checkpoint was lost or redone
-    assert logged_steps(run) == list(range(1, 151))
+    assert logged_steps(run) == list(range(1, STEPS + 1))
 
 
 def test_submitit_two_tasks_returns_final_step(slurm, tmp_path, pixel_shards):
@@ -116,7 +119,7 @@ def test_submitit_two_tasks_returns_final_step(slurm, tmp_path, pixel_shards):
 def test_submitit_preemption_saves_requeues_and_finishes(slurm, tmp_path, pixel_shards):
     run, jobs = tmp_path / "run", tmp_path / "submitit"
     proc = subprocess.Popen([sys.executable, "launchers/submitit_slurm.py", "configs/tiny.yaml", *PIXEL16,
-                             "train.max_steps=150", "train.ckpt_every=50", f"train.run_dir={run}",
+                             f"train.max_steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}", f"train.run_dir={run}",
                              f"data.shards={pixel_shards}", "launch.workers_per_node=2", "launch.signal_delay_s=60",
                              f"launch.job_dir={jobs}"], cwd=ROOT, env=slurm, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -133,11 +136,11 @@ def test_submitit_preemption_saves_requeues_and_finishes(slurm, tmp_path, pixel_
         proc.kill()
         subprocess.run(["scancel", job], env=slurm, capture_output=True, timeout=30)
     assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
-    assert '"step": 150' in stdout.strip().splitlines()[-1]
+    assert f'"step": {STEPS}' in stdout.strip().splitlines()[-1]
     logs = "".join(p.read_text(errors="replace") for p in jobs.glob(f"{job}_0_log.*"))
     preempted_at = int(logs.split("preempted at step ")[1].split(":")[0])
     assert f"at step {preempted_at}" in logs.split("resumed from ")[1]
-    assert logged_steps(run) == list(range(1, 151))
+    assert logged_steps(run) == list(range(1, STEPS + 1))
 
 
 def test_bad_input_fails_before_any_worker(slurm, tmp_path):
@@ -154,9 +157,8 @@ def test_bad_input_fails_before_any_worker(slurm, tmp_path):
 
 def test_sample_fid_job_with_two_tasks(slurm, tmp_path, pixel_shards, random_models):
     out, log = tmp_path / "eval", tmp_path / "job.out"
-    done = subprocess.run(["sbatch", "--wait", *SMALL_NODE, f"--output={log}", "slurm/sample_fid.sh",
-                           "configs/tiny.yaml", *eval_overrides(random_models, out, pixel_shards)],
-                          cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=400)
+    done = sbatch_and_wait([*SMALL_NODE, f"--output={log}", "slurm/sample_fid.sh", "configs/tiny.yaml",
+                            *eval_overrides(random_models, out, pixel_shards)], slurm, timeout=400)
     assert done.returncode == 0, done.stderr + log.read_text(errors="replace")[-3000:]
     assert "2 sampling tasks" in log.read_text(errors="replace")
     result = json.loads((out / "report.json").read_text())["results"][0]

@@ -14,6 +14,8 @@
 # SLURM's default 300) is how long a silent node stays up before SLURM marks it DOWN
 # and requeues its jobs; a requeued job waits SLURM_CRED_EXPIRE seconds (default 120)
 # before it may start again. SLURM_SLURMD_DEBUG sets slurmd's log level (info).
+# The scheduler looks at pending jobs every second (SLURM's defaults: 60 s for the main
+# loop, 30 s for backfill), so a job whose begin time has come starts at once.
 set -Eeuo pipefail
 here="$(cd "$(dirname "$0")/../.." && pwd)"
 dir="$(mkdir -p "${SLURM_STACK_DIR:-$here/.stack/slurm}" && cd "${SLURM_STACK_DIR:-$here/.stack/slurm}" && pwd)"
@@ -91,6 +93,7 @@ MailProg=/bin/true
 JobRequeue=1
 ReturnToService=2
 MinJobAge=600
+SchedulerParameters=sched_interval=1,bf_interval=1
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$dbd_port
