@@ -25,7 +25,7 @@ def test_short_demo_runs_every_stage_and_holds_itself_to_the_bar(tmp_path):
                                       "eval untrained", "sample + eval", "stack down"]
     assert [r["guidance_scale"] for r in report["results"]] == [1.0, 3.0]
     for row in report["results"]:
-        assert row["sampler"] == "ddim" and row["steps"] == 4 and row["num_samples"] == 40
+        assert row["sampler"] == "unipc" and row["steps"] == 4 and row["num_samples"] == 40
         assert row["fid_domain"] > 0 and 0 <= row["class_accuracy"] <= 1
     assert report["fid_domain_untrained"] > 0 and report["num_real_images"] == 1797
     assert report["quality"]["passed"] is False and not all(report["quality"]["checks"].values())
