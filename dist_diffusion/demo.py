@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="digits", help="the real image set")
     parser.add_argument("--out", help="where the demo writes everything (default: runs/demo, or "
                                       "runs/demo-DATASET for another data set)")
-    parser.add_argument("--vae-steps", type=int, help="VAE training steps (default: the data set's, 400 or 800)")
+    parser.add_argument("--vae-steps", type=int, help="VAE training steps (default: the data set's)")
     parser.add_argument("--classifier-steps", type=int, default=300, help="domain classifier training steps")
     parser.add_argument("--eval-samples", type=int, default=500, help="samples per evaluated CFG scale")
     parser.add_argument("--nproc", type=int, default=2, help="processes of every training and sampling job")

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import (PIXEL16, eval_overrides, logged_steps, make_class_folders, net_namespace, run_dist_diffusion,
-                      sbatch_and_wait, slurm_job, wait_until)
+                      SLURM_ENDED, sbatch_and_wait, slurm_job, wait_until)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "infra/local/cluster.sh")
@@ -439,7 +439,7 @@ def test_losing_node2_mid_run_requeues_the_sbatch_job_and_restarts_the_ray_run_b
         # on a slow machine the back-off may have ended and the job started already.
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+2"], env=env, capture_output=True,
                        timeout=30)
-        wait_until(lambda: slurm_job_state(env, job_id).startswith(("COMPLETED", "FAILED", "CANCELLED", "gone"))
+        wait_until(lambda: slurm_job(env, job_id).get("JobState", "gone") in (*SLURM_ENDED, "gone")
                    and ray_job_status(env, ray_job) in ("SUCCEEDED", "FAILED", "STOPPED"), 500, "both runs to end",
                    interval=1)
     finally:
