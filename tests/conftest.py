@@ -1,6 +1,7 @@
 """Shared fixtures. Everything here runs on CPU with tiny shapes."""
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -265,9 +266,20 @@ SLURM_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_
 
 
 def slurm_job(env: dict, job: str) -> dict:
-    """`scontrol show job` as a dict ({} once SLURM has forgotten the job)."""
+    """`scontrol show job` as a dict: {} once SLURM has forgotten the job, JobState "?"
+    while slurmctld does not answer (a busy controller times out; that is not the end)."""
     out = subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        return {} if "invalid job id" in out.stderr.lower() else {"JobState": "?"}
     return dict(item.split("=", 1) for item in out.stdout.split() if "=" in item)
+
+
+def slurmctld_owes_no_rpc(env: dict) -> bool:
+    """sdiag: no RPC waits in slurmctld's retry queue (Agent queue size) or is on its way
+    (Agent count). A signal to a node that stopped answering waits there, retried a minute later."""
+    out = subprocess.run(["sdiag"], env=env, capture_output=True, text=True, timeout=30)
+    counts = dict(re.findall(r"^\s*(Agent queue size|Agent count):\s*(\d+)", out.stdout, re.M))
+    return out.returncode == 0 and len(counts) == 2 and not any(int(n) for n in counts.values())
 
 
 def sbatch_and_wait(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
