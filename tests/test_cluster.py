@@ -8,7 +8,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import (PIXEL16, eval_overrides, logged_steps, make_class_folders, net_namespace, run_dist_diffusion,
-                      SLURM_ENDED, sbatch_and_wait, slurm_job, slurmctld_owes_no_rpc, wait_until)
+                      SLURM_ENDED, lift_requeue_backoff, sbatch_and_wait, slurm_job, wait_until)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "infra/local/cluster.sh")
@@ -435,15 +434,10 @@ def test_losing_node2_mid_run_requeues_the_sbatch_job_and_restarts_the_ray_run_b
             (ray_run, ray_run / f"ray/run/step{CKPT_EVERY:08d}", lambda: processes("RayTrainWorker"))]))
         wait_until(lambda: slurm_job_state(env, job_id) == "PENDING restarts=1", 300, "SLURM to requeue the job")
         bring_node2_back(env)
-        # A requeued job waits SLURM_CRED_EXPIRE (90 s here) before it may start again; a
-        # real cluster keeps that back-off, the test lifts it (as test_slurm does), but only
-        # once slurmctld has sent node2 the signal it still owes the lost step: it would
-        # land on the requeued job's step, which reuses the id. Not checked: on a slow
-        # machine the back-off may have ended and the job started already.
-        wait_until(lambda: slurmctld_owes_no_rpc(env) and (time.sleep(1) or slurmctld_owes_no_rpc(env)), 300,
-                   "slurmctld to deliver or drop the RPCs it retries", interval=1)
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+2"], env=env, capture_output=True,
-                       timeout=30)
+        # A requeued job waits SLURM_CRED_EXPIRE (90 s here) before it may start again; the
+        # test lifts it once slurmctld has sent node2 the signal it still owes the lost step.
+        # Not checked: on a slow machine the back-off may have ended and the job started already.
+        lift_requeue_backoff(env, job_id, check=False)
         wait_until(lambda: slurm_job(env, job_id).get("JobState", "gone") in (*SLURM_ENDED, "gone")
                    and ray_job_status(env, ray_job) in ("SUCCEEDED", "FAILED", "STOPPED"), 500, "both runs to end",
                    interval=1)

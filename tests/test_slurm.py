@@ -11,7 +11,7 @@ import pytest
 
 import json
 
-from conftest import PIXEL16, eval_overrides, logged_steps, sbatch_and_wait, wait_until
+from conftest import PIXEL16, eval_overrides, lift_requeue_backoff, logged_steps, sbatch_and_wait, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 # This node has 2 cores and no GPU: override the GPU-cluster header of train_latent.sh.
@@ -91,10 +91,8 @@ def test_usr1_saves_requeues_and_resumes(slurm, tmp_path, pixel_shards, python):
         wait_until(lambda: log.exists() and "requeueing" in log.read_text(errors="replace"), 120, "the requeue")
         # A requeued job waits ~2 min (reason BeginTime) before it may start again; a real
         # cluster keeps that back-off, the test lifts it once the job is back in the queue.
-        # Not to "now": slurmd revokes the old credential with a 1-second clock, and a
-        # restart within that second is killed ("Job credential revoked").
         wait_until(lambda: squeue_reason(slurm, job) == "BeginTime", 60, "the job to be requeued")
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"], env=slurm, check=True, timeout=30)
+        lift_requeue_backoff(slurm, job)
         wait_until(lambda: job_state(slurm, job) == "COMPLETED", 400, f"job {job} to complete")
     finally:
         subprocess.run(["scancel", job], env=slurm, capture_output=True, timeout=30)
@@ -130,7 +128,7 @@ def test_submitit_preemption_saves_requeues_and_finishes(slurm, tmp_path, pixel_
         # what SLURM sends signal_delay_s before the time limit, or on preemption
         subprocess.run(["scancel", "--signal=USR2", job], env=slurm, check=True, timeout=30)
         wait_until(lambda: squeue_reason(slurm, job) == "BeginTime", 120, "the job to be requeued")
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"], env=slurm, check=True, timeout=30)
+        lift_requeue_backoff(slurm, job)
         stdout, stderr = proc.communicate(timeout=400)
     finally:
         proc.kill()

@@ -129,7 +129,7 @@ start_node() {  # start_node I: node I's slurmd and Ray node again, after kill-n
   # step (srun's kill of the failed step), retried about a minute after the loss; it
   # must land before the requeued job starts there again and reuses the step's id. SLURM
   # holds a requeued job back cred_expire seconds (90 here), which covers that; whoever
-  # lifts that back-off (the node-loss test does) first waits for `sdiag`'s agent queue to empty.
+  # lifts that back-off (tests/conftest.py lift_requeue_backoff) first waits for `sdiag`'s agent queue to empty.
   SLURM_STACK_DIR="$dir/slurm" "$here/infra/local/slurm.sh" node-up "node$i" >/dev/null
   # a raylet that comes back before the head has marked its old self dead would be
   # taken for the lost one: wait for the head's health check first
