@@ -12,6 +12,7 @@ prints the resolved tree, and ``--docs`` prints the docs.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -110,6 +111,8 @@ class DiffusionConfig(_Section):
                                      gt=0.0, lt=1.0)
     beta_end: Optional[float] = _f(None, "last beta (null: 0.02 linear, 0.012 scaled_linear)",
                                    gt=0.0, lt=1.0)
+    snr_shift: float = _f(1.0, "divide the schedule's SNR at every step by snr_shift^2 (simple diffusion): "
+                               "2 for latents of twice the side the schedule was tuned at", gt=0.0)
     prediction: str = _f("epsilon", "what the UNet predicts", choices=["epsilon", "v"])
     min_snr_gamma: float = _f(0.0, "min-SNR-gamma loss weighting (Hang et al. 2023); 0 is off",
                               ge=0.0)
@@ -431,10 +434,23 @@ def parse_sampler_entry(entry: str) -> tuple[str, Optional[int]]:
 
 
 def latent_downsample(cfg: Config) -> int:
-    """Spatial factor between images and latents (1 without a VAE)."""
+    """Spatial factor between images and latents (1 without a VAE): a pretrained VAE's own,
+    from its config.json, so a recipe's vae.block_out_channels cannot disagree with it."""
     if not cfg.vae.enabled:
         return 1
-    return 2 ** (len(cfg.vae.block_out_channels) - 1)
+    levels = pretrained_vae_config(cfg.vae.pretrained).get("block_out_channels", cfg.vae.block_out_channels)
+    return 2 ** (len(levels) - 1)
+
+
+def pretrained_vae_config(path: str) -> dict:
+    """The diffusers config.json of the VAE directory ``path``; {} where there is none to
+    read (no vae.pretrained, or not a VAE directory: loading it says so)."""
+    config = Path(path) / "config.json" if path else None
+    try:
+        loaded = json.loads(config.read_text()) if config and config.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
 
 
 def unet_input_shape(cfg: Config) -> tuple[int, int, int]:
@@ -457,8 +473,8 @@ RUN_FINGERPRINT = ("model.preset", "model.num_classes", "model.block_out_channel
                    "vae.enabled", "vae.pretrained", "vae.latent_channels", "vae.block_out_channels",
                    "vae.layers_per_block", "vae.norm_num_groups", "vae.scaling_factor",
                    "diffusion.num_train_timesteps", "diffusion.schedule", "diffusion.beta_start",
-                   "diffusion.beta_end", "diffusion.prediction", "data.resolution", "data.image_channels",
-                   "train.target")
+                   "diffusion.beta_end", "diffusion.snr_shift", "diffusion.prediction", "data.resolution",
+                   "data.image_channels", "train.target")
 
 
 def fingerprint_changes(stored_yaml: str, cfg: Config) -> List[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, List
 
-from .config import Config, ConfigError, _most_steps, latent_downsample, parse_sampler_entry
+from .config import Config, ConfigError, _most_steps, latent_downsample, parse_sampler_entry, pretrained_vae_config
 
 
 def validate(cfg: Config, source: str = "config") -> None:
@@ -63,10 +63,13 @@ def _cross_problems(cfg: Config) -> List[str]:
     if cfg.runtime.device == "cpu" and cfg.launch.gpus_per_worker > 0:
         problems.append(f"runtime.device=cpu but launch.gpus_per_worker={cfg.launch.gpus_per_worker}; "
                         f"set one of them to match the other")
-    # A pretrained VAE's factor is only known once loaded; core.vae checks it then.
-    if not cfg.vae.pretrained and cfg.data.resolution % latent_downsample(cfg):
+    if cfg.data.resolution % latent_downsample(cfg):
         problems.append(f"data.resolution={cfg.data.resolution} must be divisible by the VAE "
                         f"downsampling factor {latent_downsample(cfg)}")
+    pretrained_channels = pretrained_vae_config(cfg.vae.pretrained).get("latent_channels")
+    if pretrained_channels not in (None, cfg.vae.latent_channels):
+        problems.append(f"vae.latent_channels={cfg.vae.latent_channels} but the VAE in {cfg.vae.pretrained} has "
+                        f"{pretrained_channels}; set vae.latent_channels to match")
     return problems
 
 

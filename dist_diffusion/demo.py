@@ -6,12 +6,14 @@ texture scans and photographs; see demo_data.py) is written as a class-folder tr
 embedded S3 (SeaweedFS on loopback), a fifth held out. Then, each as a user would run
 it: the domain classifier that judges samples trains; the small VAE trains
 (`configs/vae_tiny.yaml`, 2 DeepSpeed processes), is exported (which measures its latent
-statistics) and encodes the shards into 8x8x4 latent shards (2 processes); the
-class-conditional latent UNet trains on them from S3 (`configs/tiny.yaml`, 2 processes,
-ZeRO-2, bf16, CFG label dropout, EMA) and is exported; UniPC + CFG samples are scored
+statistics) and encodes the shards into latent shards (2 processes; 8x8x4, or 16x16x4 on
+the textures); the class-conditional latent UNet trains on them from S3
+(`configs/tiny.yaml`, 2 processes, ZeRO-2, bf16, CFG label dropout, EMA) and is
+exported; UniPC + CFG samples are scored
 against the held-out images, beside the FID of real images (the floor), and drawn as
-PNG grids beside a grid of real images. The same recipes serve both data sets; only
-the class count differs. The stack is stopped at the end, whatever happens.
+PNG grids beside a grid of real images. The same recipes serve both data sets; the class
+count differs, and where a data set's recipe differs, demo_data.py says so and why. The
+stack is stopped at the end, whatever happens.
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ class DemoRuns:
         self.nproc, self.dataset = str(args.nproc), DATASETS[args.dataset]
         classes = f"model.num_classes={self.dataset.num_classes}"
         vae_steps = self.dataset.vae_steps if args.vae_steps is None else args.vae_steps
-        self.unet = [*UNET_OVERRIDES, f"train.max_steps={self.dataset.unet_steps}", classes, *args.overrides]
+        self.unet = [*UNET_OVERRIDES, f"train.max_steps={self.dataset.unet_steps}", classes,
+                     *self.dataset.unet_overrides, *args.overrides]
         self.vae = [*VAE_OVERRIDES, *self.dataset.vae_overrides, f"train.max_steps={vae_steps}",
                     f"train.ckpt_every={vae_steps}", f"train.run_dir={out / 'vae'}"]
         self.classifier = CLASSIFIER_OVERRIDES + [classes, f"train.max_steps={args.classifier_steps}",

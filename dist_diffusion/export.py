@@ -21,7 +21,7 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from .config import Config, ConfigError, load_config
-from .core.schedule import DEFAULT_BETAS
+from .core.schedule import DEFAULT_BETAS, make_schedule
 from .runtime.checkpoint import COMPLETE, consolidated_fp32_state, ema_file, latest_complete
 from .train.objectives import objective
 from .runtime.ema import join_partitions
@@ -54,7 +54,8 @@ def write_export(model: torch.nn.Module, cfg: Config, out: Path, provenance: dic
     (out / "dist_diffusion.json").write_text(json.dumps(
         {**provenance, "target": objective(cfg).name, "null_label": cfg.model.num_classes,
          "prediction": cfg.diffusion.prediction, "schedule": cfg.diffusion.schedule,
-         "num_train_timesteps": cfg.diffusion.num_train_timesteps}, indent=2))
+         "num_train_timesteps": cfg.diffusion.num_train_timesteps, "snr_shift": cfg.diffusion.snr_shift},
+        indent=2))
     if isinstance(model, UNet2DModel):
         ddim_scheduler(cfg).save_pretrained(out / "scheduler")
         if not cfg.vae.enabled:
@@ -75,8 +76,11 @@ def ddim_scheduler(cfg: Config):
 
     d, s = cfg.diffusion, cfg.sample
     lo, hi = DEFAULT_BETAS.get(d.schedule, (1e-4, 0.02))
+    shifted = None  # diffusers has no SNR shift: a shifted schedule travels as its betas
+    if d.snr_shift != 1.0:
+        shifted = make_schedule(d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end, d.snr_shift).betas.tolist()
     return DDIMScheduler(num_train_timesteps=d.num_train_timesteps, beta_schedule=BETA_SCHEDULE[d.schedule],
-                         beta_start=d.beta_start or lo, beta_end=d.beta_end or hi,
+                         beta_start=d.beta_start or lo, beta_end=d.beta_end or hi, trained_betas=shifted,
                          prediction_type=PREDICTION_TYPE[d.prediction], clip_sample=s.clip_x0,
                          set_alpha_to_one=True, steps_offset=0, timestep_spacing=s.spacing)
 

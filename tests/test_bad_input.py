@@ -35,9 +35,12 @@ def files(tmp_path_factory):
     (root / "a_file").write_text("I am a file\n")
     (root / "shards").mkdir()
     (root / "shards/manifest.json").write_text("{not json")
-    for name, kind in (("vae_export", "AutoencoderKL"), ("unet", "UNet2DModel")):
+    for name, config in (("vae_export", {"_class_name": "AutoencoderKL", "latent_channels": 4}),
+                         ("unet", {"_class_name": "UNet2DModel", "in_channels": 4, "sample_size": 8})):
         (root / name).mkdir()
-        (root / name / "config.json").write_text(json.dumps({"_class_name": kind}))
+        (root / name / "config.json").write_text(json.dumps(config))
+    (root / "unet/dist_diffusion.json").write_text(json.dumps(  # as exports wrote it before snr_shift
+        {"target": "unet", "prediction": "epsilon", "schedule": "linear", "num_train_timesteps": 1000}))
     (root / "empty.yaml").write_text("# nothing here\n")
     (root / "broken.yaml").write_text("model: [\n")
     (root / "list.yaml").write_text("- model\n- train\n")
@@ -196,6 +199,12 @@ DATA = [  # files and directories that are not what they are named as
     case("unet-missing", f"eval --config {T} eval.unet=F/nowhere", "eval.unet='F/nowhere' is not an exported UNet"),
     case("vae-export-as-unet", f"sample --config {T} eval.unet=F/vae_export",
          "eval.unet='F/vae_export' is an exported AutoencoderKL, not a UNet"),
+    case("unet-of-other-latents", f"sample --config {T} eval.unet=F/unet vae.block_out_channels=[32,64]",
+         "eval.unet=F/unet was trained otherwise: it denoises 4x8x8 inputs, this config samples 4x16x16"),
+    case("unet-of-another-schedule", f"eval --config {T} eval.unet=F/unet diffusion.snr_shift=2",
+         "it learned diffusion.snr_shift=1.0, this config has 2.0; set those keys as in the run's config.yaml"),
+    case("vae-of-other-latent-channels", f"encode --shards F/made16 --out F/o vae.pretrained=F/vae_export "
+         "vae.latent_channels=8", "vae.latent_channels=8 but the VAE in F/vae_export has 4"),
     case("metrics-without-reference", f"eval --config {T} eval.unet=F/unet",
          "eval.metrics needs reference images: set eval.reference"),
     case("classifier-unset", f"eval --config {T} eval.unet=F/unet data.shards=F/made16",

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,15 @@ def test_a_validated_config_is_frozen_and_derive_makes_a_validated_copy():
 def test_a_renamed_key_names_its_new_name(old, new):
     with pytest.raises(ConfigError, match=f"was renamed {new}"):
         load_config(ROOT / "configs/tiny.yaml", [old])
+
+
+def test_a_pretrained_vae_sets_the_latent_shape_whatever_the_recipe_says(tmp_path):
+    """A 2-level VAE (32 px -> 16x16) under a recipe written for 3 levels (8x8): the UNet,
+    the sampler and eval all take the VAE's shape, read from its config.json."""
+    from dist_diffusion.config import unet_input_shape
+
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "latent_channels": 4,
+                                                      "block_out_channels": [32, 64]}))
+    recipe = load_config("configs/tiny.yaml")
+    assert unet_input_shape(recipe) == (4, 8, 8)
+    assert unet_input_shape(load_config("configs/tiny.yaml", [f"vae.pretrained={tmp_path}"])) == (4, 16, 16)

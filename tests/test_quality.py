@@ -179,6 +179,23 @@ def test_the_textures_set_is_real_tiles_of_at_least_five_classes(tmp_path):
         assert first.shape == (32, 32, 3) and first.std() > 0
 
 
+@pytest.mark.parametrize("dataset", ["digits", "textures"])
+def test_each_demo_recipe_trains_its_unet_on_the_latents_its_vae_makes(dataset, tmp_path):
+    """The VAE run and the UNet run of a data set agree on the latent shape, and a recipe
+    for latents larger than 8x8 shifts the schedule to match (diffusion.snr_shift)."""
+    import argparse
+
+    from dist_diffusion.config import unet_input_shape
+    from dist_diffusion.demo import DemoRuns
+
+    args = argparse.Namespace(nproc=2, dataset=dataset, vae_steps=None, overrides=[], classifier_steps=300,
+                              eval_samples=500)
+    runs = DemoRuns(tmp_path, args)
+    vae, unet = load_config("configs/vae_tiny.yaml", runs.vae), load_config("configs/tiny.yaml", runs.unet)
+    assert unet_input_shape(vae) == unet_input_shape(unet)
+    assert unet.diffusion.snr_shift == unet_input_shape(unet)[1] / 8
+
+
 def test_the_demo_bar_holds_samples_to_the_floor():
     from dist_diffusion.demo import quality_bar
 

@@ -87,3 +87,26 @@ def test_min_snr_weights():
     assert torch.allclose(w, torch.tensor([1.0, 1.0, 1.0, 0.05]))
     wv = min_snr_weight(snr, 5.0, "v")
     assert torch.allclose(wv, torch.tensor([0.1 / 1.1, 0.5, 5 / 6, 5 / 101]))
+
+
+@pytest.mark.parametrize("name", sorted(DIFFUSERS_NAMES))
+def test_snr_shift_divides_every_steps_snr_by_its_square(name):
+    plain, shifted = make_schedule(name), make_schedule(name, snr_shift=2.0)
+    t = torch.arange(plain.num_timesteps)
+    ratio = shifted.snr(t).double() / plain.snr(t).double()
+    assert torch.allclose(ratio, torch.full_like(ratio, 0.25), rtol=2e-3)
+    assert ((shifted.betas > 0) & (shifted.betas < 1)).all()
+    assert torch.equal(make_schedule(name, snr_shift=1.0).alphas_cumprod, plain.alphas_cumprod)
+
+
+def test_a_shifted_schedule_exports_as_betas_diffusers_reproduces():
+    from diffusers import DDIMScheduler
+
+    from dist_diffusion.config import load_config
+    from dist_diffusion.export import ddim_scheduler
+
+    cfg = load_config("configs/tiny.yaml", ["diffusion.snr_shift=2"])
+    exported = DDIMScheduler.from_config(ddim_scheduler(cfg).config)  # what a user loads
+    ours = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_train_timesteps, snr_shift=2.0)
+    assert torch.equal(exported.alphas_cumprod, ours.alphas_cumprod)
+    assert not torch.equal(exported.alphas_cumprod, make_schedule(cfg.diffusion.schedule).alphas_cumprod)

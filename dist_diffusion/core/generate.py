@@ -24,7 +24,7 @@ def generate(cfg: Config, unet: torch.nn.Module, labels: torch.Tensor, indices: 
     gens = sample_generators(s.seed, indices)
     noise = per_sample_randn(gens, unet_input_shape(cfg), where)
     guidance = Guidance(null_label(cfg), s.guidance_scale, tuple(s.guidance_interval) or None)
-    schedule = make_schedule(d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end).to(where)
+    schedule = make_schedule(d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end, d.snr_shift).to(where)
     denoise = in_row_blocks(_in_precision(as_denoiser(unet), where, s.precision), s.network_batch)
     return run_sampler(s.sampler, denoise, schedule, noise, labels.to(where), guidance, steps=s.steps,
                        spacing=s.spacing, eta=s.eta, generators=gens, prediction=d.prediction,

@@ -43,8 +43,10 @@ class NoiseSchedule:
 
 
 def make_schedule(name: str = "linear", num_timesteps: int = 1000,
-                  beta_start: float | None = None, beta_end: float | None = None) -> NoiseSchedule:
-    """Build a schedule. Betas are float32 like diffusers'; alpha_bar is their cumprod."""
+                  beta_start: float | None = None, beta_end: float | None = None,
+                  snr_shift: float = 1.0) -> NoiseSchedule:
+    """Build a schedule. Betas are float32 like diffusers'; alpha_bar is their cumprod.
+    ``snr_shift`` != 1 divides every step's SNR by its square (see :func:`shift_snr`)."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown noise schedule {name!r}; choose one of {list(SCHEDULES)}")
     if num_timesteps < 2:
@@ -58,6 +60,22 @@ def make_schedule(name: str = "linear", num_timesteps: int = 1000,
             betas = torch.linspace(lo, hi, num_timesteps, dtype=torch.float32)
         else:  # LDM: linear in sqrt(beta)
             betas = torch.linspace(lo ** 0.5, hi ** 0.5, num_timesteps, dtype=torch.float32) ** 2
+    schedule = NoiseSchedule(betas=betas, alphas_cumprod=torch.cumprod(1.0 - betas, dim=0))
+    return schedule if snr_shift == 1.0 else shift_snr(schedule, snr_shift)
+
+
+def shift_snr(schedule: NoiseSchedule, shift: float) -> NoiseSchedule:
+    """The schedule with SNR_t / shift^2 at every step (Hoogeboom et al. 2023, "simple
+    diffusion", sec. 3.1). Why: the mean over an L x L latent has L^2 times the SNR of one
+    position, so at twice the side a schedule keeps colour and layout visible to far higher
+    t, and the steps that must decide them from the label alone get rare; shift 2 gives a
+    16x16 latent the global noise an 8x8 one has unshifted."""
+    a = schedule.alphas_cumprod.double()
+    snr = a / (1 - a) / shift ** 2
+    shifted = snr / (1 + snr)
+    betas = (1 - shifted / torch.cat([shifted.new_ones(1), shifted[:-1]])).float()
+    # alpha_bar as the cumprod of the float32 betas, as unshifted: what diffusers computes
+    # from the same betas (an export's scheduler), to the bit
     return NoiseSchedule(betas=betas, alphas_cumprod=torch.cumprod(1.0 - betas, dim=0))
 
 

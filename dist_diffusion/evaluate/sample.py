@@ -24,7 +24,7 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, derive, parse_sampler_entry
+from ..config import Config, ConfigError, derive, parse_sampler_entry, unet_input_shape
 from ..data import storage
 from ..logs import get_logger
 from ..data.shards import upload_tar
@@ -146,7 +146,7 @@ def load_models(cfg: Config, where: torch.device):
 
     from ..core.models import build_vae
 
-    check_unet_dir(cfg.eval.unet)
+    check_unet_dir(cfg)
     unet = UNet2DModel.from_pretrained(cfg.eval.unet).eval().float().to(where)
     vae = build_vae(cfg).eval().float().to(where) if cfg.vae.enabled else None
     return unet, vae
@@ -155,7 +155,7 @@ def load_models(cfg: Config, where: torch.device):
 def check_inputs(cfg: Config) -> None:
     """What the job reads, checked before any rank starts, each failure one line naming
     the key: the UNet export, and with metrics on, the reference and the feature network."""
-    check_unet_dir(cfg.eval.unet)
+    check_unet_dir(cfg)
     storage.check_bucket(cfg.eval.out)  # not found out at the first shard written
     if not cfg.eval.metrics:
         return
@@ -165,15 +165,45 @@ def check_inputs(cfg: Config) -> None:
     check_extractor(cfg.eval)
 
 
-def check_unet_dir(path: str) -> None:
+def check_unet_dir(cfg: Config) -> None:
     """eval.unet must be a diffusers UNet2DModel directory (an export of a UNet run, not of
-    its VAE or classifier): one line naming what it is instead, before any rank starts."""
+    its VAE or classifier) whose input shape and forward process are this config's: one
+    line naming what differs, before any rank starts. A mismatch would not fail later: a
+    convolutional UNet denoises any latent size, and any schedule, just badly."""
+    path = cfg.eval.unet
     config = Path(path) / "config.json" if path else None
     kind = json.loads(config.read_text()).get("_class_name") if config and config.is_file() else None
     if kind != "UNet2DModel":
         what = f"an exported {kind}, not a UNet" if kind else "not an exported UNet directory"
         raise ConfigError(f"eval.unet={path!r} is {what}; run `dist-diffusion export --run-dir RUN "
                           f"--out DIR` on a UNet run (train.target=unet) and pass eval.unet=DIR")
+    problems = _unlike_export(cfg, Path(path))
+    if problems:
+        raise ConfigError(f"eval.unet={path} was trained otherwise: " + "; ".join(problems) +
+                          "; set those keys as in the run's config.yaml")
+
+
+# The forward process an export's dist_diffusion.json records, with the value a key has in
+# exports written before it was recorded (None: not checked there).
+EXPORT_FORWARD_PROCESS = {"prediction": None, "schedule": None, "num_train_timesteps": None, "snr_shift": 1.0}
+
+
+def _unlike_export(cfg: Config, path: Path) -> list[str]:
+    net = json.loads((path / "config.json").read_text())
+    side = net.get("sample_size")
+    side = tuple(side) if isinstance(side, (list, tuple)) else (side, side)
+    have, want = (net.get("in_channels"), *side), unet_input_shape(cfg)
+    problems = []
+    if None not in have and have != want:
+        problems.append(f"it denoises {'x'.join(map(str, have))} inputs, this config samples {'x'.join(map(str, want))} "
+                        f"(data.resolution, vae.latent_channels, vae.block_out_channels)")
+    meta_file = path / "dist_diffusion.json"  # absent: not our export, nothing recorded to check
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    for key, before_recorded in EXPORT_FORWARD_PROCESS.items() if meta else ():
+        learned, here = meta.get(key, before_recorded), getattr(cfg.diffusion, key)
+        if learned is not None and learned != here:
+            problems.append(f"it learned diffusion.{key}={learned!r}, this config has {here!r}")
+    return problems
 
 
 def sample_point(cfg: Config, point: Point, unet, vae, extractor: Extractor | None,

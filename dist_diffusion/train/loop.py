@@ -125,7 +125,7 @@ def build_run(cfg: Config) -> Run:
     logger = TrainLogger(cfg.train, cfg.diffusion.num_train_timesteps, env, run_dir)
     logger.info(describe(env))
     schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_train_timesteps,
-                             cfg.diffusion.beta_start, cfg.diffusion.beta_end).to(device())
+                             cfg.diffusion.beta_start, cfg.diffusion.beta_end, cfg.diffusion.snr_shift).to(device())
     return Run(cfg, env, engine, EngineEMA(engine, cfg.runtime.zero_stage), schedule, vae, spec,
                manifest, logger, TrainingGrids(cfg, run_dir, env.is_main, vae), resume_tag=resume, elastic=elastic)
 
