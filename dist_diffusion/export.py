@@ -21,7 +21,7 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from .config import Config, ConfigError, load_config
-from .core.schedule import DEFAULT_BETAS, make_schedule
+from .core.schedule import DEFAULT_BETAS, forward_process
 from .runtime.checkpoint import COMPLETE, consolidated_fp32_state, ema_file, latest_complete
 from .train.objectives import objective
 from .runtime.ema import join_partitions
@@ -78,7 +78,7 @@ def ddim_scheduler(cfg: Config):
     lo, hi = DEFAULT_BETAS.get(d.schedule, (1e-4, 0.02))
     shifted = None  # diffusers has no SNR shift: a shifted schedule travels as its betas
     if d.snr_shift != 1.0:
-        shifted = make_schedule(d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end, d.snr_shift).betas.tolist()
+        shifted = forward_process(d).betas.tolist()
     return DDIMScheduler(num_train_timesteps=d.num_train_timesteps, beta_schedule=BETA_SCHEDULE[d.schedule],
                          beta_start=d.beta_start or lo, beta_end=d.beta_end or hi, trained_betas=shifted,
                          prediction_type=PREDICTION_TYPE[d.prediction], clip_sample=s.clip_x0,

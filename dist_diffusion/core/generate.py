@@ -11,7 +11,7 @@ from ..config import Config
 from .guidance import Guidance
 from .models import as_denoiser, decode_latents, null_label, unet_input_shape
 from .samplers import per_sample_randn, run_sampler, sample_generators
-from .schedule import make_schedule
+from .schedule import forward_process
 
 
 @torch.no_grad()
@@ -24,7 +24,7 @@ def generate(cfg: Config, unet: torch.nn.Module, labels: torch.Tensor, indices: 
     gens = sample_generators(s.seed, indices)
     noise = per_sample_randn(gens, unet_input_shape(cfg), where)
     guidance = Guidance(null_label(cfg), s.guidance_scale, tuple(s.guidance_interval) or None)
-    schedule = make_schedule(d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end, d.snr_shift).to(where)
+    schedule = forward_process(d).to(where)
     denoise = in_row_blocks(_in_precision(as_denoiser(unet), where, s.precision), s.network_batch)
     return run_sampler(s.sampler, denoise, schedule, noise, labels.to(where), guidance, steps=s.steps,
                        spacing=s.spacing, eta=s.eta, generators=gens, prediction=d.prediction,

@@ -44,7 +44,7 @@ def build_vae(cfg: Config) -> AutoencoderKL:
     """The configured VAE: ``vae.pretrained`` (a diffusers directory) or a fresh small one."""
     v = cfg.vae
     if v.pretrained:
-        return _load_pretrained_vae(Path(v.pretrained), v.latent_channels, cfg.data.resolution)
+        return _load_pretrained_vae(Path(v.pretrained))
     levels = len(v.block_out_channels)
     return AutoencoderKL(
         in_channels=cfg.data.image_channels, out_channels=cfg.data.image_channels,
@@ -55,19 +55,13 @@ def build_vae(cfg: Config) -> AutoencoderKL:
     )
 
 
-def _load_pretrained_vae(path: Path, latent_channels: int, resolution: int) -> AutoencoderKL:
+def _load_pretrained_vae(path: Path) -> AutoencoderKL:
+    """Its latent channels and downsampling factor were checked against the config when the
+    config loaded (config_rules, from the same config.json)."""
     if not (path / "config.json").is_file():
         raise ConfigError(f"vae.pretrained={path}: no diffusers config.json there; point it at a "
                           f"directory saved by AutoencoderKL.save_pretrained (e.g. an SD-VAE)")
-    vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
-    if vae.config.latent_channels != latent_channels:
-        raise ConfigError(f"vae.latent_channels={latent_channels} but the VAE in {path} has "
-                          f"{vae.config.latent_channels}; set vae.latent_channels to match")
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if resolution % factor:
-        raise ConfigError(f"data.resolution={resolution} is not divisible by the VAE's "
-                          f"downsampling factor {factor}")
-    return vae
+    return AutoencoderKL.from_pretrained(path, local_files_only=True)
 
 
 def encode_images(vae: AutoencoderKL, images: torch.Tensor, sample: bool = True,

@@ -64,6 +64,13 @@ def make_schedule(name: str = "linear", num_timesteps: int = 1000,
     return schedule if snr_shift == 1.0 else shift_snr(schedule, snr_shift)
 
 
+def forward_process(diffusion) -> NoiseSchedule:
+    """The schedule a config's ``diffusion`` section names: the one place its keys become
+    a schedule, for training, sampling and the export's scheduler alike."""
+    d = diffusion
+    return make_schedule(d.schedule, d.num_train_timesteps, d.beta_start, d.beta_end, d.snr_shift)
+
+
 def shift_snr(schedule: NoiseSchedule, shift: float) -> NoiseSchedule:
     """The schedule with SNR_t / shift^2 at every step (Hoogeboom et al. 2023, "simple
     diffusion", sec. 3.1). Why: the mean over an L x L latent has L^2 times the SNR of one

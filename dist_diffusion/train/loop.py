@@ -19,7 +19,7 @@ import torch
 from ..config import Config, to_yaml
 from ..core.ema import ema_decay
 from ..core.models import build_vae, encode_images
-from ..core.schedule import make_schedule
+from ..core.schedule import forward_process
 from ..data import storage
 from ..data.stream import Position, ShardStream, StreamSpec
 from ..runtime import checkpoint, run_lock
@@ -124,8 +124,7 @@ def build_run(cfg: Config) -> Run:
     _record_placement(run_dir, env)
     logger = TrainLogger(cfg.train, cfg.diffusion.num_train_timesteps, env, run_dir)
     logger.info(describe(env))
-    schedule = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_train_timesteps,
-                             cfg.diffusion.beta_start, cfg.diffusion.beta_end, cfg.diffusion.snr_shift).to(device())
+    schedule = forward_process(cfg.diffusion).to(device())
     return Run(cfg, env, engine, EngineEMA(engine, cfg.runtime.zero_stage), schedule, vae, spec,
                manifest, logger, TrainingGrids(cfg, run_dir, env.is_main, vae), resume_tag=resume, elastic=elastic)
 
