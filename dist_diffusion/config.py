@@ -112,7 +112,8 @@ class DiffusionConfig(_Section):
     beta_end: Optional[float] = _f(None, "last beta (null: 0.02 linear, 0.012 scaled_linear)",
                                    gt=0.0, lt=1.0)
     snr_shift: float = _f(1.0, "divide the schedule's SNR at every step by snr_shift^2 (simple diffusion): "
-                               "2 for latents of twice the side the schedule was tuned at", gt=0.0)
+                               "2 for latents of twice the side the schedule was tuned at; pair it with "
+                               "prediction=v (epsilon gives x0 divided by alpha_t, tiny once shifted)", gt=0.0)
     prediction: str = _f("epsilon", "what the UNet predicts", choices=["epsilon", "v"])
     min_snr_gamma: float = _f(0.0, "min-SNR-gamma loss weighting (Hang et al. 2023); 0 is off",
                               ge=0.0)
