@@ -12,7 +12,6 @@ prints the resolved tree, and ``--docs`` prints the docs.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -432,33 +431,6 @@ def parse_sampler_entry(entry: str) -> tuple[str, Optional[int]]:
     if steps and not steps.isdigit():
         raise ValueError(f"{entry!r}: write NAME:STEPS with a whole number of steps, e.g. ddim:100")
     return name, int(steps) if steps else None
-
-
-def latent_downsample(cfg: Config) -> int:
-    """Spatial factor between images and latents (1 without a VAE): a pretrained VAE's own,
-    from its config.json, so a recipe's vae.block_out_channels cannot disagree with it."""
-    if not cfg.vae.enabled:
-        return 1
-    levels = pretrained_vae_config(cfg.vae.pretrained).get("block_out_channels", cfg.vae.block_out_channels)
-    return 2 ** (len(levels) - 1)
-
-
-def pretrained_vae_config(path: str) -> dict:
-    """The diffusers config.json of the VAE directory ``path``; {} where there is none to
-    read (no vae.pretrained, or not a VAE directory: loading it says so)."""
-    config = Path(path) / "config.json" if path else None
-    try:
-        loaded = json.loads(config.read_text()) if config and config.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
-
-
-def unet_input_shape(cfg: Config) -> tuple[int, int, int]:
-    """(C, H, W) the UNet sees: VAE latents, or the images themselves in pixel space."""
-    side = cfg.data.resolution // latent_downsample(cfg)
-    channels = cfg.vae.latent_channels if cfg.vae.enabled else cfg.data.image_channels
-    return channels, side, side
 
 
 def to_yaml(cfg: Config) -> str:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, List
 
-from .config import Config, ConfigError, _most_steps, latent_downsample, parse_sampler_entry, pretrained_vae_config
+from .config import Config, ConfigError, _most_steps, parse_sampler_entry
+from .latent_shape import latent_downsample, pretrained_vae_config
 
 
 def validate(cfg: Config, source: str = "config") -> None:

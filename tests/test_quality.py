@@ -185,7 +185,7 @@ def test_each_demo_recipe_trains_its_unet_on_the_latents_its_vae_makes(dataset, 
     for latents larger than 8x8 shifts the schedule to match (diffusion.snr_shift)."""
     import argparse
 
-    from dist_diffusion.config import unet_input_shape
+    from dist_diffusion.latent_shape import unet_input_shape
     from dist_diffusion.demo import DemoRuns
 
     args = argparse.Namespace(nproc=2, dataset=dataset, vae_steps=None, overrides=[], classifier_steps=300,

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DModel
 
-from ..config import Config, ConfigError, unet_input_shape  # noqa: F401 (unet_input_shape re-exported)
+from ..config import Config, ConfigError
+from ..latent_shape import unet_input_shape  # noqa: F401 (re-exported)
 from .latent_stats import denormalise, latent_affine, normalise
 from .losses import Denoiser
 

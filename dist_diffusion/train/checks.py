@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import Config, ConfigError, unet_input_shape
+from ..config import Config, ConfigError
+from ..latent_shape import unet_input_shape
 from ..data import storage
 from ..data.shards import load_manifest
 from .objectives import objective

@@ -1,0 +1,37 @@
+"""The shape of what the UNet sees, derived from the config: the VAE's downsampling factor
+(a pretrained VAE's own, from its config.json) and the latent's (C, H, W). Used by the
+config rules, the trainer's shard checks, the model builders and eval's export check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import Config
+
+
+def latent_downsample(cfg: Config) -> int:
+    """Spatial factor between images and latents (1 without a VAE): a pretrained VAE's own,
+    from its config.json, so a recipe's vae.block_out_channels cannot disagree with it."""
+    if not cfg.vae.enabled:
+        return 1
+    levels = pretrained_vae_config(cfg.vae.pretrained).get("block_out_channels", cfg.vae.block_out_channels)
+    return 2 ** (len(levels) - 1)
+
+
+def pretrained_vae_config(path: str) -> dict:
+    """The diffusers config.json of the VAE directory ``path``; {} where there is none to
+    read (no vae.pretrained, or not a VAE directory: loading it says so)."""
+    config = Path(path) / "config.json" if path else None
+    try:
+        loaded = json.loads(config.read_text()) if config and config.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def unet_input_shape(cfg: Config) -> tuple[int, int, int]:
+    """(C, H, W) the UNet sees: VAE latents, or the images themselves in pixel space."""
+    side = cfg.data.resolution // latent_downsample(cfg)
+    channels = cfg.vae.latent_channels if cfg.vae.enabled else cfg.data.image_channels
+    return channels, side, side
