@@ -71,7 +71,8 @@ def _lookup(cfg, key: str):
 
 
 def _print_summary(cfg) -> None:
-    from .core.models import build_unet, count_parameters, unet_input_shape
+    from .core.models import build_unet, count_parameters
+    from .latent_shape import unet_input_shape
 
     shape = "x".join(map(str, unet_input_shape(cfg)))
     params = count_parameters(build_unet(cfg)) / 1e6
