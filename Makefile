@@ -19,12 +19,23 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c 'from dist_diffusion.runtime.distributed import prebuild_cpu_ops; prebuild_cpu_ops()'
 	touch $(STAMP)
 
-# The local SLURM cluster (infra/local/slurm.sh) for the launcher tests, and iproute2 for
-# the 2-node cluster (infra/local/cluster.sh): Debian packages.
-SYSTEM_PKGS := slurmctld slurmd slurm-client slurmdbd munge mariadb-server iproute2
+# The Debian packages of the cluster tests, each as COMMAND:PACKAGE (a command that shows the
+# package is there): the local SLURM cluster (infra/local/slurm.sh: munge, MariaDB behind
+# slurmdbd, slurmctld, slurmd) and iproute2 for the 2-node cluster (infra/local/cluster.sh).
+# Missing ones are installed where that can be done (root and apt); otherwise one line names them.
+SYSTEM_DEPS := slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client slurmdbd:slurmdbd munged:munge \
+               mariadbd:mariadb-server ip:iproute2
+APT_GET ?= apt-get
+MISSING_PKGS = $(strip $(shell PATH="$$PATH:/usr/sbin:/sbin"; \
+  for dep in $(SYSTEM_DEPS); do command -v "$${dep%%:*}" >/dev/null || echo "$${dep#*:}"; done))
+CAN_APT = $(shell [ "$$(id -u)" = 0 ] && command -v $(APT_GET))
+NEED_PKGS = make test needs Debian packages $(MISSING_PKGS) for its SLURM/cluster tests: run it as root on a \
+  machine with apt (it installs them), or run `make test-fast` or `make test TEST_ARGS="-m 'not cluster'"`
+# $(error) stops make with exactly that one line (expanded only when this recipe runs).
 system-deps:
-	@command -v slurmctld >/dev/null && command -v mariadbd >/dev/null && command -v ip >/dev/null || { \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PKGS) >/dev/null; }
+	$(if $(MISSING_PKGS),$(if $(CAN_APT),,$(error $(NEED_PKGS))))
+	@$(if $(MISSING_PKGS),echo "installing Debian packages for the SLURM/cluster tests: $(MISSING_PKGS)" && \
+	  $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq $(MISSING_PKGS) >/dev/null,:)
 
 # Two pytest-xdist workers: much of the suite waits on daemons, requeues and rank start-up,
 # and the other worker computes meanwhile. A module is one unit of work (tests/conftest.py),
@@ -32,7 +43,9 @@ system-deps:
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
-test: venv
+# The system packages first (installed, or one line naming them), unless TEST_ARGS leaves the
+# cluster tests out (-m "not cluster", or "not slow": every cluster module is slow too).
+test: $(if $(or $(findstring not cluster,$(TEST_ARGS)),$(findstring not slow,$(TEST_ARGS))),,system-deps) venv
 	$(BIN)/python -m pytest $(XDIST) $(TEST_ARGS)
 
 # The inner loop: no training, sampling or cluster processes (markers in pyproject.toml).

@@ -13,11 +13,18 @@ A synthetic ImageNet-100-like tree: 100 class folders of JPEGs of 160 to 500 px 
   from the embedded S3 (presigned URLs through curl, webdataset's HTTP route), both with
   2 DataLoader workers and batches of 64, best of 2 alternating rounds (goal >= 1.0);
 - ``stream_rss_growth_mb``: the memory (PSS) of the process and its workers over a 2-epoch stream,
-  highest minus the value once every worker finished its first shard (goal <= 50).
+  highest minus the value once every worker finished its first shard (goal <= 50);
+- ``original_size_stream_vs_webdataset_ratio``: the same race on shards of original-size
+  JPEGs (``DATA_SCALE_ORIGINAL_N``, 4,000 by default: crops of scikit-image's photos, 160 to
+  500 px a side, any aspect, sensor noise, quality 85-95), indexed, not prepared. Both sides
+  resize and center-crop to 128 px as ADM does: ours with ``data.resolution`` (DCT-scaled
+  JPEG decode, then one bicubic resize), upstream with ``decode("pil")`` and ADM's
+  ``center_crop_arr`` in a ``map``. Same loaders, batches and rounds (goal >= 1.0).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import multiprocessing as mp
 import os
@@ -34,12 +41,16 @@ import torch
 from PIL import Image
 
 from dist_diffusion.config import DataConfig
-from dist_diffusion.data import storage
+from dist_diffusion.data import shards, storage
+from dist_diffusion.data.index import index
 from dist_diffusion.data.prepare import prepare
 from dist_diffusion.data.stream import ShardStream, StreamSpec
 from dist_diffusion.stack import start_s3, stop_s3
 
 N = int(os.environ.get("DATA_SCALE_N", "20000"))
+ORIGINAL_N = int(os.environ.get("DATA_SCALE_ORIGINAL_N", "4000"))
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
+          "stereo_motorcycle")
 CLASSES, RESOLUTION, PER_SHARD, BATCH, WORKERS = 100, 128, 200, 64, 2
 
 
@@ -128,6 +139,100 @@ def presigned(url: str, manifest: dict) -> list[str]:
             for s in manifest["shards"]]
 
 
+@functools.cache
+def photos() -> list[Image.Image]:
+    """scikit-image's bundled colour photos (no download)."""
+    from skimage import data
+
+    loaded = [getattr(data, name)() for name in PHOTOS]
+    return [Image.fromarray(p[0] if isinstance(p, tuple) else p) for p in loaded]
+
+
+def original_jpeg(index: int) -> bytes:
+    """An original-size photo: a random crop of a real photo (any aspect), resized so its
+    sides are 160 to 500 px, with sensor noise, saved at JPEG quality 85-95."""
+    rng = np.random.default_rng([7, index])
+    photo = photos()[index % len(PHOTOS)]
+    w, h = (int(v) for v in rng.integers(160, 501, size=2))
+    cw = int(photo.width * rng.uniform(0.4, 1.0))
+    ch = min(photo.height, max(16, round(cw * h / w)))
+    cw = min(photo.width, round(ch * w / h))
+    left, top = int(rng.integers(0, photo.width - cw + 1)), int(rng.integers(0, photo.height - ch + 1))
+    img = photo.crop((left, top, left + cw, top + ch)).resize((w, h), Image.BICUBIC)
+    noisy = np.asarray(img, np.float32) + rng.normal(0, 3, (h, w, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=int(rng.integers(85, 96)))
+    return buf.getvalue()
+
+
+def write_original_shard(args: tuple[Path, int]) -> None:
+    out, shard = args
+    keys = range(shard * PER_SHARD, min(ORIGINAL_N, (shard + 1) * PER_SHARD))
+    shards.write_tar(out / f"orig-{shard:06d}.tar",
+                     ((f"{i:08d}", {"jpg": original_jpeg(i), "cls": str(i % CLASSES).encode()}) for i in keys))
+
+
+def make_original_shards(out: Path) -> None:
+    out.mkdir()
+    with mp.get_context("spawn").Pool(os.cpu_count()) as pool:
+        pool.map(write_original_shard, [(out, s) for s in range(-(-ORIGINAL_N // PER_SHARD))])
+
+
+def adm_center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """ADM's (guided-diffusion) center_crop_arr, the resize upstream users write in a map."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y, crop_x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
+
+
+def adm_tensor(img: Image.Image) -> torch.Tensor:
+    """As ``decode("torchrgb")`` gives it: (3, H, W) float in [0, 1]."""
+    return torch.from_numpy(adm_center_crop_arr(img, RESOLUTION)).permute(2, 0, 1).float() / 255.0
+
+
+def ours_resized_per_s(url: str) -> float:
+    spec = StreamSpec(url=url, batch_size=BATCH, num_workers=WORKERS, resolution=RESOLUTION)
+    loader = torch.utils.data.DataLoader(ShardStream(spec), batch_size=None, num_workers=WORKERS)
+    start, count = time.perf_counter(), 0
+    for batch in loader:
+        count += len(batch["key"])
+    return count / (time.perf_counter() - start)
+
+
+def theirs_resized_per_s(urls: list[str]) -> float:
+    import webdataset as wds
+
+    dataset = (wds.WebDataset(urls, shardshuffle=len(urls), workersplitter=wds.split_by_worker)
+               .shuffle(PER_SHARD).decode("pil").to_tuple("jpg", "cls").map_tuple(adm_tensor, int).batched(BATCH))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=WORKERS)
+    start, count = time.perf_counter(), 0
+    for images, _ in loader:
+        assert images.shape[1:] == (3, RESOLUTION, RESOLUTION)
+        count += len(images)
+    return count / (time.perf_counter() - start)
+
+
+def original_size_race(root: Path) -> dict[str, float]:
+    """Best of 2 alternating rounds of ours and upstream on indexed original-size JPEG shards."""
+    t0 = time.perf_counter()
+    make_original_shards(root / "original")
+    url = "s3://bench/original"
+    upload(root / "original", url)
+    manifest = index(url, progress=False)
+    span = manifest["image_size_range"]
+    print(f"original-size shards: {manifest['num_samples']} JPEGs, {span['width']} x {span['height']} px, "
+          f"aspect {span['aspect']}, made and indexed in {time.perf_counter() - t0:.0f} s", flush=True)
+    urls, best = presigned(url, manifest), {"ours": 0.0, "theirs": 0.0}
+    for _ in range(2):
+        best["ours"] = max(best["ours"], ours_resized_per_s(url))
+        best["theirs"] = max(best["theirs"], theirs_resized_per_s(urls))
+    return best
+
+
 def tree_rss_mb(skip: int) -> float:
     """PSS of the process and its loader workers: forked workers share the parent's pages,
     and plain RSS would count each shared page once per worker as copy-on-write touches
@@ -176,6 +281,7 @@ def main() -> None:
                 best["ours"] = max(best["ours"], ours_per_s(url))
                 best["theirs"] = max(best["theirs"], theirs_per_s(urls))
             growth = stream_rss_growth_mb(url, server.pid)
+            original = original_size_race(root)
         finally:
             stop_s3(server.pid)
     print(f"N={N} shards={len(manifest['shards'])} stream_samples_per_s={best['ours']:.0f} "
@@ -184,6 +290,9 @@ def main() -> None:
     print(f"prepare_vs_baseline_ratio={ours / baseline:.3f}")
     print(f"stream_rss_growth_mb={growth:.1f}")
     print(f"stream_vs_webdataset_ratio={best['ours'] / best['theirs']:.3f}")
+    print(f"original_size_stream_samples_per_s={original['ours']:.0f} "
+          f"original_size_webdataset_samples_per_s={original['theirs']:.0f}")
+    print(f"original_size_stream_vs_webdataset_ratio={original['ours'] / original['theirs']:.3f}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, field_docs, load_config, to_yaml
-from .errors import expected, one_line
+from .errors import as_refused_write, expected, one_line
 
 # What a local rank of each `--nproc N` command imports, so the launcher imports it once and
 # forks the ranks from itself (runtime.env.spawn_local); drivers that run many commands
@@ -113,13 +113,13 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from .data.index import index, read_class_names
+    from .data.index import describe_sizes, index, read_class_names
 
     cfg, url = _load(args.config, args.overrides), args.url
     names = read_class_names(args.classes) if args.classes else None
     result = index(url, cfg.data.label_key, names, args.num_classes, overwrite=args.overwrite)
     print(f"{result['num_samples']} samples in {len(result['shards'])} shards, {result['num_classes']} classes, "
-          f"{result['resolution']} px {result['image_format']} -> {url.rstrip('/')}/manifest.json")
+          f"{describe_sizes(result)} {result['image_format']} -> {url.rstrip('/')}/manifest.json")
     return 0
 
 
@@ -185,7 +185,8 @@ def _check_device(cfg) -> None:
     any rank starts."""
     from .extras import require
 
-    if cfg.runtime.device == "cuda" or cfg.launch.gpus_per_worker > 0:  # else nothing to check, and no torch import
+    nvidia = Path("/proc/driver/nvidia/version").exists()  # auto on a GPU node must find CUDA usable
+    if cfg.runtime.device == "cuda" or cfg.launch.gpus_per_worker > 0 or cfg.runtime.device == "auto" and nvidia:
         from .runtime.distributed import check_cuda_usable
 
         check_cuda_usable(cfg.runtime.device, cfg.launch.gpus_per_worker > 0)
@@ -195,6 +196,10 @@ def _check_device(cfg) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_model
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file, not a directory; an export is a directory: name a new "
+                          f"or existing directory")
 
     out = export_model(args.run_dir, args.out, "raw" if args.raw else "ema")
     kind = json.loads((out / "dist_diffusion.json").read_text())["target"]
@@ -379,7 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     except expected() as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    except Exception:
+    except KeyboardInterrupt:  # Ctrl-C before a run could stop at a boundary (e.g. while it starts)
+        print(f"interrupted: dist-diffusion {args.command} stopped by Ctrl-C", file=sys.stderr)
+        return 130
+    except Exception as err:
+        refused = as_refused_write(err, getattr(args, "out", None))
+        if refused is not None:
+            print(f"error: {one_line(refused)}", file=sys.stderr)
+            return 2
         import traceback
 
         traceback.print_exc()

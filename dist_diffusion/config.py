@@ -124,7 +124,8 @@ class DiffusionConfig(_Section):
 class DataConfig(_Section):
     """Where the training images come from, their shape, and how shards are written."""
 
-    resolution: int = _f(32, "image side in pixels (square)", ge=8)
+    resolution: int = _f(32, "image side in pixels (square); the stream resizes and crops shards of "
+                             "original-size images to it (ADM's box-halving, bicubic, crop)", ge=8)
     image_channels: int = _f(3, "channels of the images", ge=1)
     image_format: str = _f("jpeg", "how prepare encodes images in shards", choices=["jpeg", "png"])
     jpeg_quality: int = _f(95, "JPEG quality for prepare", ge=1, le=100)
@@ -139,6 +140,10 @@ class DataConfig(_Section):
     label_key: str = _f("", "index: read each label from this field of the sample's .json "
                             "instead of its .cls (e.g. img2dataset metadata)")
     hflip: bool = _f(True, "random horizontal flip while streaming (off for digits and text)")
+    crop: str = _f("center", "how the stream crops an image that is not data.resolution square after "
+                             "resizing its short side to it: the center (ADM, DiT), or a random offset "
+                             "drawn per sample and epoch from the run's seed (exact resume holds)",
+                   choices=["center", "random"])
     shards: str = _f("", "training shards (image or latent, from prepare/encode): a directory "
                          "or s3://bucket/prefix")
     num_workers: int = _f(1, "dataloader worker processes per rank (0: read in the main process)",
@@ -203,7 +208,10 @@ class TrainConfig(_Section):
 class RuntimeConfig(_Section):
     """How processes and numerics are set up."""
 
-    precision: str = _f("bf16", "training precision", choices=["bf16", "fp32"])
+    precision: str = _f("auto", "training precision. auto: bf16 on GPUs that support it and on CPUs with "
+                                "native bf16 (AVX512-BF16, AMX), fp32 otherwise (a CPU without native bf16 "
+                                "runs bf16 25-116x slower); the run's log names the choice and why",
+                        choices=["auto", "bf16", "fp32"])
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage", ge=0, le=3)
     device: str = _f("auto", "auto: cuda:LOCAL_RANK when CUDA is available, else cpu; cuda fails "
                              "loudly without CUDA instead of training on the CPU",

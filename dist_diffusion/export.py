@@ -4,9 +4,13 @@ for a VAE run, AutoencoderKL) directory (safetensors + config.json) that
 here (ZeRO-3 partitions are the flat parameter cut in N equal, padded pieces).
 
 A UNet export also carries ``scheduler/``: the DDIMScheduler of its forward process, so
-diffusers samples it with the training schedule. In pixel space it is a whole
-``DDIMPipeline`` directory too (``model_index.json`` and ``unet/``, hard links of the
-top-level weights), so ``DDIMPipeline.from_pretrained(out)`` loads it.
+diffusers samples it with the training schedule. It is a whole pipeline directory too
+(``model_index.json`` and ``unet/``, hard links of the top-level weights). In pixel space
+that is a ``DDIMPipeline``; in latent space a ``ClassConditionalLatentPipeline``
+(dist_diffusion.pipeline) with ``vae/``, a copy of the VAE the run was trained on
+(``vae.pretrained``: its config.json carries the latent statistics), so
+``ClassConditionalLatentPipeline.from_pretrained(out)`` samples and decodes it. Both load
+with that class; a VAE that was not there to copy is passed as ``vae=`` instead.
 """
 
 from __future__ import annotations
@@ -58,8 +62,11 @@ def write_export(model: torch.nn.Module, cfg: Config, out: Path, provenance: dic
         indent=2))
     if isinstance(model, UNet2DModel):
         ddim_scheduler(cfg).save_pretrained(out / "scheduler")
-        if not cfg.vae.enabled:
-            _as_ddim_pipeline(out)
+        _link_unet(out)
+        if cfg.vae.enabled:
+            _as_latent_pipeline(out, cfg)
+        else:
+            _write_index(out, "DDIMPipeline")
     return out
 
 
@@ -85,10 +92,10 @@ def ddim_scheduler(cfg: Config):
                          set_alpha_to_one=True, steps_offset=0, timestep_spacing=s.spacing)
 
 
-def _as_ddim_pipeline(out: Path) -> None:
-    """``model_index.json`` + ``unet/`` beside the top-level UNet: diffusers loads a pipeline's
-    components from subfolders, while ``eval.unet`` and ``UNet2DModel.from_pretrained`` read
-    the top level. Hard links, so the weights are on disk once."""
+def _link_unet(out: Path) -> None:
+    """``unet/`` beside the top-level UNet: diffusers loads a pipeline's components from
+    subfolders, while ``eval.unet`` and ``UNet2DModel.from_pretrained`` read the top level.
+    Hard links, so the weights are on disk once."""
     unet_dir = out / "unet"
     unet_dir.mkdir(exist_ok=True)
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
@@ -97,9 +104,30 @@ def _as_ddim_pipeline(out: Path) -> None:
             os.link(out / name, unet_dir / name)
         except OSError:  # a file system without hard links
             shutil.copyfile(out / name, unet_dir / name)
+
+
+def _as_latent_pipeline(out: Path, cfg: Config) -> None:
+    """``vae/``: a copy (not a link: re-exporting the VAE run rewrites its files in place) of
+    the run's ``vae.pretrained`` directory, whose config.json holds latents_mean/latents_std.
+    Without one to copy (moved, or on S3), model_index.json names no VAE and the pipeline
+    asks for ``vae=`` when it loads."""
+    source, vae_dir = Path(cfg.vae.pretrained) if cfg.vae.pretrained else None, out / "vae"
+    shutil.rmtree(vae_dir, ignore_errors=True)
+    has_vae = source is not None and (source / "config.json").is_file()
+    if has_vae:
+        vae_dir.mkdir()
+        for path in source.iterdir():
+            if path.is_file() and path.name != "dist_diffusion.json":
+                shutil.copyfile(path, vae_dir / path.name)
+    _write_index(out, "ClassConditionalLatentPipeline", latent_space=True, null_class_label=cfg.model.num_classes,
+                 vae=["diffusers", "AutoencoderKL"] if has_vae else [None, None])
+
+
+def _write_index(out: Path, class_name: str, **entries) -> None:
+    """model_index.json: the pipeline class and its components, all diffusers classes."""
     from diffusers import __version__ as diffusers_version
 
-    index = {"_class_name": "DDIMPipeline", "_diffusers_version": diffusers_version,
+    index = {"_class_name": class_name, "_diffusers_version": diffusers_version, **entries,
              "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 

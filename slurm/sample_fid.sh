@@ -24,5 +24,8 @@ cd "${SLURM_SUBMIT_DIR:-.}"  # submit from the checkout
 python="${DD_PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python )}"
 
 "$python" -m dist_diffusion.cli config "$config" "$@" >/dev/null || exit 2
+# SLURM 22.05 to 23.02: srun does not inherit --cpus-per-task from the allocation, and
+# each task would get one CPU (one core for the rank and all its loader workers).
+[ -z "${SLURM_CPUS_PER_TASK:-}" ] || export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
 echo "$(date -Is) job $SLURM_JOB_ID: $SLURM_NTASKS sampling tasks on $SLURM_JOB_NODELIST"
 srun --kill-on-bad-exit=1 "$python" -m dist_diffusion.cli eval --config "$config" "$@"

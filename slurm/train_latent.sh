@@ -30,6 +30,9 @@ python="${DD_PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || comm
 # Bad config: one message here, before any rank starts or any GPU is touched.
 run_dir=$("$python" -m dist_diffusion.cli config "$config" "$@" --get train.run_dir) || exit 2
 
+# SLURM 22.05 to 23.02: srun does not inherit --cpus-per-task from the allocation, and
+# each task would get one CPU (one core for the rank and all its loader workers).
+[ -z "${SLURM_CPUS_PER_TASK:-}" ] || export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
 echo "$(date -Is) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NTASKS tasks on $SLURM_JOB_NODELIST"
 srun --kill-on-bad-exit=1 "$python" -m dist_diffusion.train "$config" "$@"
 status=$?

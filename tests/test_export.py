@@ -1,6 +1,6 @@
 """Exports users take elsewhere: a pixel-space UNet export is a diffusers DDIMPipeline
 directory whose scheduler samples what ours samples; a latent export carries the same
-scheduler beside its UNet."""
+scheduler beside its UNet (its pipeline: tests/test_pipeline.py)."""
 
 import json
 
@@ -62,7 +62,9 @@ def test_pixel_pipeline_shares_the_weights_on_disk(tmp_path):
 
 def test_latent_export_carries_the_scheduler_of_its_forward_process(tmp_path):
     cfg, out = exported(tmp_path, ["diffusion.schedule=scaled_linear", "diffusion.prediction=v"])
-    assert not (out / "model_index.json").exists()  # latent space: the VAE comes from its own export
+    index = json.loads((out / "model_index.json").read_text())  # latent space: a pipeline whose VAE is
+    assert index["_class_name"] == "ClassConditionalLatentPipeline"  # the run's vae.pretrained (none here)
+    assert index["vae"] == [None, None] and index["latent_space"] is True
     scheduler = DDIMScheduler.from_pretrained(out, subfolder="scheduler")
     assert scheduler.config.prediction_type == "v_prediction"
     assert scheduler.config.beta_schedule == "scaled_linear"

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import PIXEL16, make_class_folders, make_pairs, run_cli, run_dist_diffusion
-from dist_diffusion.data.stream import ShardStream, StreamSpec, decode_image, load_manifest, parse_tar
+from dist_diffusion.data.stream import (DataError, Position, ShardStream, StreamSpec, decode_image,
+                                        load_manifest, parse_tar)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,3 +136,87 @@ def test_the_in_memory_reader_reads_every_tar_format_as_tarfile_does(tmp_path, t
     assert shards._plain_ustar_members(short.read_bytes()) is not None or tar_format == "pax"
     with pytest.raises(tarfile.ReadError):
         shards.read_samples(data[:len(data) // 2 + 100])
+
+
+@pytest.fixture(scope="module")
+def original_size_shards_in_s3(tmp_path_factory, s3_server):
+    """Three ShardWriter shards of original-size photos, as public ImageNet shard sets hold
+    them: every image its own size (20 to 70 px a side, any aspect), JPEG and a few PNG."""
+    import webdataset as wds
+    from PIL import Image
+
+    from dist_diffusion.data import storage
+
+    tmp, rng = tmp_path_factory.mktemp("original"), np.random.default_rng(0)
+    (tmp / "shards").mkdir()
+    sizes = []
+    with wds.ShardWriter(str(tmp / "shards/orig-%06d.tar"), maxcount=14, verbose=0) as sink:
+        for i in range(40):
+            w, h = (int(v) for v in rng.integers(20, 71, size=2))
+            sizes.append((w, h))
+            pixels = np.clip(rng.normal(40 + 80 * (i % 3), 25, (h, w, 3)), 0, 255).astype(np.uint8)
+            buf, ext = io.BytesIO(), "png" if i % 10 == 0 else "jpg"
+            Image.fromarray(pixels).save(buf, format="PNG" if ext == "png" else "JPEG", quality=90)
+            sink.write({"__key__": f"{i:06d}", ext: buf.getvalue(), "cls": str(i % 3).encode()})
+    storage.s3_client().create_bucket(Bucket="original")
+    for tar in sorted((tmp / "shards").iterdir()):
+        storage.put_file(tar, storage.parse(f"s3://original/in/{tar.name}"))
+    return "s3://original/in", sizes
+
+
+def test_shards_of_original_size_images_are_indexed_with_their_size_range(original_size_shards_in_s3, capsys):
+    url, sizes = original_size_shards_in_s3
+    code, err = run_cli(["index", url], capsys)
+    assert code == 0, err
+    manifest = load_manifest(url)
+    assert manifest["num_samples"] == 40 and manifest["resolution"] is None and manifest["image_format"] == "jpg+png"
+    widths, heights, aspects = [w for w, _ in sizes], [h for _, h in sizes], [w / h for w, h in sizes]
+    assert manifest["image_size_range"] == {"width": [min(widths), max(widths)], "height": [min(heights), max(heights)],
+                                            "aspect": [round(min(aspects), 4), round(max(aspects), 4)]}
+    from dist_diffusion.data.index import describe_sizes
+
+    assert describe_sizes(manifest).startswith(f"{min(widths)}-{max(widths)} x {min(heights)}-{max(heights)} px")
+    spec = StreamSpec(url=url, batch_size=6, num_workers=2, hflip=False, resolution=16)
+    seen = {}
+    for batch in torch.utils.data.DataLoader(ShardStream(spec), batch_size=None, num_workers=2):
+        assert batch["image"].shape[1:] == (3, 16, 16) and batch["corrupt"] == 0
+        assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+        seen.update(zip(batch["key"], batch["label"].tolist()))
+    assert seen == {f"{i:06d}": i % 3 for i in range(40)}
+    with pytest.raises(DataError, match="original sizes .* set data.resolution"):
+        ShardStream(StreamSpec(url=url, batch_size=6))
+
+
+def test_random_crop_of_original_size_images_resumes_bit_for_bit(original_size_shards_in_s3, capsys):
+    url, _ = original_size_shards_in_s3
+    ensure_indexed(url, capsys)
+
+    def images(crop: str, batches: int = 0) -> list[torch.Tensor]:
+        spec = StreamSpec(url=url, batch_size=4, num_workers=2, seed=5, resolution=16, crop=crop)
+        stream = ShardStream(spec, Position(epoch=1, batches=batches))
+        return [b["image"] for b in torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)]
+
+    full = images("random")
+    assert all(torch.equal(a, b) for a, b in zip(full, images("random"))) and len(full) == 10
+    assert all(torch.equal(a, b) for a, b in zip(full[3:], images("random", batches=3), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(full, images("center")))
+
+
+def test_training_on_original_size_shards_resizes_them_to_data_resolution(original_size_shards_in_s3, tmp_path, capsys):
+    url, _ = original_size_shards_in_s3
+    ensure_indexed(url, capsys)
+    run = tmp_path / "run"
+    done = run_dist_diffusion(["train", "--config", "configs/tiny.yaml", "--nproc", "1", f"train.run_dir={run}",
+                               f"data.shards={url}", *PIXEL16, "data.crop=random", "train.max_steps=2",
+                               "train.ckpt_every=2"], timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 2
+
+
+def ensure_indexed(url: str, capsys) -> None:
+    """`index` URL, unless the first test of these (run alone with -k, it may not be) did."""
+    from dist_diffusion.data import storage
+
+    if not storage.exists(storage.parse(url).join("manifest.json")):
+        assert run_cli(["index", url], capsys)[0] == 0

@@ -34,6 +34,27 @@ def test_core_dependencies_are_ranges_and_extras_hold_the_rest():
     assert "torch==2.14.1" in (ROOT / "constraints.txt").read_text()
 
 
+def test_packaging_metadata_matches_what_is_tested():
+    meta = project()
+    assert isinstance(meta["license"], str) and meta["license"] == "Apache-2.0"  # SPDX, not the table form
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert any(Requirement(r).name == "setuptools" and Requirement(r).specifier.contains("77") for r in build)
+    python = Requirement(f"python{meta['requires-python']}").specifier
+    assert not python.contains("3.10") and python.contains("3.11")  # the tests import tomllib
+    dev = {canonicalize_name(Requirement(r).name) for r in meta["optional-dependencies"]["dev"]}
+    assert any("import psutil" in test.read_text() for test in (ROOT / "tests").glob("*.py"))
+    assert "psutil" in dev  # the tests import it; only ray brought it before
+
+
+def test_ray_range_starts_at_the_tested_version():
+    ray = next(Requirement(r) for r in project()["optional-dependencies"]["ray"] if Requirement(r).name == "ray")
+    pinned = re.search(r"^ray==(\S+)", (ROOT / "constraints.txt").read_text(), re.M).group(1)
+    floor = next(s.version for s in ray.specifier if s.operator == ">=")
+    assert pinned.startswith(floor) and ray.specifier.contains(pinned)  # CI tests the floor
+    assert ray.specifier.contains("2.99.0") and not ray.specifier.contains("3.0.0")  # newer 2.x allowed
+    assert ray.specifier.contains(metadata.version("ray"))
+
+
 def closure(requirements: list[str]) -> set[str]:
     """The installed distributions these requirements need, transitively (their extras too)."""
     seen, todo = set(), [(Requirement(r), "") for r in requirements]

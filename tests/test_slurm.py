@@ -16,6 +16,8 @@ from conftest import PIXEL16, eval_overrides, lift_requeue_backoff, logged_steps
 ROOT = Path(__file__).resolve().parents[1]
 # This node has 2 cores and no GPU: override the GPU-cluster header of train_latent.sh.
 SMALL_NODE = ["--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1"]
+# One task with both cores: SLURM 22.05 to 23.02's srun would give it one of them.
+ONE_TASK_TWO_CPUS = ["--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=2"]
 # A preempted run: long enough that the signal, sent after its 3rd step, arrives well
 # before its end; its periodic checkpoint (every CKPT_EVERY) is not where it stops.
 STEPS, CKPT_EVERY = 80, 50
@@ -23,11 +25,12 @@ STEPS, CKPT_EVERY = 80, 50
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory, pixel_shards):
-    """The cluster for this module; `down` runs whatever happened, stopping it by PID."""
+    """The cluster for this module; `down` runs whatever happened, stopping it by PID. Task
+    affinity is on, as on production clusters: each task may run only on its own cores."""
     if shutil.which("slurmctld") is None:
         pytest.fail("SLURM is not installed: run `make system-deps` (Debian slurm-wlm, munge, mariadb)")
     state = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "SLURM_STACK_DIR": str(state)}
+    env = {**os.environ, "SLURM_STACK_DIR": str(state), "SLURM_TASK_PLUGIN": "task/affinity"}
     script = str(ROOT / "infra/local/slurm.sh")
     try:
         up = subprocess.run([script, "up"], env=env, capture_output=True, text=True, timeout=300)
@@ -51,9 +54,9 @@ def squeue_reason(env, job_id: str) -> str:
     return out.stdout.strip()
 
 
-def train_job(log, run, shards, steps: int, ckpt_every: int) -> list[str]:
+def train_job(log, run, shards, steps: int, ckpt_every: int, node: list[str] = SMALL_NODE) -> list[str]:
     """sbatch's arguments for slurm/train_latent.sh on the tiny pixel recipe, sized for this node."""
-    return [*SMALL_NODE, f"--output={log}", "slurm/train_latent.sh", "configs/tiny.yaml", *PIXEL16,
+    return [*node, f"--output={log}", "slurm/train_latent.sh", "configs/tiny.yaml", *PIXEL16,
             f"train.max_steps={steps}", f"train.ckpt_every={ckpt_every}", f"train.run_dir={run}", f"data.shards={shards}"]
 
 
@@ -64,6 +67,53 @@ def test_sbatch_trains_with_two_tasks(slurm, tmp_path, pixel_shards):
     assert "2 tasks" in log.read_text(errors="replace")
     assert (run / "checkpoints/step00000008/COMPLETE").exists()
     assert logged_steps(run) == list(range(1, 9))
+    cpus = [set(host["cpu_affinity"]) for host in rank_hosts(run)]
+    assert [len(c) for c in cpus] == [1, 1] and cpus[0].isdisjoint(cpus[1]), cpus  # a core each
+
+
+def rank_hosts(run) -> list[dict]:
+    """What each rank recorded about where it ran (RUN/hosts/rankNNN.json), by rank."""
+    return [json.loads(p.read_text()) for p in sorted((run / "hosts").glob("rank*.json"))]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a node of 2 CPUs")
+def test_train_rank_is_bound_to_its_cpus_per_task(slurm, tmp_path, pixel_shards):
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    out = sbatch_and_wait(train_job(log, run, pixel_shards, steps=2, ckpt_every=2, node=ONE_TASK_TWO_CPUS), slurm,
+                          timeout=400)
+    assert out.returncode == 0, out.stderr + log.read_text(errors="replace")[-3000:]
+    [host] = rank_hosts(run)
+    assert len(host["cpu_affinity"]) == 2, host  # not the one CPU srun gives a task by default
+
+
+def affinity_recording_python(tmp_path) -> tuple[Path, Path]:
+    """A python for the sbatch scripts (DD_PYTHON) that runs as python in the batch step
+    and, in the job step srun starts, records the CPUs each task may use instead."""
+    out = tmp_path / "affinity"
+    out.mkdir()
+    wrapper = tmp_path / "python-recording-affinity"
+    record = "import json, os; print(json.dumps(sorted(os.sched_getaffinity(0))))"
+    wrapper.write_text(f"#!/bin/sh\nif [ -n \"${{SLURM_STEP_ID:-}}\" ]; then\n"
+                       f"  exec {sys.executable} -c '{record}' > {out}/task$SLURM_PROCID.json\nfi\n"
+                       f"exec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return wrapper, out
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a node of 2 CPUs")
+@pytest.mark.parametrize("script", ["slurm/train_latent.sh", "slurm/sample_fid.sh"])
+@pytest.mark.parametrize("node", [ONE_TASK_TWO_CPUS, SMALL_NODE], ids=["1x2", "2x1"])
+def test_sbatch_scripts_give_each_task_its_cpus_per_task(slurm, tmp_path, pixel_shards, random_models, script, node):
+    python, out = affinity_recording_python(tmp_path)
+    log = tmp_path / "job.out"
+    args = eval_overrides(random_models, tmp_path / "eval", pixel_shards) if "sample" in script else []
+    done = sbatch_and_wait([*node, f"--output={log}", script, "configs/tiny.yaml", *args],
+                           {**slurm, "DD_PYTHON": str(python)}, timeout=120)
+    assert done.returncode == 0, done.stderr + log.read_text(errors="replace")[-3000:]
+    tasks, cpus_per_task = (1, 2) if node is ONE_TASK_TWO_CPUS else (2, 1)
+    cpus = [set(json.loads(p.read_text())) for p in sorted(out.glob("task*.json"))]
+    assert [len(c) for c in cpus] == [cpus_per_task] * tasks, cpus
+    assert len(set().union(*cpus)) == tasks * cpus_per_task  # no two tasks on one core
 
 
 def exit_code_masking_python(tmp_path) -> Path:

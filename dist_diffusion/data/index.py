@@ -5,8 +5,12 @@ Shards written by webdataset's ``ShardWriter``, img2dataset or ``tar`` over a fo
 stream's exact resume is built on per-shard sample counts and checksums). This reads
 every ``.tar`` under URL once, streamed (memory holds one sample), in a few threads, and
 writes ``URL/manifest.json``: per shard its count, bytes and sha256; the classes; the
-image size and extension. Shards that break the convention are reported, one line each
-naming the shard and the sample, and no manifest is written.
+image sizes and extension. Images may be of any size (original photos, as most public
+ImageNet shard sets hold them): the manifest records the range of their widths, heights
+and aspect ratios, and ``resolution`` is their side only when all are one square size
+(else null: the stream resizes and crops them to ``data.resolution``). Shards that break
+the convention are reported, one line each naming the shard and the sample, and no
+manifest is written.
 """
 
 from __future__ import annotations
@@ -49,8 +53,10 @@ def index(url: str, label_key: str = "", class_names: list[str] | None = None, n
                           desc="index", unit="shard", disable=not progress))
     classes = _classes(scans, class_names, num_classes, url)
     _raise_problems([s.problem for s in scans if s.problem], url)
-    result = shards.manifest("images", classes, [s.entry for s in scans], resolution=_resolution(scans, url),
-                             image_format=_image_format(scans), label_key=label_key, source="index")
+    sizes = _sizes(scans, url)
+    result = shards.manifest("images", classes, [s.entry for s in scans], resolution=_resolution(sizes),
+                             image_size_range=size_range(sizes), image_format=_image_format(scans),
+                             label_key=label_key, source="index")
     storage.write_bytes(root.join(shards.MANIFEST), shards.dumps(result))
     return result
 
@@ -139,22 +145,42 @@ def _classes(scans: list[ShardScan], class_names: list[str] | None, num_classes:
     return list(class_names) if class_names else [f"class_{i:03d}" for i in range(count)]
 
 
-def _resolution(scans: list[ShardScan], url: str) -> int:
-    """The one square image size the stream can batch; anything else is a clear error."""
+def _sizes(scans: list[ShardScan], url: str) -> Counter:
+    """(width, height) -> count over every shard; no samples at all is a clear error."""
     sizes = Counter()
     for s in scans:
         sizes.update(s.sizes)
     if not sizes:
         raise PrepareError(f"{url}: its shards hold no samples; check that the .tar files are WebDataset "
                            f"shards (<key>.jpg next to <key>.cls)")
+    return sizes
+
+
+def _resolution(sizes: Counter) -> int | None:
+    """The side when every image is one square size (batched as stored), else None: the
+    stream resizes and crops each image to ``data.resolution``."""
     if len(sizes) == 1:
         (width, height), = sizes
         if width == height:
             return width
-    shown = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.most_common(4))
-    raise PrepareError(f"{url}: images must be square and all of one size to be batched; found {shown}. "
-                       f"Re-shard them at one size (img2dataset --resize_mode center_crop --image_size N, or "
-                       f"`dist-diffusion prepare` from the image files)")
+    return None
+
+
+def size_range(sizes: Counter) -> dict:
+    """{width, height, aspect (width / height)}: each [min, max] over the images."""
+    widths, heights = [w for w, _ in sizes], [h for _, h in sizes]
+    aspects = [w / h for w, h in sizes]
+    return {"width": [min(widths), max(widths)], "height": [min(heights), max(heights)],
+            "aspect": [round(min(aspects), 4), round(max(aspects), 4)]}
+
+
+def describe_sizes(manifest: dict) -> str:
+    """``128 px``, or ``160-500 x 161-499 px (original sizes, ...)`` for the summary line."""
+    if manifest.get("resolution"):
+        return f"{manifest['resolution']} px"
+    span = manifest["image_size_range"]
+    width, height = (f"{lo}-{hi}" if lo != hi else f"{lo}" for lo, hi in (span["width"], span["height"]))
+    return f"{width} x {height} px (original sizes: resized and cropped to data.resolution while streaming)"
 
 
 def _image_format(scans: list[ShardScan]) -> str:

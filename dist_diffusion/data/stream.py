@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import simplejpeg
 import torch
 from PIL import Image
 
-from . import shards, storage
+from . import resize, shards, storage
 from .shards import DataError, load_manifest  # noqa: F401 (DataError: the stream raises it; callers catch it here)
 
 IMAGE_EXTS = shards.IMAGE_EXTS
@@ -54,6 +53,8 @@ class StreamSpec:
     hflip: bool = True
     max_corrupt_fraction: float = 0.01
     cache_dir: str = ""
+    resolution: int = 0  # images are resized and cropped to this square (0: the manifest's resolution)
+    crop: str = "center"  # or "random": crop offsets drawn like the flip, see ShardStream._decode
 
     @property
     def slots(self) -> int:
@@ -149,6 +150,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.manifest = manifest or load_manifest(spec.url)
         self.field = "latent" if self.manifest["kind"] == "latents" else "image"
         self._affine = latent_affine_of(self.manifest) if self.field == "latent" else None
+        self._size = spec.resolution or self.manifest.get("resolution") or 0
+        if self.field == "image" and not self._size:
+            raise DataError(f"{spec.url} holds images of their original sizes (indexed), and the stream was "
+                            f"given no resolution to resize them to; set data.resolution")
         self.stats = {"corrupt": 0, "retries": 0}
 
     def __iter__(self) -> Iterator[dict]:
@@ -192,18 +197,22 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _decode(self, sample: dict, epoch: int, shard: int, index: int):
         """(tensor, label, key), or None for a corrupt sample. Every random draw (flip,
-        posterior noise) comes from a generator seeded by (seed, epoch, shard, index)."""
+        posterior noise, crop offsets) comes from a generator seeded by (seed, epoch, shard,
+        index), so a resumed run draws what the uninterrupted one did. An image's flip is
+        drawn before its crop: the flips are the same whichever crop is set."""
         rng = np.random.default_rng([self.spec.seed, epoch, shard, index])
         try:
             label = shards.sample_label(sample, self.manifest.get("label_key", ""))
             if self.manifest["kind"] == "latents":
                 x = decode_latent(sample, rng, self._affine)
+                flip = self.spec.hflip and rng.random() < 0.5
             else:
-                x = decode_image_uint8(sample)
+                flip = self.spec.hflip and rng.random() < 0.5
+                x = decode_image_uint8(sample, self._size, rng if self.spec.crop == "random" else None)
         except Exception:
             self._count_corrupt()
             return None
-        if self.spec.hflip and rng.random() < 0.5:
+        if flip:
             x = x.flip(-1)  # for latents: the VAE is convolutional, so close to encoding the flip
         return x, label, sample["__key__"]
 
@@ -215,23 +224,28 @@ class ShardStream(torch.utils.data.IterableDataset):
                             f"max_corrupt_fraction={self.spec.max_corrupt_fraction}; re-run prepare")
 
 
-def decode_image(sample: dict) -> torch.Tensor:
-    """The sample's image as (3, H, W) float32 in [-1, 1]."""
-    return to_unit_range(decode_image_uint8(sample))
+def decode_image(sample: dict, size: int = 0) -> torch.Tensor:
+    """The sample's image as (3, H, W) float32 in [-1, 1] (``size``: see decode_image_uint8)."""
+    return to_unit_range(decode_image_uint8(sample, size))
 
 
-def decode_image_uint8(sample: dict) -> torch.Tensor:
+def decode_image_uint8(sample: dict, size: int = 0, crop_rng: np.random.Generator | None = None) -> torch.Tensor:
     """The sample's image as (3, H, W) uint8: the stream scales whole batches at once.
     JPEGs go through simplejpeg (libjpeg-turbo; 1.9x PIL's open + decode on 128 px images,
-    same pixels); other formats, and JPEGs it refuses (CMYK, odd markers), through PIL."""
+    same pixels); other formats, and JPEGs it refuses (CMYK, odd markers), through PIL.
+    With ``size``, an image of another size is resized and cropped to size x size as ADM
+    does (data/resize.py: JPEGs DCT-scaled; a random crop with ``crop_rng``); one of that
+    size is unchanged."""
     ext = shards.image_field(sample)
     if ext in ("jpg", "jpeg"):
         try:
-            return torch.from_numpy(simplejpeg.decode_jpeg(sample[ext], colorspace="RGB")).permute(2, 0, 1)
+            return torch.from_numpy(resize.decode_jpeg(sample[ext], size, crop_rng)).permute(2, 0, 1)
         except ValueError:
             pass
     with Image.open(io.BytesIO(sample[ext])) as img:
         pixels = np.array(img if img.mode == "RGB" else img.convert("RGB"))  # writable, for torch
+    if size:
+        pixels = resize.fit(pixels, size, crop_rng)
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 

@@ -32,6 +32,7 @@ from ..data.shards import upload_tar
 from ..core.generate import decode_on_its_device, generate
 from ..imaging import save_grid, to_uint8
 from ..runtime.distributed import all_reduce_sum, barrier, describe, device, init_process_group
+from ..runtime.preemption import NO_STOP, PREEMPTED, StopRequests, stop_exception
 from .adm_npz import write_adm_npz
 from .features import Extractor, build_extractor, check_extractor
 from .metrics import IS_SPLITS, fid_infinity, inception_score, kernel_inception_distance, precision_recall
@@ -84,13 +85,21 @@ def evaluate(cfg: Config) -> list[dict]:
         torch.set_num_threads(1)
     if env.is_main:
         LOG.info(describe(env))
+    stops = StopRequests(cfg.train.preempt_signals)  # Ctrl-C, SIGTERM: stop at the next shard boundary
+    try:
+        return _evaluate_sweep(cfg, env, stops)
+    finally:
+        stops.close()
+
+
+def _evaluate_sweep(cfg: Config, env, stops: StopRequests) -> list[dict]:
     unet, vae = load_models(cfg, device())
     extractor = build_extractor(cfg.eval, device()) if cfg.eval.metrics else None
     judge = Judge(cfg, extractor, env) if extractor else None
     rows = []
     for point in sweep(cfg):
         started = time.monotonic()
-        point_features, resumed = sample_point(cfg, point, unet, vae, extractor, env)
+        point_features, resumed = sample_point(cfg, point, unet, vae, extractor, env, stops)
         seconds = time.monotonic() - started
         metrics = judge.score(point_features) if point_features is not None else {}
         barrier()  # the main rank scored; no rank goes on to the next point's shards before
@@ -155,15 +164,19 @@ def load_models(cfg: Config, where: torch.device):
 
 def check_inputs(cfg: Config) -> None:
     """What the job reads, checked before any rank starts, each failure one line naming
-    the key: the UNet export, and with metrics on, the reference and the feature network."""
+    the key: the UNet export, with metrics on the reference and the feature network, and
+    in latent space the VAE that decodes."""
     check_unet_dir(cfg)
     storage.check_bucket(cfg.eval.out)  # not found out at the first shard written
-    if not cfg.eval.metrics:
-        return
-    if not (cfg.eval.reference or cfg.data.shards):
-        raise ConfigError("eval.metrics needs reference images: set eval.reference (or data.shards) to the "
-                          "image shards from prepare")
-    check_extractor(cfg.eval)
+    if cfg.eval.metrics:
+        if not (cfg.eval.reference or cfg.data.shards):
+            raise ConfigError("eval.metrics needs reference images: set eval.reference (or data.shards) to the "
+                              "image shards from prepare")
+        check_extractor(cfg.eval)
+    if cfg.vae.enabled and not cfg.vae.pretrained:
+        raise ConfigError(f"eval.unet={cfg.eval.unet} denoises latents, but vae.pretrained is empty: they would be "
+                          f"decoded by a randomly initialised VAE. Pass the VAE the UNet was trained with as "
+                          f"vae.pretrained (or vae.enabled=false for a pixel-space UNet)")
 
 
 def check_unet_dir(cfg: Config) -> None:
@@ -208,9 +221,11 @@ def _unlike_export(cfg: Config, path: Path) -> list[str]:
 
 
 def sample_point(cfg: Config, point: Point, unet, vae, extractor: Extractor | None,
-                 env) -> tuple["PointFeatures | None", int]:
+                 env, stops: StopRequests | None = None) -> tuple["PointFeatures | None", int]:
     """This rank's shards of one sweep point. Returns, on the main rank with an extractor,
-    the point's features and statistics (else None), and on every rank the shards reused."""
+    the point's features and statistics (else None), and on every rank the shards reused.
+    A stop request (Ctrl-C, SIGTERM) ends the rank after the shard it is writing: every
+    finished shard is kept, and the same command resumes from them."""
     out = storage.parse(cfg.eval.out).join(point.name)
     n, per_shard = cfg.sample.num_samples, cfg.eval.samples_per_shard
     shards = math.ceil(n / per_shard)
@@ -227,12 +242,24 @@ def sample_point(cfg: Config, point: Point, unet, vae, extractor: Extractor | No
             bar.update(len(indices))
         else:
             _make_shard(point_cfg, unet, vae, extractor, indices, out, k, bar)
+        if stops is not None and stops.reason() != NO_STOP:
+            bar.close()
+            _stop_between_shards(point, k, stops.reason(), env.is_main)
     bar.close()
     resumed = int(all_reduce_sum(np.array([float(resumed)]))[0])  # also: every shard is written now
     if cfg.eval.npz and env.is_main:
         write_adm_npz(out, shards, n, cfg.data.resolution)
     point_features = shard_order_sums(out, shards, extractor) if extractor is not None and env.is_main else None
     return point_features, resumed
+
+
+def _stop_between_shards(point: Point, shard: int, reason: int, is_main: bool) -> None:
+    """No collective here: the ranks own disjoint shards, and each stops at its own boundary."""
+    how = "preempted" if reason == PREEMPTED else "stopped by Ctrl-C"
+    if is_main:
+        LOG.info(f"{how} after shard {shard} of {point.name}: finished shards are kept; rerun the same "
+                 f"command to resume")
+    raise stop_exception(reason)
 
 
 def shard_order_sums(out, shards: int, extractor: Extractor) -> "PointFeatures":

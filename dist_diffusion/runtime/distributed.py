@@ -13,6 +13,7 @@ import re
 import subprocess
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -143,9 +144,9 @@ def select_device(requested: str = "auto", local_rank: int = 0, require_gpu: boo
     """Resolve ``runtime.device`` for this process, check it is usable, make it current.
     Every collective and every model of this process then lives on :func:`device`."""
     global _DEVICE
+    check_cuda_usable(requested, require_gpu)
     wants_cuda = requested == "cuda" or require_gpu or (requested == "auto" and torch.cuda.is_available())
     if wants_cuda:
-        check_cuda_usable(requested, require_gpu)
         check_local_gpu(local_rank, torch.cuda.device_count())
         torch.cuda.set_device(local_rank)
         _DEVICE = torch.device("cuda", local_rank)
@@ -155,17 +156,27 @@ def select_device(requested: str = "auto", local_rank: int = 0, require_gpu: boo
     return _DEVICE
 
 
-def check_cuda_usable(requested: str, require_gpu: bool) -> None:
-    """When a GPU was asked for, fail loudly if there is none, instead of training on the
-    CPU (a CUDA build of torch on a too-old driver reports no GPU; the run only looks slow).
-    Launchers call this before they start any worker."""
-    if torch.cuda.is_available() or not (requested == "cuda" or require_gpu):
+def check_cuda_usable(requested: str, require_gpu: bool, driver: Callable[[], str | None] | None = None,
+                      cuda_available: Callable[[], bool] | None = None) -> None:
+    """Fail loudly, instead of training on the CPU, when a GPU was asked for (runtime.device=cuda,
+    launch.gpus_per_worker > 0) or one is plainly there (``auto`` on a machine with an NVIDIA
+    driver) but CUDA is unusable: a CUDA build of torch on a too-old driver reports no GPU, and
+    the run only looks slow. Launchers call this before they start any worker. ``driver`` and
+    ``cuda_available`` are the probes (tests inject them)."""
+    if requested == "cpu" and not require_gpu or (cuda_available or torch.cuda.is_available)():
         return
-    why = "runtime.device=cuda" if requested == "cuda" else "launch.gpus_per_worker > 0"
+    found = (driver or nvidia_driver)()
+    if requested == "auto" and not require_gpu:
+        if found is None:
+            return  # a machine without NVIDIA GPUs: auto means the CPU
+        why = f"runtime.device=auto found an NVIDIA driver ({found})"
+    else:
+        why = "runtime.device=cuda" if requested == "cuda" else "launch.gpus_per_worker > 0"
     raise ConfigError(f"{why} but CUDA is unavailable here: torch {torch.__version__} is built for CUDA "
-                      f"{torch.version.cuda or 'none (a CPU build)'}, NVIDIA driver {nvidia_driver() or 'not found'}. "
-                      f"Install a driver that supports that CUDA (CUDA 13.0 needs >= 580) or a torch build "
-                      f"for your driver, or set runtime.device=cpu and launch.gpus_per_worker=0")
+                      f"{torch.version.cuda or 'none (a CPU build)'}, NVIDIA driver {found or 'not found'}. "
+                      f"Install a driver that supports that CUDA (CUDA 13.0 needs >= 580, 12.x >= 525) or a torch "
+                      f"build for your driver; set runtime.device=cpu (and launch.gpus_per_worker=0) to run on "
+                      f"the CPU on purpose")
 
 
 def check_local_gpu(local_rank: int, visible: int) -> None:
@@ -197,7 +208,10 @@ def placement(env: ProcessEnv) -> dict:
     return {"rank": env.rank, "world_size": env.world_size, "local_rank": env.local_rank,
             "hostname": socket.gethostname(), "address": local_address(master), "master": master,
             "socket_ifname": os.environ.get("GLOO_SOCKET_IFNAME") or route_interface(master),
-            "backend": dist.get_backend() if dist.is_initialized() else None, "device": str(device())}
+            "backend": dist.get_backend() if dist.is_initialized() else None, "device": str(device()),
+            # the CPUs this rank may run on (its loader workers inherit them): under SLURM,
+            # --cpus-per-task of them where the scheduler binds tasks (task/affinity, cgroup)
+            "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
 
 
 def describe(env: ProcessEnv) -> str:
@@ -342,12 +356,17 @@ def all_gather_flat(local: torch.Tensor) -> torch.Tensor:
 
 
 def any_rank(flag: bool) -> bool:
-    """True on every rank when it is True on some rank (e.g. a preemption signal)."""
+    """True on every rank when it is True on some rank (e.g. a rank without a checkpoint)."""
+    return bool(max_over_ranks(int(flag)))
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's small integer (e.g. why to stop: a preemption outranks Ctrl-C)."""
     if not _multi_process():
-        return flag
-    t = _on_group_device(torch.tensor([1.0 if flag else 0.0]))
+        return value
+    t = _on_group_device(torch.tensor([float(value)]))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def all_reduce_sum(values: "np.ndarray") -> "np.ndarray":

@@ -59,17 +59,57 @@ def spawn_local(argv: list[str], nproc: int, entry: Callable[[list[str]], int] |
             importlib.import_module(module)
     start = (lambda env: _forked_rank(entry, argv, env)) if forking else (lambda env: _fresh_rank(argv, env))
     procs = [start({**shared, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
-    try:
-        while any(p.poll() is None for p in procs):
-            if any(p.returncode not in (None, 0) for p in procs):
-                break  # one rank failed: the others would wait for it forever
-            time.sleep(0.2)
-    finally:
-        for p in procs:
+    first_failure = 0
+    with _RelayedSignals(procs):
+        try:
+            while any(p.poll() is None for p in procs):
+                first_failure = next((p.returncode for p in procs if p.returncode not in (None, 0)), 0)
+                if first_failure:
+                    break  # one rank failed (or stopped): the others would wait for it forever
+                time.sleep(0.2)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            codes = [p.wait() for p in procs]
+    return _shell_code(first_failure or next((c for c in codes if c != 0), 0))
+
+
+def _shell_code(code: int) -> int:
+    """A rank killed by signal N exits as a shell reports it, 128 + N (e.g. 130: Ctrl-C)."""
+    return 128 - code if code < 0 else code
+
+
+class _RelayedSignals:
+    """While the launcher waits on its ranks: SIGTERM and SIGUSR1/2 are passed on to every
+    rank (``docker stop`` and a plain ``kill`` reach only this process; a signal to the whole
+    group reaches the ranks too, and a second copy of a preemption changes nothing), so the
+    ranks save and exit 124 and the launcher returns that. Ctrl-C is not passed on: the
+    terminal sends it to the whole foreground group, and a relayed copy would count as the
+    second Ctrl-C that stops a rank at once."""
+
+    RELAYED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self, procs):
+        self.procs, self.previous = procs, {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for number in self.RELAYED:
+                self.previous[number] = signal.signal(number, self._relay)
+            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return self
+
+    def _relay(self, signum, frame) -> None:
+        for p in self.procs:
             if p.poll() is None:
-                p.terminate()
-        codes = [p.wait() for p in procs]
-    return next((c for c in codes if c != 0), 0)
+                os.kill(p.pid, signum)
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 def _may_fork_ranks() -> bool:

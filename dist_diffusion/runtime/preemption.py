@@ -1,8 +1,17 @@
-"""The preemption protocol shared by every launcher: a signal (``train.preempt_signals``)
-or the wall-time limit asks the loop to stop; it finishes its step, saves a checkpoint,
-leaves ``RUN/REQUEUE`` and exits with :data:`REQUEUE_EXIT_CODE`.
+"""How runs stop: the ways users and schedulers end them, one protocol for every launcher.
 
-Launchers read either signal: submitit and Ray catch :class:`Preempted`, and
+- A preemption signal (``train.preempt_signals``: SIGTERM from ``timeout``, ``docker stop``,
+  systemd, ``scancel`` and SLURM's preemption; SIGUSR1 from ``--signal``) or the wall-time
+  limit: the loop finishes its step, saves a checkpoint, leaves ``RUN/REQUEUE`` and exits
+  with :data:`REQUEUE_EXIT_CODE`.
+- Ctrl-C (SIGINT): the same stop at the next step boundary, with a checkpoint, and exit
+  :data:`INTERRUPT_EXIT_CODE` without the requeue marker (a person stopped it). A second
+  Ctrl-C ends the process at once: the first one restores SIGINT's default action.
+- DataLoader workers ignore all of these (:func:`ignore_stop_signals`): they are signalled
+  with their rank when a whole process group is, and a worker that died first would turn
+  the rank's orderly stop into "DataLoader worker exited unexpectedly". Their rank ends them.
+
+Launchers read either news: submitit and Ray catch :class:`Preempted`, and
 ``slurm/train_latent.sh`` requeues when ``RUN/REQUEUE`` names its job (torchrun turns
 exit code 124 into 1, so the file is what survives every launcher).
 """
@@ -12,11 +21,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
 REQUEUE_EXIT_CODE = 124  # launchers treat it as "preempted, checkpoint saved: run me again"
+INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 REQUEUE_MARKER = "REQUEUE"  # the same news as a file in the run directory
+
+# Why a run stops, ordered so that the maximum over ranks is the reason every rank acts on.
+NO_STOP, INTERRUPTED, PREEMPTED = 0, 1, 2
 
 
 class Preempted(SystemExit):
@@ -24,20 +38,60 @@ class Preempted(SystemExit):
         super().__init__(REQUEUE_EXIT_CODE)
 
 
-class PreemptionGuard:
-    """Remembers that a preemption signal arrived, or that the wall-time limit passed."""
+class Interrupted(SystemExit):
+    """Ctrl-C: the run stopped at a boundary, its work so far is saved."""
+
+    def __init__(self):
+        super().__init__(INTERRUPT_EXIT_CODE)
+
+
+class StopRequests:
+    """Remembers that a preemption signal, the wall-time limit or Ctrl-C asked this process
+    to stop at its next boundary (a training step, a sample shard). Handlers are installed
+    only from the main thread (Python allows no other); :meth:`close` puts back the old ones."""
 
     def __init__(self, names: list[str], wall_time_limit_s: float = 0):
-        self.requested, self.limit, self.started = False, wall_time_limit_s, time.monotonic()
-        for name in names:
-            signal.signal(getattr(signal, name), self._handle)
+        self.preempted = self.interrupted = False
+        self.limit, self.started = wall_time_limit_s, time.monotonic()
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for number in {_signal_number(name) for name in names} - {signal.SIGINT}:
+            self._previous[number] = signal.signal(number, self._preempt)
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
 
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
+    def _preempt(self, signum, frame) -> None:
+        self.preempted = True
 
-    def should_stop(self) -> bool:
-        """This rank's view; the loop agrees across ranks (a collective) every few steps."""
-        return self.requested or bool(self.limit) and time.monotonic() - self.started > self.limit
+    def _interrupt(self, signum, frame) -> None:
+        self.interrupted = True
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
+
+    def reason(self) -> int:
+        """This process's view (NO_STOP, INTERRUPTED or PREEMPTED); the loop agrees across ranks."""
+        if self.preempted or bool(self.limit) and time.monotonic() - self.started > self.limit:
+            return PREEMPTED
+        return INTERRUPTED if self.interrupted else NO_STOP
+
+    def close(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+
+def stop_exception(reason: int) -> SystemExit:
+    return Preempted() if reason == PREEMPTED else Interrupted()
+
+
+def _signal_number(name: str) -> int:
+    return int(getattr(signal, name))
+
+
+def ignore_stop_signals(names: list[str], worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn`` (with ``functools.partial(ignore_stop_signals, names)``):
+    the worker ignores Ctrl-C and the preemption signals; its rank ends it."""
+    for number in {signal.SIGINT, signal.SIGTERM, *(_signal_number(name) for name in names)}:
+        signal.signal(number, signal.SIG_IGN)
 
 
 def mark_requeue(run_dir: Path, step: int, is_main: bool) -> None:

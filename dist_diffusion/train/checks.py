@@ -48,6 +48,11 @@ def _check_data_matches(cfg: Config, manifest: dict) -> None:
     if manifest["num_classes"] > cfg.model.num_classes and objective(cfg).conditions_on_classes:
         raise ConfigError(f"the shards at {cfg.data.shards} have {manifest['num_classes']} classes but "
                           f"model.num_classes={cfg.model.num_classes}; raise it")
+    if objective(cfg).encodes_with_vae(cfg, manifest) and not cfg.vae.pretrained:
+        raise ConfigError(f"train.target={cfg.train.target} on the image shards {cfg.data.shards} encodes them with "
+                          f"the VAE, but vae.pretrained is empty: it would learn the latents of a randomly "
+                          f"initialised VAE. Train one (train.target=vae, then `dist-diffusion export`) or pass a "
+                          f"diffusers AutoencoderKL directory as vae.pretrained")
     if manifest["kind"] == "latents":
         if not cfg.vae.enabled:
             raise ConfigError(f"{cfg.data.shards} holds latents but vae.enabled=false; use image shards "
@@ -55,6 +60,6 @@ def _check_data_matches(cfg: Config, manifest: dict) -> None:
         if list(manifest["latent_shape"]) != list(unet_input_shape(cfg)):
             raise ConfigError(f"latents in {cfg.data.shards} are {manifest['latent_shape']} but the config "
                               f"expects {list(unet_input_shape(cfg))}; match vae.* and data.resolution")
-    elif manifest["resolution"] != cfg.data.resolution:
+    elif manifest["resolution"] not in (None, cfg.data.resolution):  # None: original sizes, resized while streaming
         raise ConfigError(f"images in {cfg.data.shards} are {manifest['resolution']}px but "
                           f"data.resolution={cfg.data.resolution}; re-run prepare or change it")

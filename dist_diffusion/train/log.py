@@ -46,6 +46,10 @@ class TrainLogger:
         if self.main:
             LOG.info(message)
 
+    def warning(self, message: str) -> None:
+        if self.main:
+            LOG.warning(message)
+
     def step(self, step: int, m: dict) -> None:
         self.bar.update(1)
         if m.get("nonfinite_skipped"):

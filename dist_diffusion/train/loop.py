@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,17 +17,20 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..config import Config, to_yaml
+from ..config import Config, derive, to_yaml
 from ..core.ema import ema_decay
 from ..core.models import build_vae, encode_images
 from ..core.schedule import forward_process
 from ..data import storage
 from ..data.stream import Position, ShardStream, StreamSpec
 from ..runtime import checkpoint, run_lock
-from ..runtime.distributed import any_rank, describe, device, init_process_group, placement
+from ..runtime.distributed import any_rank, describe, device, init_process_group, max_over_ranks, placement
 from ..runtime.ema import EngineEMA
+from ..errors import write_refused
+from ..runtime.hardware import choose_precision
 from ..runtime.engine import apply_numerics, build_engine, engine_checks_overflow, micro_batch_size
-from ..runtime.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionGuard, mark_requeue
+from ..runtime.preemption import (NO_STOP, PREEMPTED, REQUEUE_EXIT_CODE, StopRequests, ignore_stop_signals,
+                                  mark_requeue, stop_exception)
 from .checks import check_data
 from .grids import TrainingGrids
 from .log import TrainLogger
@@ -62,23 +66,29 @@ def train(cfg: Config, on_checkpoint: Callable[[int, Path], None] | None = None)
 
     ``on_checkpoint(step, folder)`` runs on every rank after each complete checkpoint
     (the Ray launcher hands the folder to Ray Train's storage there)."""
-    run = build_run(cfg)
-    run.on_checkpoint = on_checkpoint
-    restore(run)
-    run.logger.start(run.state.step)
-    guard = PreemptionGuard(cfg.train.preempt_signals, cfg.train.wall_time_limit_s)
-    batches = stream_batches(run)
+    # first: a signal during start-up is remembered, and the loader's workers inherit the handlers
+    stops = StopRequests(cfg.train.preempt_signals, cfg.train.wall_time_limit_s)
     try:
-        _loop(run, batches, guard)
+        run = build_run(cfg)
+        run.on_checkpoint = on_checkpoint
+        restore(run)
+        run.logger.start(run.state.step)
+        batches = stream_batches(run)
+        try:
+            _loop(run, batches, stops)
+        finally:
+            batches.close()  # the loader's workers and downloads end here, not at interpreter exit
+            run.logger.close()  # the progress bar ends its line before an error's one line
     finally:
-        batches.close()  # the loader's workers and downloads end here, not at interpreter exit
-    run.logger.close()
+        stops.close()
     return {"step": run.state.step, "skipped_steps": run.state.skipped_steps, "run_dir": cfg.train.run_dir}
 
 
-def _loop(run: Run, batches, guard: PreemptionGuard) -> None:
-    """Steps until max_steps; raises Preempted after saving when a signal or the time limit came."""
+def _loop(run: Run, batches, stops: StopRequests) -> None:
+    """Steps until max_steps; after a stop request, saves and raises Preempted or Interrupted."""
     t, state = run.cfg.train, run.state
+    # a Ctrl-C or SIGTERM while the run was starting: step 0, or the checkpoint it resumed from
+    _stop_if_asked(run, stops, saved=True)
     while state.step < t.max_steps:
         metrics = train_step(run, batches)
         state.step += 1
@@ -92,14 +102,25 @@ def _loop(run: Run, batches, guard: PreemptionGuard) -> None:
             if grid:
                 run.logger.info(f"EMA samples -> {grid}")
         # a collective: every N steps (and beside a save), not every step, so GPUs never idle on it
-        check = saved or state.step % t.preempt_check_every == 0
-        if check and any_rank(guard.should_stop()):
-            if not saved:
-                save(run)
-            mark_requeue(Path(t.run_dir), state.step, run.env.is_main)
-            run.logger.info(f"preempted at step {state.step}: checkpoint saved, exiting {REQUEUE_EXIT_CODE}")
-            run.logger.close()
-            raise Preempted()
+        if saved or state.step % t.preempt_check_every == 0:
+            _stop_if_asked(run, stops, saved)
+
+
+def _stop_if_asked(run: Run, stops: StopRequests, saved: bool) -> None:
+    """Every rank agrees on whether (and why) to stop; then saves, and raises Preempted or Interrupted."""
+    reason = max_over_ranks(stops.reason())
+    if reason == NO_STOP:
+        return
+    step = run.state.step
+    if not saved:
+        save(run)
+    if reason == PREEMPTED:
+        mark_requeue(Path(run.cfg.train.run_dir), step, run.env.is_main)
+        run.logger.info(f"preempted at step {step}: checkpoint saved, exiting {REQUEUE_EXIT_CODE}")
+    else:
+        kept = f"checkpoint of step {step} saved" if step > 0 else "nothing trained yet, nothing to save"
+        run.logger.info(f"stopped by Ctrl-C at step {step} ({kept}); rerun the same command to resume")
+    raise stop_exception(reason)
 
 
 def build_run(cfg: Config) -> Run:
@@ -107,6 +128,8 @@ def build_run(cfg: Config) -> Run:
     storage.configure(cfg.s3)  # every launcher's rank comes through here
     env = init_process_group(cfg.runtime.device, cfg.launch.gpus_per_worker > 0, cfg.runtime.socket_ifname,
                              cfg.runtime.rendezvous_timeout_s)
+    precision = choose_precision(cfg.runtime.precision, device())
+    cfg = derive(cfg, {"runtime.precision": precision.precision}, "runtime.precision resolved for this device")
     run_dir = Path(cfg.train.run_dir)
     run_lock.hold(run_dir, env.is_main)  # before anything in the run directory changes
     manifest = check_data(cfg)
@@ -118,19 +141,23 @@ def build_run(cfg: Config) -> Run:
     vae = _frozen_vae(cfg) if objective(cfg).encodes_with_vae(cfg, manifest) else None
     spec = StreamSpec(url=cfg.data.shards, batch_size=micro_batch_size(cfg.train, env.world_size), rank=env.rank,
                       world_size=env.world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
-                      hflip=cfg.data.hflip, max_corrupt_fraction=cfg.data.max_corrupt_fraction)
+                      hflip=cfg.data.hflip, max_corrupt_fraction=cfg.data.max_corrupt_fraction,
+                      resolution=cfg.data.resolution, crop=cfg.data.crop)
     if env.is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     _record_placement(run_dir, env)
     logger = TrainLogger(cfg.train, cfg.diffusion.num_train_timesteps, env, run_dir)
     logger.info(describe(env))
+    logger.info(f"training in {precision.precision}: {precision.reason}")
+    if precision.warning:
+        logger.warning(precision.warning)
     schedule = forward_process(cfg.diffusion).to(device())
     return Run(cfg, env, engine, EngineEMA(engine, cfg.runtime.zero_stage), schedule, vae, spec,
                manifest, logger, TrainingGrids(cfg, run_dir, env.is_main, vae), resume_tag=resume, elastic=elastic)
 
 
 def _record_placement(run_dir: Path, env) -> None:
-    """Each rank notes its host, address and interface: which node ran what, after the fact."""
+    """Each rank notes its host, address, interface and CPUs: which node ran what, after the fact."""
     hosts = run_dir / "hosts"
     hosts.mkdir(parents=True, exist_ok=True)
     (hosts / f"rank{env.rank:03d}.json").write_text(json.dumps(placement(env)) + "\n")
@@ -154,7 +181,8 @@ def stream_batches(run: Run):
     state = run.state
     start = Position(state.position.epoch, state.position.batches, state.position.remaining)
     loader = torch.utils.data.DataLoader(ShardStream(run.spec, start, run.manifest, epochs=None), batch_size=None,
-                                         num_workers=run.spec.num_workers, pin_memory=device().type == "cuda")
+                                         num_workers=run.spec.num_workers, pin_memory=device().type == "cuda",
+                                         worker_init_fn=partial(ignore_stop_signals, run.cfg.train.preempt_signals))
     for batch in loader:
         if batch["epoch"] != state.position.epoch:
             state.position = Position(batch["epoch"], 0)
@@ -258,7 +286,17 @@ def _nonfinite(run: Run, loss: torch.Tensor) -> dict:
 def save(run: Run) -> None:
     meta = {"world_size": run.env.world_size, "zero_stage": run.cfg.runtime.zero_stage}
     root = Path(run.cfg.train.run_dir) / "checkpoints"
-    folder = run.state.save(run.engine, run.ema, root, run.spec, run.cfg.train.keep_last, meta)
+    try:
+        folder = run.state.save(run.engine, run.ema, root, run.spec, run.cfg.train.keep_last, meta)
+    except Exception as err:
+        last = checkpoint.latest_complete(root)
+        refused = write_refused(err, root / checkpoint.tag_for(run.state.step), "the checkpoint",
+                                f"it is not marked complete, and the last complete checkpoint, "
+                                f"{root / last if last else 'none yet'}, stays the resume point: rerun the same "
+                                f"command once there is room")
+        if refused is None:
+            raise
+        raise refused from None
     run.logger.info(f"checkpoint {folder} complete")
     if run.cfg.train.ckpt_url:
         checkpoint.upload(root, folder.name, run.cfg.train.ckpt_url, run.env.rank, run.env.world_size)

@@ -16,6 +16,8 @@
 # before it may start again. SLURM_SLURMD_DEBUG sets slurmd's log level (info).
 # The scheduler looks at pending jobs every second (SLURM's defaults: 60 s for the main
 # loop, 30 s for backfill), so a job whose begin time has come starts at once.
+# SLURM_TASK_PLUGIN (default task/none) picks how slurmd places tasks: task/affinity binds
+# each task to its --cpus-per-task cores (TaskPluginParam=Cores), as production clusters do.
 set -Eeuo pipefail
 here="$(cd "$(dirname "$0")/../.." && pwd)"
 dir="$(mkdir -p "${SLURM_STACK_DIR:-$here/.stack/slurm}" && cd "${SLURM_STACK_DIR:-$here/.stack/slurm}" && pwd)"
@@ -82,7 +84,8 @@ SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=${SLURM_TASK_PLUGIN:-task/none}
+$(task_plugin_param)
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
@@ -119,6 +122,10 @@ StorageLoc=slurm_acct_db
 EOF
   chmod 600 "$dir/slurmdbd.conf"
   echo "export SLURM_CONF=$dir/slurm.conf" >"$dir/env.sh"
+}
+
+task_plugin_param() {  # cores, not threads: a rank owns whole cores, like its GPU
+  [ "${SLURM_TASK_PLUGIN:-task/none}" = task/none ] || echo "TaskPluginParam=Cores"
 }
 
 node_lines() {  # this machine as one node, or one line per namespace node (1 CPU each)

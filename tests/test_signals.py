@@ -1,0 +1,153 @@
+"""Runs end the ways users and schedulers end them: a signal to the whole process group
+(``timeout``, ``docker stop``, systemd, ``scancel``, SLURM's preemption), and Ctrl-C.
+
+Each run is `dist-diffusion train --nproc 2` with 2 DataLoader workers per rank, started in
+a session of its own (``setsid``) and signalled as a group, as a terminal or a scheduler
+does; the loader workers get the signal too."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import logged_steps, make_class_folders, run_dist_diffusion, wait_until
+from dist_diffusion.config import DataConfig
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["vae.enabled=false", "data.resolution=16", "model.num_classes=4", "train.batch_size=16",
+        "train.warmup_steps=2", "train.lr=2e-3", "train.log_every=1", "data.num_workers=2",
+        "train.preempt_check_every=2", "train.ckpt_every=1000", "runtime.zero_stage=2"]
+STEPS = 30  # long enough that the signal, sent after the 3rd step, lands mid-run
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from dist_diffusion.data.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("signals")
+    src = make_class_folders(tmp / "src", classes=4, per_class=40)
+    prepare(src, tmp / "img16", DataConfig(resolution=16, samples_per_shard=20), progress=False)
+    return tmp / "img16"
+
+
+def args_for(run: Path, shards: Path, steps: int = STEPS) -> list[str]:
+    return ["train", "--config", "configs/tiny.yaml", "--nproc", "2", f"train.run_dir={run}",
+            f"data.shards={shards}", f"train.max_steps={steps}", *ARGS]
+
+
+def start_group(run: Path, shards: Path) -> subprocess.Popen:
+    """The launcher as a user starts it, leader of a new session and process group."""
+    return subprocess.Popen([sys.executable, "-m", "dist_diffusion.cli", *args_for(run, shards)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def group_members(pgid: int) -> list[int]:
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                found.append(proc.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return found
+
+
+def signal_group_mid_run(proc: subprocess.Popen, run: Path, signum: int, again_after: float | None = None):
+    """Wait for the 3rd logged step, signal the whole group (twice, with ``again_after``
+    seconds between, for a second Ctrl-C); returns (exit code, stdout, stderr, seconds to exit)."""
+    try:
+        wait_until(lambda: len(logged_steps(run)) >= 3 or proc.poll() is not None, 300, "the 3rd step",
+                   interval=0.05)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        # every rank's loader workers are up by now: they were signalled with the rest
+        assert len(group_members(proc.pid)) >= 1 + 2 + 2 * 2, group_members(proc.pid)
+        os.killpg(proc.pid, signum)
+        sent = time.monotonic()
+        if again_after is not None:
+            time.sleep(again_after)
+            os.killpg(proc.pid, signum)
+        out, err = proc.communicate(timeout=120)
+        return proc.returncode, out, err, time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def assert_group_gone(pgid: int) -> None:
+    """No process of the group is left: the ranks ended their loader workers."""
+    wait_until(lambda: not group_members(pgid), 30, f"process group {pgid} to end", interval=0.2)
+
+
+def complete_steps(run: Path) -> list[int]:
+    return sorted(json.loads((p / "COMPLETE").read_text())["step"] for p in (run / "checkpoints").iterdir()
+                  if (p / "COMPLETE").exists())
+
+
+def test_sigterm_to_the_group_saves_exits_124_and_resumes_exactly(tmp_path, shards):
+    straight = run_dist_diffusion(args_for(tmp_path / "straight", shards), timeout=900)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    run = tmp_path / "stopped"
+    proc = start_group(run, shards)
+    code, out, err, _ = signal_group_mid_run(proc, run, signal.SIGTERM)
+    assert code == 124, err[-3000:]
+    assert "Traceback" not in err and "exited unexpectedly" not in err, err[-3000:]
+    assert_group_gone(proc.pid)
+    (step,) = complete_steps(run)
+    assert 3 <= step < STEPS and f"preempted at step {step}: checkpoint saved" in out + err
+    assert json.loads((run / "REQUEUE").read_text())["step"] == step
+
+    resumed = run_dist_diffusion(args_for(run, shards), timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {step}" in resumed.stdout + resumed.stderr
+    a, b = tmp_path / "straight/checkpoints", run / "checkpoints"
+    final = f"step{STEPS:08d}"
+    for name in sorted(p.name for p in (a / final).glob("*.safetensors")):  # EMA of every rank, bitwise
+        ta, tb = load_file(str(a / final / name)), load_file(str(b / final / name))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+    assert logged_losses(tmp_path / "straight")[step:] == logged_losses(run)[step:]
+
+
+def logged_losses(run: Path) -> list[float]:
+    """The loss of each step, the last record of it (a resumed run logs its steps again)."""
+    by_step = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            by_step[row["step"]] = row["loss"]
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def test_ctrl_c_stops_at_a_step_boundary_with_one_line(tmp_path, shards):
+    run = tmp_path / "run"
+    proc = start_group(run, shards)
+    code, out, err, seconds = signal_group_mid_run(proc, run, signal.SIGINT)
+    assert code == 130, err[-3000:]
+    assert seconds < 30
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert_group_gone(proc.pid)
+    (step,) = complete_steps(run)
+    line = f"stopped by Ctrl-C at step {step} (checkpoint of step {step} saved); rerun the same command to resume"
+    assert line in out + err, (out + err)[-3000:]
+    assert not (run / "REQUEUE").exists()  # a person stopped it: nothing to requeue
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, shards):
+    run = tmp_path / "run"
+    proc = start_group(run, shards)
+    code, out, err, seconds = signal_group_mid_run(proc, run, signal.SIGINT, again_after=0.05)
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert_group_gone(proc.pid)
+    assert complete_steps(run) == [] if (run / "checkpoints").exists() else True
