@@ -89,6 +89,7 @@ def on_stack(out: Path, stages: dict, work):
     happens, SIGTERM included."""
     server = stage(stages, "stack up", lambda: _stack_up(out / "stack"))
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so the finally below stops the S3 server
+    signal.signal(signal.SIGINT, _interrupt_once)
     try:
         return work()
     finally:
@@ -96,7 +97,16 @@ def on_stack(out: Path, stages: dict, work):
 
 
 def _exit_on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up must finish: the jobs stop on their own
     raise SystemExit(128 + signum)
+
+
+def _interrupt_once(signum, frame):
+    """Ctrl-C: the running job stops at its next boundary (the terminal signalled it too),
+    then the clean-up stops the S3 server. A second Ctrl-C reaches the job, which then stops
+    at once, and must not cut that clean-up short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 class DemoRuns:
@@ -322,6 +332,10 @@ def run_as_script(entry) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted: stopped by Ctrl-C; its jobs saved what they had and the S3 server is stopped",
+              file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

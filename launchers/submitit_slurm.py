@@ -81,6 +81,9 @@ def make_executor(cfg: Config, local: bool) -> submitit.Executor:
         params["gpus_per_node"] = launch.gpus_per_worker * launch.workers_per_node
     if not local:
         params["slurm_signal_delay_s"] = launch.signal_delay_s
+        # SLURM 22.05-23.02: srun does not inherit the allocation's --cpus-per-task, so each
+        # rank would get one CPU for its loader workers and threads
+        params["slurm_srun_args"] = [f"--cpus-per-task={launch.cpus_per_worker}"]
         if launch.partition:
             params["slurm_partition"] = launch.partition
     executor.update_parameters(**params)

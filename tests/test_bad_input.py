@@ -5,6 +5,7 @@ Every case runs `dist-diffusion` in this process (each is refused before a rank 
 the S3 cases talk to the session's real SeaweedFS, or to endpoints that are dead."""
 
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -310,8 +311,14 @@ def test_bad_s3_input_is_one_line_naming_the_url(files, s3_data, argv, env, says
     assert snapshot(files) == before and bucket_snapshot() == objects  # nothing changed, here or in S3
 
 
-def test_the_table_covers_at_least_sixty_bad_inputs():
-    assert len(CONFIG) + len(CLI) + len(DATA) + len(S3) >= 60
+def test_the_readme_counts_the_bad_inputs_of_this_table():
+    """The README's count is this table's length; no case is listed twice (by name or by
+    what it runs), so each one counted is a bad input of its own."""
+    names = [c.id for c in CONFIG + CLI + DATA] + [name for name, *_ in S3]
+    runs = [(tuple(c.values[0]), ()) for c in CONFIG + CLI + DATA] + [(a, tuple(e.items())) for _, a, e, _ in S3]
+    assert len(set(names)) == len(names) and len(set(runs)) == len(runs)
+    stated = re.search(r"tests/test_bad_input\.py holds (\d+) bad\s+inputs", (ROOT / "README.md").read_text())
+    assert stated and int(stated.group(1)) == len(names), f"README.md: set the count to {len(names)}"
 
 
 def test_a_real_bug_is_a_traceback_with_a_line_asking_for_a_report(monkeypatch, capsys):

@@ -5,6 +5,7 @@ run that loses node2 mid-run resumes and ends bitwise equal to the uninterrupted
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -25,6 +26,10 @@ LAST, CKPT_EVERY = 12, 6
 TRAIN = [*PIXEL16, f"train.max_steps={LAST}", f"train.ckpt_every={CKPT_EVERY}", "runtime.rendezvous_timeout_s=300"]
 
 
+def random_subnet() -> str:
+    return f"10.{secrets.randbelow(150) + 100}.{secrets.randbelow(250)}"
+
+
 def cluster_env(state: Path, prefix: str, subnet: str) -> dict:
     return {**os.environ, "CLUSTER_DIR": str(state), "CLUSTER_PREFIX": prefix, "CLUSTER_SUBNET": subnet,
             "DD_PYTHON": sys.executable}
@@ -42,16 +47,18 @@ def leftovers(prefix: str, pids: list[int]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """The 2-node cluster, up for this module; down whatever happens, then checked empty."""
+    """The 2-node cluster, up for this module; down whatever happens, then checked empty.
+    Where it cannot be made (exit 3: no root or namespaces, no free subnet) its tests skip
+    with the reason; under DD_REQUIRE_CLUSTER=1 (.ci/run) that skip fails (conftest.py)."""
     state = tmp_path_factory.mktemp("cluster")
-    prefix, subnet = "t" + secrets.token_hex(2), f"10.{secrets.randbelow(150) + 100}.{secrets.randbelow(250)}"
-    env = cluster_env(state, prefix, subnet)
+    prefix = "t" + secrets.token_hex(2)
+    env = cluster_env(state, prefix, random_subnet())
     try:  # `up` itself inside: an interrupted `up` leaves namespaces that `down` removes
         up = subprocess.run([SCRIPT, "up"], env=env, capture_output=True, text=True, timeout=600)
         if up.returncode == 3:
             pytest.skip(f"no 2-node cluster on this machine: {up.stderr.strip()}")
         assert up.returncode == 0, up.stdout + up.stderr
-        yield _client_env(state, env), subnet
+        yield _client_env(state, env), (state / "subnet").read_text().strip()  # the one `up` took
     finally:
         pids = _recorded_pids(state)
         down = subprocess.run([SCRIPT, "down"], env=env, capture_output=True, text=True, timeout=300)
@@ -272,6 +279,33 @@ def test_ray_sampling_on_two_nodes_equals_one_process(cluster, shards, random_mo
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert_same_evaluation(out, one_process_eval)
+
+
+def test_up_on_a_subnet_in_use_takes_another(tmp_path):
+    """`up` asked for a subnet that is already routed here (a bridge of this test's holds
+    it, as another cluster's would) takes a random free one instead of giving up. Its python
+    is a stand-in that records where it was asked to start S3 (and the bridge's address
+    then) and fails, so `up` stops there and removes what it made."""
+    prefix, taken = "t" + secrets.token_hex(2), random_subnet()
+    holder = subprocess.run(f"ip link add {prefix}hold type bridge && ip addr add {taken}.1/24 dev {prefix}hold && "
+                            f"ip link set {prefix}hold up", shell=True, capture_output=True, text=True)
+    try:
+        if holder.returncode != 0:
+            pytest.skip(f"cannot make a bridge here (needs root): {holder.stderr.strip()}")
+        calls, stand_in = tmp_path / "calls", tmp_path / "python"
+        stand_in.write_text(f'#!/bin/sh\necho "$*" >>{calls}\nip -o -4 addr show dev {prefix}br0 >>{calls}\nexit 1\n')
+        stand_in.chmod(0o755)
+        env = {**cluster_env(tmp_path / "state", prefix, taken), "DD_PYTHON": str(stand_in)}
+        up = subprocess.run([SCRIPT, "up"], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        subprocess.run(["ip", "link", "del", f"{prefix}hold"], capture_output=True)
+    tried = re.findall(r"is already routed on this machine; trying (10\.\d+\.\d+)\.0/24", up.stderr)
+    assert f"subnet {taken}.0/24 is already routed" in up.stderr and tried and tried[-1] != taken, up.stderr
+    assert up.returncode not in (0, 3) and "cluster failed to start" in up.stderr, up.stderr  # past the subnet
+    recorded = calls.read_text()
+    assert f"stack up --root {tmp_path / 'state'}/s3 --host {tried[-1]}.1" in recorded, recorded
+    assert f"inet {tried[-1]}.1/24" in recorded, recorded  # the bridge was made on the new subnet
+    assert leftovers(prefix, []) == [] and not (tmp_path / "state/subnet").exists()
 
 
 def test_a_rank_whose_peer_never_comes_stops_with_one_line(tmp_path):

@@ -209,3 +209,18 @@ def test_sbatch_header_requeues_on_usr1():
     for option in ("--signal=USR1@120", "--requeue", "--gpus-per-node", "--cpus-per-task", "--time",
                    "--ntasks-per-node", "--nodes"):
         assert any(option in line for line in header), option
+
+
+def test_submitit_srun_passes_the_allocations_cpus_per_task(tmp_path):
+    """SLURM 22.05-23.02: srun does not inherit --cpus-per-task, so the launcher passes it."""
+    sys.path.insert(0, str(ROOT / "launchers"))
+    try:
+        from submitit_slurm import make_executor
+    finally:
+        sys.path.remove(str(ROOT / "launchers"))
+    from dist_diffusion.config import load_config
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["launch.cpus_per_worker=3", f"launch.job_dir={tmp_path}"])
+    script = make_executor(cfg, local=False)._executor._make_submission_file_text("python train.py", "1")
+    (srun,) = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert "#SBATCH --cpus-per-task=3" in script and "--cpus-per-task=3" in srun, script

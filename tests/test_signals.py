@@ -62,15 +62,16 @@ def group_members(pgid: int) -> list[int]:
     return found
 
 
-def signal_group_mid_run(proc: subprocess.Popen, run: Path, signum: int, again_after: float | None = None):
+def signal_group_mid_run(proc: subprocess.Popen, run: Path, signum: int, again_after: float | None = None,
+                         members: int = 1 + 2 + 2 * 2):
     """Wait for the 3rd logged step, signal the whole group (twice, with ``again_after``
     seconds between, for a second Ctrl-C); returns (exit code, stdout, stderr, seconds to exit)."""
     try:
         wait_until(lambda: len(logged_steps(run)) >= 3 or proc.poll() is not None, 300, "the 3rd step",
                    interval=0.05)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        # every rank's loader workers are up by now: they were signalled with the rest
-        assert len(group_members(proc.pid)) >= 1 + 2 + 2 * 2, group_members(proc.pid)
+        # the launcher, 2 ranks and every rank's loader workers are up: all are signalled
+        assert len(group_members(proc.pid)) >= members, group_members(proc.pid)
         os.killpg(proc.pid, signum)
         sent = time.monotonic()
         if again_after is not None:
@@ -151,3 +152,31 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, shards):
     assert "Traceback" not in err, err[-3000:]
     assert_group_gone(proc.pid)
     assert complete_steps(run) == [] if (run / "checkpoints").exists() else True
+
+
+def weed_servers_under(root: Path) -> list[int]:
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "weed" in cmdline and str(root) in cmdline:
+            found.append(proc.pid)
+    return found
+
+
+@pytest.mark.timeout(900)
+def test_ctrl_c_stops_the_demo_its_ranks_and_its_s3_server(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, "-m", "dist_diffusion.demo", "--out", str(out), "--classifier-steps",
+                             "5000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        code, stdout, stderr, _ = signal_group_mid_run(proc, out / "classifier", signal.SIGINT, members=3)
+    finally:
+        for pid in weed_servers_under(out):  # only if the demo failed to: the test must not orphan it
+            os.killpg(pid, signal.SIGKILL)
+    assert code == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: stopped by Ctrl-C"), stderr[-2000:]
+    assert "[stack down]" in stdout
+    assert_group_gone(proc.pid)
+    assert weed_servers_under(out) == []

@@ -17,14 +17,18 @@
 # which may start again CLUSTER_CRED_EXPIRE seconds later (90 here; SLURM's is 120).
 # `down` stops every process it started (by PID, then whatever is still inside a node's
 # namespace), deletes the namespaces, links and bridge, and removes the state.
-# Exit codes: 0 ok, 2 missing tools, 3 namespaces cannot be created here (the reason is
-# printed; tests that need the cluster skip with it).
+# The subnet is CLUSTER_SUBNET (default 10.77.0); where it is already routed on this machine
+# (another cluster, a VPN, a container network), `up` takes a random free 10.x.y instead, up
+# to 20 tries, says so on stderr, and records the one it took in $CLUSTER_DIR/subnet.
+# Exit codes: 0 ok, 2 missing tools, 3 no cluster can be made here: no namespaces, or no
+# free subnet (the reason is printed; tests that need the cluster skip with it, and fail
+# with it where DD_REQUIRE_CLUSTER=1, as .ci/run sets).
 set -Eeuo pipefail
 here="$(cd "$(dirname "$0")/../.." && pwd)"
 dir="$(mkdir -p "${CLUSTER_DIR:-$here/.stack/cluster}" && cd "${CLUSTER_DIR:-$here/.stack/cluster}" && pwd)"
 count="${CLUSTER_NODES:-2}"
 prefix="${CLUSTER_PREFIX:-dd}"   # interface names stay under 15 characters
-subnet="${CLUSTER_SUBNET:-10.77.0}"
+subnet="$(cat "$dir/subnet" 2>/dev/null || echo "${CLUSTER_SUBNET:-10.77.0}")"  # `up` records the one it took
 bridge="${prefix}br0"
 python="${DD_PYTHON:-$here/.venv/bin/python}"
 ray="$(dirname "$python")/ray"
@@ -40,9 +44,27 @@ can_create_namespaces() {
   if [ "$(id -u)" != 0 ] || ! unshare --net true 2>/dev/null; then
     echo "cannot create network namespaces here (needs root and CAP_SYS_ADMIN)" >&2; exit 3
   fi
-  if ip route show | grep -q "^$subnet\."; then
-    echo "subnet $subnet.0/24 is already routed on this machine; set CLUSTER_SUBNET" >&2; exit 3
-  fi
+}
+
+# subnet_taken A.B.C: a route of A.B.C.* exists here. Not `ip route show | grep -q`: grep
+# exits at the first match, ip then dies of SIGPIPE, and pipefail makes that "not taken".
+subnet_taken() { grep -q "^${1//./\\.}\\." <<<"$(ip route show)"; }
+
+pick_subnet() {  # CLUSTER_SUBNET, or a random free 10.x.y where that one is routed already
+  local tries=0 taken
+  subnet="${CLUSTER_SUBNET:-10.77.0}"
+  while subnet_taken "$subnet"; do
+    tries=$((tries + 1))
+    if [ "$tries" -gt 20 ]; then
+      echo "subnet ${CLUSTER_SUBNET:-10.77.0}.0/24 and 20 random others are already routed on this machine;" \
+        "set CLUSTER_SUBNET to a free one" >&2
+      exit 3
+    fi
+    taken=$subnet
+    subnet="10.$((100 + RANDOM % 150)).$((RANDOM % 250))"
+    echo "subnet $taken.0/24 is already routed on this machine; trying $subnet.0/24" >&2
+  done
+  echo "$subnet" >"$dir/subnet"
 }
 
 make_network() {
@@ -169,6 +191,7 @@ up() {
   if status >/dev/null 2>&1; then status; return 0; fi
   can_create_namespaces
   down >/dev/null 2>&1 || true
+  pick_subnet
   trap 'echo "cluster failed to start; removing what started" >&2; down >&2' ERR
   echo "$count" >"$dir/count"
   make_network
@@ -229,7 +252,7 @@ down() {
   for i in $(seq "$n"); do ip link del "${prefix}v$i" 2>/dev/null || true; done
   ip link del "$bridge" 2>/dev/null || true
   if [ -f "$dir/ray_temp_dirs" ]; then xargs rm -rf <"$dir/ray_temp_dirs"; fi
-  rm -f "$dir/ray_temp_dirs" "$dir/env.sh" "$dir/ray.env" "$dir/s3.env" "$dir/ray_gcs" "$dir/count"
+  rm -f "$dir/ray_temp_dirs" "$dir/env.sh" "$dir/ray.env" "$dir/s3.env" "$dir/ray_gcs" "$dir/count" "$dir/subnet"
   echo "cluster down"
 }
 
