@@ -58,7 +58,7 @@ demo: venv
 # The seed report's comparison on the digits (pixel/latent, schedules, CFG, samplers): about
 # 20 minutes on 2 cores; the table lands in runs/ablation/report.md.
 ablation: venv
-	$(BIN)/python -m dist_diffusion.ablation
+	$(BIN)/python -m dist_diffusion.demo.ablation
 
 bench: venv
 	$(BIN)/python tools/bench_table.py

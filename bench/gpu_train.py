@@ -103,7 +103,7 @@ def flops_per_image(cfg) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from dist_diffusion.core.models import build_unet
-    from dist_diffusion.latent_shape import unet_input_shape
+    from dist_diffusion.config.shapes import unet_input_shape
 
     with torch.device("meta"):
         unet = build_unet(cfg)
@@ -116,7 +116,7 @@ def flops_per_image(cfg) -> float:
 
 def latent_shards(root: Path, cfg, count: int) -> str:
     """Synthetic latent shards (mean/std float16, as `encode` writes) in a local directory."""
-    from dist_diffusion.latent_shape import unet_input_shape
+    from dist_diffusion.config.shapes import unet_input_shape
     from dist_diffusion.data import shards
 
     shape, rng, entries = unet_input_shape(cfg), np.random.default_rng(0), []
@@ -200,7 +200,7 @@ def plain(micro_batch: int, compile_model: bool = False, channels_last: bool = F
     """The textbook step: bf16 autocast, fused AdamW, data already on the device, EMA by foreach."""
     from dist_diffusion.core.losses import diffusion_loss
     from dist_diffusion.core.models import as_denoiser, build_unet
-    from dist_diffusion.latent_shape import unet_input_shape
+    from dist_diffusion.config.shapes import unet_input_shape
     from dist_diffusion.core.schedule import make_schedule
 
     cfg = recipe([])

@@ -27,7 +27,7 @@ import torch
 from dist_diffusion.config import load_config
 from dist_diffusion.core.guidance import Guidance
 from dist_diffusion.core.models import as_denoiser, build_unet, null_label
-from dist_diffusion.latent_shape import unet_input_shape
+from dist_diffusion.config.shapes import unet_input_shape
 from dist_diffusion.core.samplers import per_sample_randn, run_sampler, sample_generators
 from dist_diffusion.core.schedule import make_schedule
 

@@ -10,28 +10,29 @@ from pathlib import Path
 
 from . import __version__
 from .config import ConfigError, field_docs, load_config, to_yaml
+from .config.command_line import OneLineParser
 from .errors import as_refused_write, expected, one_line
 
 # What a local rank of each `--nproc N` command imports, so the launcher imports it once and
-# forks the ranks from itself (runtime.env.spawn_local); drivers that run many commands
+# forks the ranks from itself (launch.local.spawn_local); drivers that run many commands
 # (the demo, the tests) fork each from a server that imported all of them (run_forked).
 _MODELS = ("dist_diffusion.core.models", "dist_diffusion.runtime.distributed")
 _RANK_IMPORTS = {"train": ("dist_diffusion.train", *_MODELS), "sample": ("dist_diffusion.evaluate.sample", *_MODELS),
-                 "encode": ("dist_diffusion.encode", *_MODELS)}
+                 "encode": ("dist_diffusion.latents.encode", *_MODELS)}
 _COMMAND_IMPORTS = tuple(sorted({module for modules in _RANK_IMPORTS.values() for module in modules}))
 
 
 def run_forked(argv: list[str], **options) -> int:
     """`dist-diffusion ARGV` in a process of its own, forked from a server that imported every
-    command's modules once, and its exit code; ``options`` as runtime.env.run_command's."""
-    from .runtime.env import run_command
+    command's modules once, and its exit code; ``options`` as launch.local.run_command's."""
+    from .launch.local import run_command
 
-    return run_command(argv, _COMMAND_IMPORTS, **options)
+    return run_command(main, argv, _COMMAND_IMPORTS, **options)
 
 
 def _spawn_ranks(argv: list[str], nproc: int, imports: str) -> int:
     """``nproc`` local ranks of ``dist-diffusion ARGV``, each importing what ``imports`` names."""
-    from .runtime.env import spawn_local
+    from .launch.local import spawn_local
 
     return spawn_local(argv, nproc, main, _RANK_IMPORTS[imports])
 
@@ -72,7 +73,7 @@ def _lookup(cfg, key: str):
 
 def _print_summary(cfg) -> None:
     from .core.models import build_unet, count_parameters
-    from .latent_shape import unet_input_shape
+    from .config.shapes import unet_input_shape
 
     shape = "x".join(map(str, unet_input_shape(cfg)))
     params = count_parameters(build_unet(cfg)) / 1e6
@@ -129,7 +130,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         argv = ["encode", "--shards", args.shards, "--out", args.out, *args.overrides]
         return _spawn_ranks(argv + (["--config", args.config] if args.config else []), args.nproc, "encode")
-    from .encode import encode_dataset
+    from .latents.encode import encode_dataset
     from .runtime.env import process_env
 
     result = encode_dataset(cfg, args.shards, args.out, process_env())  # this rank of spawn_local's, or the only one
@@ -140,7 +141,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate_vae(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate_directory
+    from .latents.calibrate import calibrate_directory
 
     result = calibrate_directory(args.vae, args.shards, args.out, args.images)
     stds = ", ".join(f"{s:.3f}" for s in result["latent_stats"]["latents_std"])
@@ -170,9 +171,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         preflight(cfg, check_lock=nproc > 1)  # a single process takes the lock itself, at once
     if nproc > 1:
         return _spawn_ranks(["train", "--config", args.config, "--nproc", "1", *args.overrides], nproc, "train")
+    from .runtime.rank import run_rank
     from .train import train
 
-    summary, code = _run_rank(train, cfg)
+    summary, code = run_rank(train, cfg)
     if code:
         return code
     if process_env().is_main:
@@ -220,34 +222,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         return _spawn_ranks([args.command, "--config", args.config, "--nproc", "1", *overrides], args.nproc,
                             "sample")
     from .evaluate.sample import evaluate
+    from .runtime.rank import run_rank
 
-    return _run_rank(evaluate, cfg)[1]
-
-
-def _run_rank(work, cfg) -> tuple[object, int]:
-    """``work(cfg)`` in this rank, then leave the process group: (its result, 0), or a
-    failure the user can act on as one line on stderr and (None, exit code): 2 for bad
-    input (config, storage, data), 3 for a run that stopped (a NaN, a peer that never came
-    or died)."""
-    from .runtime.distributed import RendezvousFailed, as_peer_lost, shutdown
-    from .train import TrainingStopped
-
-    try:
-        result = work(cfg)
-        shutdown()
-        return result, 0
-    except expected() as err:  # found once the ranks started (e.g. the run directory is in use)
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return None, 2
-    except (TrainingStopped, RendezvousFailed) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return None, 3
-    except RuntimeError as err:
-        lost = as_peer_lost(err)
-        if lost is None:
-            raise
-        print(f"error: {lost}", file=sys.stderr)
-        return None, 3
+    return run_rank(evaluate, cfg)[1]
 
 
 def _count(least: int):
@@ -261,13 +238,6 @@ def _count(least: int):
             raise argparse.ArgumentTypeError(f"{value} must be >= {least}")
         return value
     return parse
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its complaint as the one `error:` line every command ends with."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
 
 
 def _add_index_parser(sub) -> None:
@@ -284,7 +254,7 @@ def _add_index_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="dist-diffusion",
         description="Latent diffusion training and evaluation on clusters.")
     parser.add_argument("--version", action="version", version=f"dist-diffusion {__version__}")
@@ -356,25 +326,6 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     if overrides:
         args.overrides = [*args.overrides, *overrides]
     return args
-
-
-def recipe_arguments(prog: str, description: str, argv: list[str] | None = None) -> tuple[str, list[str]]:
-    """(config path, overrides) for the entry points that torchrun, srun and `ray job submit`
-    start: ``CONFIG [key=value ...]`` or ``--config CONFIG [key=value ...]``, the shape of
-    every `dist-diffusion` command. ``--help`` exits 0; a missing recipe is one line, exit 2."""
-    parser = _Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"dist-diffusion {__version__}")
-    parser.add_argument("--config", help="YAML recipe, e.g. configs/tiny.yaml (or as the first argument)")
-    parser.add_argument("rest", nargs="*", metavar="key=value", help="overrides, e.g. train.max_steps=20")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    positional = [a for a in args.rest if "=" not in a]
-    if len(positional) > 1 or (positional and args.config):
-        parser.error(f"one recipe, not {positional if not args.config else [args.config, *positional]}; "
-                     f"overrides are key=value")
-    config = args.config or (positional[0] if positional else None)
-    if config is None:
-        parser.error("no recipe: pass --config CONFIG (e.g. configs/tiny.yaml)")
-    return config, [a for a in args.rest if "=" in a]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,10 @@ import errno
 from pathlib import Path
 
 
+class TrainingStopped(RuntimeError):
+    """The run stopped cleanly for a reason a person must look at (e.g. a NaN loss)."""
+
+
 class WriteRefused(OSError):
     """A write the file system refused (full disk, quota, read-only, permissions): one line
     naming the path and the fix; what was complete before stays complete."""

@@ -123,7 +123,7 @@ def scaling(cfg: Config):
 def config_from_argv(argv: list[str] | None, doc: str, prog: str) -> Config:
     """CONFIG [key=value...] -> a validated config on a reachable, big enough cluster;
     any problem is one line on stderr and exit code 2, before a worker starts."""
-    from dist_diffusion.cli import recipe_arguments
+    from dist_diffusion.config.command_line import recipe_arguments
 
     config, overrides = recipe_arguments(f"python {prog}", doc, argv)
     try:

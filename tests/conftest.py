@@ -72,6 +72,7 @@ def pytest_runtest_makereport(item, call):
     if (report.skipped and not hasattr(report, "wasxfail") and item.get_closest_marker("cluster")
             and os.environ.get("DD_REQUIRE_CLUSTER") == "1"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
         report.outcome = "failed"
         report.longrepr = f"DD_REQUIRE_CLUSTER=1: a cluster test may not skip here ({reason})"
 

@@ -12,10 +12,10 @@ from conftest import run_stopping_with_sigterm
 
 @pytest.mark.timeout(1800)
 def test_short_ablation_trains_three_unets_and_tables_every_row(tmp_path):
-    from dist_diffusion.ablation import COLUMNS, ROWS
+    from dist_diffusion.demo.ablation import COLUMNS, ROWS
 
     out = tmp_path / "ablation"
-    cmd = [sys.executable, "-m", "dist_diffusion.ablation", "--out", str(out), "--unet-steps", "6",
+    cmd = [sys.executable, "-m", "dist_diffusion.demo.ablation", "--out", str(out), "--unet-steps", "6",
            "--vae-steps", "6", "--classifier-steps", "6", "--samples", "10", "--nproc", "1"]
     done = run_stopping_with_sigterm(cmd, timeout=1200)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

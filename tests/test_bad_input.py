@@ -200,7 +200,7 @@ DATA = [  # files and directories that are not what they are named as
          "eval.unet=F/unet was trained otherwise: it denoises 4x8x8 inputs, this config samples 4x16x16"),
     case("unet-of-another-schedule", f"eval --config {T} eval.unet=F/unet diffusion.snr_shift=2",
          "it learned diffusion.snr_shift=1.0, this config has 2.0; set those keys as in the run's config.yaml"),
-    case("vae-of-other-latent-channels", f"encode --shards F/made16 --out F/o vae.pretrained=F/vae_export "
+    case("vae-of-other-latent-channels", "encode --shards F/made16 --out F/o vae.pretrained=F/vae_export "
          "vae.latent_channels=8", "vae.latent_channels=8 but the VAE in F/vae_export has 4"),
     case("latent-unet-on-images-without-vae", f"train --config {T} train.run_dir=F/run9 data.shards=F/made16 "
          "data.resolution=16", "vae.pretrained is empty: it would learn the latents of a randomly initialised VAE"),

@@ -177,7 +177,7 @@ def test_a_renamed_key_names_its_new_name(old, new):
 def test_a_pretrained_vae_sets_the_latent_shape_whatever_the_recipe_says(tmp_path):
     """A 2-level VAE (32 px -> 16x16) under a recipe written for 3 levels (8x8): the UNet,
     the sampler and eval all take the VAE's shape, read from its config.json."""
-    from dist_diffusion.latent_shape import unet_input_shape
+    from dist_diffusion.config.shapes import unet_input_shape
 
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "latent_channels": 4,
                                                       "block_out_channels": [32, 64]}))

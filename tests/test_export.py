@@ -10,7 +10,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
 from dist_diffusion.config import load_config
 from dist_diffusion.core.models import build_unet, null_label
-from dist_diffusion.latent_shape import unet_input_shape
+from dist_diffusion.config.shapes import unet_input_shape
 from dist_diffusion.core.samplers import make_timesteps, per_sample_randn, sample_generators
 from dist_diffusion.export import write_export
 from dist_diffusion.core.generate import generate

@@ -122,8 +122,22 @@ def test_asking_for_a_gpu_without_cuda_is_one_line_before_any_worker(tmp_path, o
     assert out.returncode == 2 and "Traceback" not in out.stderr
     line = out.stderr.strip()
     assert line.count("\n") == 0 and line.startswith("error: ")
-    assert f"CUDA {torch.version.cuda}" in line and "driver" in line and "runtime.device=cpu" in line
+    assert f"built for CUDA {built_for(torch.version.cuda)}" in line and "driver" in line and "runtime.device=cpu" in line
     assert not (tmp_path / "run").exists()  # no rank started
+
+
+def built_for(cuda: str | None) -> str:
+    """What the line says torch is built for: a CUDA build its CUDA version, a CPU build so."""
+    return cuda or "none (a CPU build)"
+
+
+@pytest.mark.parametrize("cuda", ["13.0", None], ids=["cuda-build", "cpu-build"])
+def test_the_no_gpu_line_names_torchs_build_for_either_build(monkeypatch, cuda):
+    """The line above on both builds of torch, whichever this machine has."""
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    with pytest.raises(ConfigError) as err:
+        distributed.check_cuda_usable("cuda", False, driver=lambda: None, cuda_available=lambda: False)
+    assert f"built for CUDA {built_for(cuda)}, NVIDIA driver not found" in str(err.value)
 
 
 def test_cpu_device_with_gpus_per_worker_is_a_config_error():

@@ -128,7 +128,7 @@ def test_wheel_without_extras_runs_the_cli_on_the_reused_torch(bare_venv):
     assert run_in(bare_venv, "dist-diffusion", "--help").returncode == 0
     config = run_in(bare_venv, "dist-diffusion", "config", "configs/tiny.yaml", "train.max_steps=7")
     assert config.returncode == 0 and "max_steps: 7" in config.stdout, config.stderr
-    imports = run_in(bare_venv, "python", "-c", "import dist_diffusion.train, dist_diffusion.encode, "
+    imports = run_in(bare_venv, "python", "-c", "import dist_diffusion.train, dist_diffusion.latents.encode, "
                      "dist_diffusion.evaluate.sample, dist_diffusion.export")
     assert imports.returncode == 0, imports.stderr  # a training node needs nothing more
 

@@ -2,6 +2,7 @@
 and the CLI answers with one clear line on bad input."""
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -105,10 +106,12 @@ def entry_points():
     """Every program a user starts, as a main(argv) callable."""
     import importlib.util
 
-    from dist_diffusion import ablation, cli, demo, train
+    from dist_diffusion import cli
+    from dist_diffusion.demo import ablation, run as demo
+    from dist_diffusion.train import __main__ as train
 
     mains = {"dist-diffusion": cli.main, "python -m dist_diffusion.train": train.main,
-             "python -m dist_diffusion.demo": demo.main, "python -m dist_diffusion.ablation": ablation.main}
+             "python -m dist_diffusion.demo": demo.main, "python -m dist_diffusion.demo.ablation": ablation.main}
     for name in ("ray_train", "ray_sample", "submitit_slurm"):
         spec = importlib.util.spec_from_file_location(name, ROOT / "launchers" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
@@ -138,7 +141,7 @@ def test_every_entry_point_has_a_clean_help_and_a_version(capsys):
                                   ["train.max_steps=1"], ["configs/tiny.yaml", "configs/vae_tiny.yaml"]])
 def test_a_rank_entry_point_takes_the_recipe_either_way_and_errs_in_one_line(argv, capsys):
     """torchrun's entry: positional or --config; a bad key, no recipe or two recipes is one line."""
-    from dist_diffusion import train
+    from dist_diffusion.train import __main__ as train
 
     assert exit_code(train.main, argv) == 2
     err = capsys.readouterr().err.strip()
@@ -157,3 +160,115 @@ def test_cli_bad_key_is_one_line_not_a_traceback():
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().count("\n") == 0 and "train.max_stepz" in out.stderr
+
+
+def test_a_rank_started_as_torchrun_starts_it_runs_the_objectives_own_checks(tmp_path):
+    """torchrun gives each rank RANK/WORLD_SIZE and starts `python -m dist_diffusion.train`
+    with no launcher's preflight before it: the rank itself must refuse what a launcher
+    refuses, here the VAE's adversarial loss under ZeRO-3, before it waits for its peers."""
+    from dist_diffusion.runtime.env import free_ports
+
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_ports(1)[0])}
+    out = subprocess.run([sys.executable, "-m", "dist_diffusion.train", "configs/vae_tiny.yaml",
+                          f"train.run_dir={tmp_path / 'run'}", f"data.shards={tmp_path / 'shards'}",
+                          "vae.adversarial_weight=0.1", "runtime.zero_stage=3"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "Traceback" not in out.stderr
+    assert "vae.adversarial_weight=0.1 needs runtime.zero_stage 1 or 2" in out.stderr
+
+
+# ---- the house: one-way imports, a root that shows the layers ----
+
+def package_modules() -> dict[str, Path]:
+    """dist_diffusion's modules by dotted name (a package by its own name, for __init__)."""
+    modules = {}
+    for path in (ROOT / "dist_diffusion").rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
+    return modules
+
+
+def import_edges(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package's modules that ``name`` imports anywhere in its body, functions included:
+    ``from X import y`` counts as X.y when that is a module, else as X."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+        else:
+            continue
+        found |= {t for t in targets if t in modules and t != name}
+    return found
+
+
+def import_cycles() -> list[list[str]]:
+    """Every strongly connected set of more than one module (Tarjan's algorithm)."""
+    modules = package_modules()
+    graph = {name: import_edges(name, path, modules) for name, path in modules.items()}
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            members = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                members.append(member)
+                if member == node:
+                    break
+            if len(members) > 1:
+                cycles.append(sorted(members))
+
+    for name in sorted(graph):
+        if name not in index:
+            visit(name)
+    return cycles
+
+
+def test_the_package_has_no_import_cycle():
+    """Module-level imports and imports inside functions alike: a function-level import
+    hides a cycle from the interpreter, not from the next maintainer."""
+    assert import_cycles() == []
+
+
+def test_import_cycles_are_found():
+    """The detector itself, on a cycle made for it: a layout test that cannot fail checks nothing."""
+    modules = {"p.a": Path("a.py"), "p.b": Path("b.py")}
+    edges = {"p.a": "from .b import x\n", "p.b": "def f():\n    from . import a\n"}
+    original = Path.read_text
+    try:
+        Path.read_text = lambda self, *args, **kwargs: edges["p." + self.stem]
+        assert import_edges("p.a", Path("a.py"), modules) == {"p.b"}
+        assert import_edges("p.b", Path("b.py"), modules) == {"p.a"}
+    finally:
+        Path.read_text = original
+
+
+ROOT_MODULES_MAX = 6
+
+
+def test_the_package_root_holds_at_most_six_modules():
+    """Everything else lives in a package named for what it is (config, core, data, runtime,
+    train, evaluate, latents, export, stack, launch, demo)."""
+    root = sorted(p.name for p in (ROOT / "dist_diffusion").glob("*.py"))
+    assert len(root) <= ROOT_MODULES_MAX, root

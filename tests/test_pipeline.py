@@ -16,7 +16,7 @@ from dist_diffusion.core.models import build_unet, build_vae
 from dist_diffusion.core.samplers import sample_generators
 from dist_diffusion.export import write_export
 from dist_diffusion.imaging import to_uint8
-from dist_diffusion.pipeline import ClassConditionalLatentPipeline
+from dist_diffusion.export.pipeline import ClassConditionalLatentPipeline
 
 LATENT = ["model.num_classes=4", "sample.steps=10"]
 PIXELS = ["vae.enabled=false", "data.resolution=16", "model.num_classes=4", "sample.steps=10"]

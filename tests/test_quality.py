@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_one_line, make_class_folders, run_cli
-from dist_diffusion.calibrate import calibrate, image_batches, reconstruction_psnr
+from dist_diffusion.latents.calibrate import calibrate, image_batches, reconstruction_psnr
 from dist_diffusion.config import load_config
 from dist_diffusion.core.latent_stats import latent_affine, summary
 from dist_diffusion.core.models import build_vae, decode_latents, encode_images
@@ -65,7 +65,7 @@ def test_a_calibrated_vae_gives_unit_variance_latents_and_decodes_the_same(shard
 
 
 def test_encode_records_unit_variance_for_a_calibrated_vae(shards, tmp_path):
-    from dist_diffusion.encode import encode_dataset
+    from dist_diffusion.latents.encode import encode_dataset
     from dist_diffusion.runtime.env import ProcessEnv
 
     root, _ = shards
@@ -192,7 +192,7 @@ def test_the_textures_set_is_real_tiles_of_at_least_five_classes(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from dist_diffusion.demo_data import DATASETS, MAX_TILES
+    from dist_diffusion.demo.datasets import DATASETS, MAX_TILES
 
     textures = DATASETS["textures"]
     count = textures.write(tmp_path)
@@ -211,8 +211,8 @@ def test_each_demo_recipe_trains_its_unet_on_the_latents_its_vae_makes(dataset, 
     for latents larger than 8x8 shifts the schedule to match (diffusion.snr_shift)."""
     import argparse
 
-    from dist_diffusion.latent_shape import unet_input_shape
-    from dist_diffusion.demo import DemoRuns
+    from dist_diffusion.config.shapes import unet_input_shape
+    from dist_diffusion.demo.run import DemoRuns
 
     args = argparse.Namespace(nproc=2, dataset=dataset, vae_steps=None, overrides=[], classifier_steps=300,
                               eval_samples=500)
@@ -223,7 +223,7 @@ def test_each_demo_recipe_trains_its_unet_on_the_latents_its_vae_makes(dataset, 
 
 
 def test_the_demo_bar_holds_samples_to_the_floor():
-    from dist_diffusion.demo import quality_bar
+    from dist_diffusion.demo.run import quality_bar
 
     rows = [{"guidance_scale": 1.0, "fid_domain": 10.0, "class_accuracy": 0.7},
             {"guidance_scale": 3.0, "fid_domain": 9.0, "class_accuracy": 0.95}]

@@ -226,18 +226,28 @@ def test_a_connection_cut_every_64_kb_still_delivers_a_1_mb_object(s3_server, on
 
 def test_a_stalled_download_is_abandoned_at_the_read_timeout_and_resumed(s3_server, one_mb_object,
                                                                          monkeypatch, s3_policy):
+    """The proxy stalls the first 3 connections after 100 kB each (more than one 64 kB chunk
+    of the reader's, so each try gains bytes), however slow the machine: the download waits
+    out the read timeout on each (no less), resumes where it stood, and ends whole. Each failed try is a retry the stream records and costs one connection; a
+    loaded machine may add failed tries of its own (a healthy read slower than 0.5 s), so
+    the retries are checked against the connections the proxy saw, not a fixed number."""
     from faulty_proxy import FaultyProxy
 
+    from conftest import wait_until
     from dist_diffusion.data import storage
 
     s3_policy(read_timeout_s=0.5)
     loc, data = one_mb_object
     port = int(s3_server.endpoint.rsplit(":", 1)[1])
     stats = {}
-    with FaultyProxy(port, cut_every=2, cut_after=300_000, slowdown_every=0, stall=True) as proxy, \
+    with FaultyProxy(port, cut_every=0, cut_after=100_000, slowdown_every=0, stalls=3) as proxy, \
             endpoint(monkeypatch, proxy.port):
         got = storage.read_bytes(loc, stats)
-    assert got == data and proxy.cuts >= 1 and stats["retries"] == proxy.cuts
+        waited = wait_until(lambda: len(proxy.abandoned_after_s) == 3 and proxy.abandoned_after_s, 30,
+                            "the proxy to see the client close each stalled connection", interval=0.05)
+    assert got == data and proxy.stalled == 3 and proxy.cuts == 0
+    assert min(waited) >= 0.5 - 0.05, waited  # given up at the read timeout, not before
+    assert stats["retries"] == proxy.connections - 1 >= 3, (stats, proxy.connections)
 
 
 def test_an_endpoint_that_never_answers_fails_after_s3_attempts_tries_naming_the_key(monkeypatch, s3_policy):

@@ -14,6 +14,7 @@ GOALS = {  # figure: (comparison, bound)
     "sampler_vs_diffusers_ratio": (">=", 1.0),
     "s3_vs_local_ratio": (">=", 0.9),
     "stream_vs_webdataset_ratio": (">=", 1.0),
+    "original_size_stream_vs_webdataset_ratio": (">=", 1.0),
     "stream_rss_growth_mb": ("<=", 50.0),
     "train_overhead_ratio": ("<=", 1.10),
     "gpu_framework_vs_plain_ratio": ("<=", 1.10),

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from ..config import Config
-from ..latent_shape import unet_input_shape
+from ..config.shapes import unet_input_shape
 from .guidance import Guidance
 from .models import as_denoiser, decode_latents, null_label
 from .samplers import per_sample_randn, run_sampler, sample_generators

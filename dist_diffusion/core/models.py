@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DModel
 
 from ..config import Config, ConfigError
-from ..latent_shape import unet_input_shape
+from ..config.shapes import unet_input_shape
 from .latent_stats import denormalise, latent_affine, normalise
 from .losses import Denoiser
 

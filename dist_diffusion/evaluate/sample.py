@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, derive, parse_sampler_entry
-from ..latent_shape import unet_input_shape
+from ..config.shapes import unet_input_shape
 from ..data import storage
 from ..logs import get_logger
 from ..data.shards import upload_tar

@@ -1,5 +1,5 @@
 """The training job: ``train(cfg)``, which every launcher calls (local, torchrun, SLURM,
-Ray), and ``python -m dist_diffusion.train``, one rank of it.
+Ray), and ``python -m dist_diffusion.train`` (``__main__``), one rank of it.
 
 - ``loop``: the driver of named steps, which knows no objective;
 - ``objectives``: what a ``train.target`` builds, feeds and optimises, and what it exports;
@@ -15,24 +15,14 @@ from __future__ import annotations
 
 import importlib
 
+from ..errors import TrainingStopped
 from ..runtime.preemption import REQUEUE_EXIT_CODE, Preempted  # the launchers' protocol
 
-_FROM_LOOP = ("train", "build_run", "stream_batches", "train_step", "save", "restore", "TrainingStopped", "Run")
-__all__ = ["REQUEUE_EXIT_CODE", "Preempted", "main", *_FROM_LOOP]
+_FROM_LOOP = ("train", "build_run", "stream_batches", "train_step", "save", "restore", "Run")
+__all__ = ["REQUEUE_EXIT_CODE", "Preempted", "TrainingStopped", *_FROM_LOOP]
 
 
 def __getattr__(name: str):
     if name in _FROM_LOOP:
         return getattr(importlib.import_module(".loop", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry for torchrun / srun: one process of the job; errors are the CLI's one-line
-    errors and exit codes."""
-    from ..cli import main as cli_main, recipe_arguments
-
-    config, overrides = recipe_arguments(
-        "python -m dist_diffusion.train", "One training rank, as torchrun or srun start it (the rank, world and "
-        "rendezvous come from their environment). For a local run: dist-diffusion train --nproc N.", argv)
-    return cli_main(["train", "--config", config, "--nproc", "1", *overrides])

@@ -8,24 +8,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config, ConfigError
-from ..latent_shape import unet_input_shape
+from ..config.shapes import unet_input_shape
 from ..data import storage
 from ..data.shards import load_manifest
 from .objectives import objective
 from ..runtime import checkpoint, run_lock
 
 
-def preflight(cfg: Config, check_lock: bool = True) -> None:
-    """What every launcher checks before a rank starts, each failure one line: the run
-    directory can resume with this config and is not in use, and the shards are there and
-    fit the model."""
+def preflight(cfg: Config, check_lock: bool = True) -> dict:
+    """What every launcher checks before a rank starts, and every rank again however it was
+    started (torchrun, srun, Ray, a container), each failure one line: the objective's own
+    rules, the run directory can resume with this config and is not in use, and the shards
+    are there and fit the model. Returns the shards' manifest."""
     objective(cfg).check(cfg)
     checkpoint.check_resumable(cfg)
-    check_data(cfg)
+    manifest = check_data(cfg)
     if cfg.train.ckpt_url:  # not found out at the first checkpoint, after the steps before it
         storage.check_bucket(cfg.train.ckpt_url)
     if check_lock:
         run_lock.check_free(Path(cfg.train.run_dir))
+    return manifest
 
 
 def check_data(cfg: Config) -> dict:

@@ -26,20 +26,16 @@ from ..data.stream import Position, ShardStream, StreamSpec
 from ..runtime import checkpoint, run_lock
 from ..runtime.distributed import any_rank, describe, device, init_process_group, max_over_ranks, placement
 from ..runtime.ema import EngineEMA
-from ..errors import write_refused
+from ..errors import TrainingStopped, write_refused
 from ..runtime.hardware import choose_precision
 from ..runtime.engine import apply_numerics, build_engine, engine_checks_overflow, micro_batch_size
 from ..runtime.preemption import (NO_STOP, PREEMPTED, REQUEUE_EXIT_CODE, StopRequests, ignore_stop_signals,
                                   mark_requeue, stop_exception)
-from .checks import check_data
+from .checks import preflight
 from .grids import TrainingGrids
 from .log import TrainLogger
 from .objectives import objective
 from .state import TrainState, find_resume_tag
-
-class TrainingStopped(RuntimeError):
-    """The run stopped cleanly for a reason a person must look at (e.g. a NaN loss)."""
-
 
 @dataclass
 class Run:
@@ -124,15 +120,15 @@ def _stop_if_asked(run: Run, stops: StopRequests, saved: bool) -> None:
 
 
 def build_run(cfg: Config) -> Run:
-    checkpoint.check_resumable(cfg)  # the launchers checked already; a rank started by hand did not
     storage.configure(cfg.s3)  # every launcher's rank comes through here
+    # the launchers checked already; a rank started by torchrun, srun or by hand did not
+    manifest = preflight(cfg, check_lock=False)  # the lock is taken below, once the group formed
     env = init_process_group(cfg.runtime.device, cfg.launch.gpus_per_worker > 0, cfg.runtime.socket_ifname,
                              cfg.runtime.rendezvous_timeout_s)
     precision = choose_precision(cfg.runtime.precision, device())
     cfg = derive(cfg, {"runtime.precision": precision.precision}, "runtime.precision resolved for this device")
     run_dir = Path(cfg.train.run_dir)
     run_lock.hold(run_dir, env.is_main)  # before anything in the run directory changes
-    manifest = check_data(cfg)
     resume = find_resume_tag(cfg.train.run_dir, cfg.train.ckpt_url, env.local_rank)
     elastic = resume is not None and checkpoint.saved_world_size(run_dir / "checkpoints", resume) != env.world_size
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank

@@ -3,7 +3,7 @@ needs, its per-sample loss, and what its export is. The loop, the logger, the CL
 ``export`` ask the objective; nothing else compares ``train.target`` with a name.
 
 A new objective is a subclass here and one entry in :data:`OBJECTIVES` (and the
-``train.target`` choices in config.py).
+``train.target`` choices in the config schema).
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ class VAE(Objective):
     def measure_export(self, model, cfg):
         """Latent statistics on the training images (written into the VAE's config, so its
         latents are unit-variance per channel) and the reconstruction PSNR."""
-        from ..calibrate import calibrate, image_batches, reconstruction_psnr
+        from ..latents.calibrate import calibrate, image_batches, reconstruction_psnr
         from ..data import storage
 
         storage.configure(cfg.s3)
@@ -171,7 +171,7 @@ class Classifier(Objective):
 
     def measure_export(self, model, cfg):
         """Accuracy on the held-out split (on the training images when there is none)."""
-        from ..calibrate import classification_accuracy, image_batches
+        from ..latents.calibrate import classification_accuracy, image_batches
         from ..data import storage
 
         storage.configure(cfg.s3)
@@ -193,5 +193,5 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (Diffusion(), VAE(), Clas
 
 
 def objective(cfg: Config) -> Objective:
-    """The objective of ``train.target`` (validated by config.py against these names)."""
+    """The objective of ``train.target`` (validated by the config schema against these names)."""
     return OBJECTIVES[cfg.train.target]

@@ -7,7 +7,7 @@ A UNet export also carries ``scheduler/``: the DDIMScheduler of its forward proc
 diffusers samples it with the training schedule. It is a whole pipeline directory too
 (``model_index.json`` and ``unet/``, hard links of the top-level weights). In pixel space
 that is a ``DDIMPipeline``; in latent space a ``ClassConditionalLatentPipeline``
-(dist_diffusion.pipeline) with ``vae/``, a copy of the VAE the run was trained on
+(dist_diffusion.export.pipeline) with ``vae/``, a copy of the VAE the run was trained on
 (``vae.pretrained``: its config.json carries the latent statistics), so
 ``ClassConditionalLatentPipeline.from_pretrained(out)`` samples and decodes it. Both load
 with that class; a VAE that was not there to copy is passed as ``vae=`` instead.
@@ -24,11 +24,11 @@ import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
-from .config import Config, ConfigError, load_config
-from .core.schedule import DEFAULT_BETAS, forward_process
-from .runtime.checkpoint import COMPLETE, consolidated_fp32_state, ema_file, latest_complete
-from .train.objectives import objective
-from .runtime.ema import join_partitions
+from ..config import Config, ConfigError, load_config
+from ..core.schedule import DEFAULT_BETAS, forward_process
+from ..runtime.checkpoint import COMPLETE, consolidated_fp32_state, ema_file, latest_complete
+from ..train.objectives import objective
+from ..runtime.ema import join_partitions
 
 
 def export_model(run_dir: str | Path, out: str | Path, weights: str = "ema") -> Path:

@@ -31,17 +31,17 @@ from pathlib import Path
 
 import torch
 
-from .cli import run_forked
-from .config import Config, ConfigError, derive, load_config
-from .core.models import build_unet
-from .data import storage
-from .data.prepare import prepare
-from .data.stream import ShardStream, StreamSpec
-from .export import export_model
-from .demo_data import DATASETS
-from .extras import require
-from .imaging import save_grid
-from .stack import start_s3, stop_s3, weed_binary
+from ..cli import run_forked
+from ..config import Config, ConfigError, derive, load_config
+from ..core.models import build_unet
+from ..data import storage
+from ..data.prepare import prepare
+from ..data.stream import ShardStream, StreamSpec
+from ..export import export_model
+from .datasets import DATASETS
+from ..extras import require
+from ..imaging import save_grid
+from ..stack import start_s3, stop_s3, weed_binary
 
 # The latent UNet run (configs/tiny.yaml: 32 px images -> 8x8x4 latents) and its VAE run.
 # Sampled with UniPC-10: on both data sets it scores better than DDIM-50 at a fifth of the

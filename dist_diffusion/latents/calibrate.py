@@ -15,9 +15,9 @@ from typing import Iterator
 
 import torch
 
-from .core.latent_stats import measure
-from .data.stream import ShardStream, StreamSpec
-from .logs import get_logger
+from ..core.latent_stats import measure
+from ..data.stream import ShardStream, StreamSpec
+from ..logs import get_logger
 
 LOG = get_logger("calibrate")
 BATCH = 64
@@ -87,7 +87,7 @@ def calibrate_directory(vae_dir: str | Path, url: str, out: str | Path | None = 
     ``dist_diffusion.json`` there."""
     from diffusers import AutoencoderKL
 
-    from .config import ConfigError
+    from ..config import ConfigError
 
     if not (Path(vae_dir) / "config.json").is_file():
         raise ConfigError(f"--vae {vae_dir}: no diffusers config.json there; point it at a directory saved by "

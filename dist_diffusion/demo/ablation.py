@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass
 from itertools import groupby
 from pathlib import Path
 
-from .config import load_config
-from .extras import require
-from .stack import weed_binary
-from . import demo
+from ..config import load_config
+from ..extras import require
+from ..stack import weed_binary
+from . import run as demo
 
 
 @dataclass(frozen=True)

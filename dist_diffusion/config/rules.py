@@ -1,5 +1,5 @@
 """The rules a config must obey: each field's range and choices (from its metadata in
-config.py), then the rules that span sections. config.py calls :func:`validate` on every
+the schema), then the rules that span sections. Loading calls :func:`validate` on every
 tree it builds, so every command sees one error listing every problem."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, List
 
-from .config import Config, ConfigError, _most_steps, parse_sampler_entry
-from .latent_shape import latent_downsample, pretrained_vae_config
+from .schema import Config, ConfigError, _most_steps, parse_sampler_entry
+from .shapes import latent_downsample, pretrained_vae_config
 
 
 def validate(cfg: Config, source: str = "config") -> None:

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import Config, ConfigError
-from .core.models import build_vae, vae_latent_affine
-from .data import shards, storage
-from .data.shards import load_manifest
-from .data.stream import decode_image, parse_tar
-from .logs import get_logger
-from .runtime.distributed import select_device
-from .runtime.env import ProcessEnv
+from ..config import Config, ConfigError
+from ..core.models import build_vae, vae_latent_affine
+from ..data import shards, storage
+from ..data.shards import load_manifest
+from ..data.stream import decode_image, parse_tar
+from ..logs import get_logger
+from ..runtime.distributed import select_device
+from ..runtime.env import ProcessEnv
 
 BATCH = 64
 LOG = get_logger("encode")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .extras import require
+from ..extras import require
 
 TILE = 32
 

@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNe
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from .core.latent_stats import denormalise, latent_affine
+from ..core.latent_stats import denormalise, latent_affine
 
 Generators = Optional[Union[torch.Generator, List[torch.Generator]]]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .runtime.env import free_ports
+from ..runtime.env import free_ports
 
 DEFAULT_ROOT = Path(".stack")
 READY_TIMEOUT_S = 60.0
@@ -46,7 +46,7 @@ def weed_binary() -> str:
     beside = Path(sys.executable).with_name("weed")
     found = str(beside) if beside.exists() else shutil.which("weed")
     if not found:
-        from .extras import MissingExtra, install_hint
+        from ..extras import MissingExtra, install_hint
 
         raise MissingExtra(f"the embedded S3 needs the SeaweedFS binary `weed`, which is not installed; "
                            f"{install_hint('local')} (or point AWS_ENDPOINT_URL at any S3)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import Config
+from .schema import Config
 
 
 def latent_downsample(cfg: Config) -> int:

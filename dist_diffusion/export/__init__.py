@@ -1,0 +1,11 @@
+"""`dist-diffusion export`: a run's latest complete checkpoint -> a diffusers directory.
+
+- ``writer``: the EMA (or raw) weights as a UNet2DModel / AutoencoderKL directory, with
+  its scheduler, a pipeline index and what the run measured;
+- ``pipeline``: ``ClassConditionalLatentPipeline``, which samples such a directory with
+  classifier-free guidance and decodes it with the latent statistics applied.
+"""
+
+from .writer import BETA_SCHEDULE, PREDICTION_TYPE, ddim_scheduler, export_model, write_export
+
+__all__ = ["BETA_SCHEDULE", "PREDICTION_TYPE", "ddim_scheduler", "export_model", "write_export"]
