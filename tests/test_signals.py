@@ -180,3 +180,52 @@ def test_ctrl_c_stops_the_demo_its_ranks_and_its_s3_server(tmp_path):
     assert "[stack down]" in stdout
     assert_group_gone(proc.pid)
     assert weed_servers_under(out) == []
+
+
+def sample_argv(models: Path, out: Path) -> list[str]:
+    from conftest import PIXEL16
+
+    return ["sample", "--config", "configs/tiny.yaml", "--nproc", "2", *PIXEL16, f"eval.unet={models / 'unet'}",
+            f"eval.out={out}", "sample.num_samples=128", "eval.samples_per_shard=8", "sample.batch_size=8",
+            "sample.steps=20", "eval.guidance_scales=[3]"]
+
+
+def shard_images(tar_path: Path) -> dict[str, bytes]:
+    import tarfile
+
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def test_ctrl_c_stops_sampling_at_a_shard_boundary_and_the_same_command_resumes(tmp_path, random_models):
+    """`dist-diffusion sample --nproc 2`: each rank finishes the shard it is writing, the
+    finished shards are kept, and the rerun reuses them (its images equal a straight run's)."""
+    out = tmp_path / "samples"
+    argv = sample_argv(random_models, out)
+    proc = subprocess.Popen([sys.executable, "-m", "dist_diffusion.cli", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    point = out / "cfg3_steps20"
+    try:
+        wait_until(lambda: len(list(point.glob("samples-*.npz"))) >= 2 or proc.poll() is not None, 300,
+                   "the first shards", interval=0.05)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "stopped by Ctrl-C after shard" in stdout + stderr, stderr[-3000:]
+    assert_group_gone(proc.pid)
+    kept = sorted(p.name for p in point.glob("samples-*.npz"))
+    assert 2 <= len(kept) < 16, kept  # 16 shards in all: the stop came mid-job
+
+    resumed = run_dist_diffusion(argv, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(list(point.glob("samples-*.npz"))) == 16
+    straight = run_dist_diffusion(sample_argv(random_models, tmp_path / "straight"), timeout=900)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    for name in [kept[0], "samples-000015.npz"]:  # a kept shard and one written after the resume
+        tar = name.replace(".npz", ".tar")
+        assert shard_images(point / tar) == shard_images(tmp_path / "straight/cfg3_steps20" / tar), tar
