@@ -19,7 +19,9 @@ A synthetic ImageNet-100-like tree: 100 class folders of JPEGs of 160 to 500 px 
   500 px a side, any aspect, sensor noise, quality 85-95), indexed, not prepared. Both sides
   resize and center-crop to 128 px as ADM does: ours with ``data.resolution`` (DCT-scaled
   JPEG decode, then one bicubic resize), upstream with ``decode("pil")`` and ADM's
-  ``center_crop_arr`` in a ``map``. Same loaders, batches and rounds (goal >= 1.0).
+  ``center_crop_arr`` in a ``map``. Same loaders, batches and rounds (goal >= 1.0). Also the
+  CPU time per sample of each (the process, its workers and their curl: not the S3
+  server), which a busy machine does not skew as it skews samples/s.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import functools
 import io
 import multiprocessing as mp
 import os
+import resource
 import sys
 import tarfile
 import tempfile
@@ -194,26 +197,34 @@ def adm_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(adm_center_crop_arr(img, RESOLUTION)).permute(2, 0, 1).float() / 255.0
 
 
-def ours_resized_per_s(url: str) -> float:
+def cpu_s() -> float:
+    """CPU seconds of this process and its finished children (loader workers, their curl)."""
+    return sum(t.ru_utime + t.ru_stime for t in map(resource.getrusage, (resource.RUSAGE_SELF,
+                                                                         resource.RUSAGE_CHILDREN)))
+
+
+def timed(batches) -> tuple[float, float]:
+    """(samples/s, CPU ms per sample) of a loader's epoch; workers are joined when it ends."""
+    start, cpu, count = time.perf_counter(), cpu_s(), 0
+    for images in batches:
+        assert images.shape[1:] == (3, RESOLUTION, RESOLUTION)
+        count += len(images)
+    return count / (time.perf_counter() - start), (cpu_s() - cpu) / count * 1e3
+
+
+def ours_resized(url: str) -> tuple[float, float]:
     spec = StreamSpec(url=url, batch_size=BATCH, num_workers=WORKERS, resolution=RESOLUTION)
     loader = torch.utils.data.DataLoader(ShardStream(spec), batch_size=None, num_workers=WORKERS)
-    start, count = time.perf_counter(), 0
-    for batch in loader:
-        count += len(batch["key"])
-    return count / (time.perf_counter() - start)
+    return timed(batch["image"] for batch in loader)
 
 
-def theirs_resized_per_s(urls: list[str]) -> float:
+def theirs_resized(urls: list[str]) -> tuple[float, float]:
     import webdataset as wds
 
     dataset = (wds.WebDataset(urls, shardshuffle=len(urls), workersplitter=wds.split_by_worker)
                .shuffle(PER_SHARD).decode("pil").to_tuple("jpg", "cls").map_tuple(adm_tensor, int).batched(BATCH))
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=WORKERS)
-    start, count = time.perf_counter(), 0
-    for images, _ in loader:
-        assert images.shape[1:] == (3, RESOLUTION, RESOLUTION)
-        count += len(images)
-    return count / (time.perf_counter() - start)
+    return timed(images for images, _ in loader)
 
 
 def original_size_race(root: Path) -> dict[str, float]:
@@ -226,10 +237,10 @@ def original_size_race(root: Path) -> dict[str, float]:
     span = manifest["image_size_range"]
     print(f"original-size shards: {manifest['num_samples']} JPEGs, {span['width']} x {span['height']} px, "
           f"aspect {span['aspect']}, made and indexed in {time.perf_counter() - t0:.0f} s", flush=True)
-    urls, best = presigned(url, manifest), {"ours": 0.0, "theirs": 0.0}
+    urls, best = presigned(url, manifest), {"ours": (0.0, 0.0), "theirs": (0.0, 0.0)}
     for _ in range(2):
-        best["ours"] = max(best["ours"], ours_resized_per_s(url))
-        best["theirs"] = max(best["theirs"], theirs_resized_per_s(urls))
+        best["ours"] = max(best["ours"], ours_resized(url))
+        best["theirs"] = max(best["theirs"], theirs_resized(urls))
     return best
 
 
@@ -290,9 +301,10 @@ def main() -> None:
     print(f"prepare_vs_baseline_ratio={ours / baseline:.3f}")
     print(f"stream_rss_growth_mb={growth:.1f}")
     print(f"stream_vs_webdataset_ratio={best['ours'] / best['theirs']:.3f}")
-    print(f"original_size_stream_samples_per_s={original['ours']:.0f} "
-          f"original_size_webdataset_samples_per_s={original['theirs']:.0f}")
-    print(f"original_size_stream_vs_webdataset_ratio={original['ours'] / original['theirs']:.3f}")
+    (ours_rate, ours_cpu), (theirs_rate, theirs_cpu) = original["ours"], original["theirs"]
+    print(f"original_size_stream_samples_per_s={ours_rate:.0f} original_size_webdataset_samples_per_s={theirs_rate:.0f}")
+    print(f"original_size_cpu_ms_per_sample_stream={ours_cpu:.2f} original_size_cpu_ms_per_sample_webdataset={theirs_cpu:.2f}")
+    print(f"original_size_stream_vs_webdataset_ratio={ours_rate / theirs_rate:.3f}")
 
 
 if __name__ == "__main__":

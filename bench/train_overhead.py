@@ -46,7 +46,8 @@ def plain_loop(cfg, run) -> float:
     for _ in range(STEPS):
         t = torch.randint(0, 1000, (x0.shape[0],))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = diffusion_loss(as_denoiser(unet), run.schedule, x0, labels, t, torch.randn_like(x0)).mean()
+            loss = diffusion_loss(as_denoiser(unet), run.process.schedule, x0, labels, t,
+                                  torch.randn_like(x0)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

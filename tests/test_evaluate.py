@@ -228,3 +228,32 @@ def test_bf16_sampling_fid_parity_with_fp32(models, one_process):
 # Measured here: FID 0.509049 (bf16) against 0.508875 (fp32), 3.4e-4 apart; the bound is
 # 1%, about 30x that, so that another CPU's bf16 kernels pass while a broken cast fails.
 BF16_FID_REL = 0.01
+
+
+def test_s3_weights_are_downloaded_once_per_machine_while_the_other_ranks_wait(tmp_path, monkeypatch):
+    """eval.inception_weights=s3://...: 8 local ranks at once. One downloads (under a
+    per-process temporary name); the others wait for it and read the same whole file."""
+    import threading
+    import time
+
+    from dist_diffusion.evaluate import features
+
+    calls = []
+
+    def slow_read(loc):
+        calls.append(loc)
+        time.sleep(0.3)  # long enough for every other rank to arrive meanwhile
+        return b"w" * 1000
+
+    monkeypatch.setattr(features.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(features.storage, "exists", lambda loc: True)
+    monkeypatch.setattr(features.storage, "read_bytes", slow_read)
+    got = []
+    ranks = [threading.Thread(target=lambda: got.append(features._local_file("s3://w/pt_inception.pth", "key")))
+             for _ in range(8)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join()
+    assert len(calls) == 1 and len(set(got)) == 1 and got[0].read_bytes() == b"w" * 1000
+    assert not [p for p in got[0].parent.iterdir() if ".part" in p.name]

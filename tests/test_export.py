@@ -49,7 +49,7 @@ def test_pixel_export_loads_as_ddim_pipeline_and_samples_like_ours(tmp_path, for
     indices, labels = range(6), torch.arange(6) % 4
     noise = per_sample_randn(sample_generators(cfg.sample.seed, indices), unet_input_shape(cfg))
     theirs = diffusers_cfg_loop(pipe, noise, labels, null_label(cfg), cfg.sample.guidance_scale, cfg.sample.steps)
-    ours = generate(cfg, UNet2DModel.from_pretrained(out).eval(), labels, indices)
+    ours = generate(cfg.sample, cfg.diffusion, UNet2DModel.from_pretrained(out).eval(), labels, indices)
     assert (ours - theirs).abs().max().item() <= 1e-5
 
 

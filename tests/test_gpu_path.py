@@ -8,6 +8,7 @@ step makes no host-device sync of its own between log steps.
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -141,8 +142,19 @@ def test_the_no_gpu_line_names_torchs_build_for_either_build(monkeypatch, cuda):
 
 
 def test_cpu_device_with_gpus_per_worker_is_a_config_error():
-    with pytest.raises(ConfigError, match="runtime.device=cpu but launch.gpus_per_worker=2"):
-        load_config(ROOT / "configs/tiny.yaml", ["runtime.device=cpu", "launch.gpus_per_worker=2"])
+    with pytest.raises(ConfigError, match="runtime.device=cpu but launch.gpus_per_worker=1"):
+        load_config(ROOT / "configs/tiny.yaml", ["runtime.device=cpu", "launch.gpus_per_worker=1"])
+
+
+def test_more_than_one_gpu_per_process_is_one_config_error_naming_the_fix():
+    """Each rank binds cuda:LOCAL_RANK; a second GPU per process would idle (or, under Ray,
+    belong to another worker)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs/tiny.yaml", ["runtime.device=cuda", "launch.gpus_per_worker=8"])
+    text = str(err.value)
+    assert text.count("launch.gpus_per_worker=8") == 1 and "\n" not in text
+    assert "set launch.gpus_per_worker=1 and raise launch.workers_per_node" in text
+    load_config(ROOT / "configs/tiny.yaml", ["runtime.device=cuda", "launch.gpus_per_worker=1"])  # accepted
 
 
 def test_sample_grid_leaves_the_training_vae_where_it_is(tmp_path, monkeypatch):
@@ -222,3 +234,135 @@ def test_training_step_makes_no_host_sync_of_its_own_between_log_steps():
     assert out.returncode == 0, out.stderr[-3000:]
     calls = json.loads(out.stdout.strip().splitlines()[-1])
     assert calls == []
+
+
+ENGINE_TIMER_PROBE = r"""
+import json
+from pathlib import Path
+import tempfile
+import torch
+from deepspeed.accelerator import get_accelerator
+from dist_diffusion.config import load_config
+from dist_diffusion.runtime.distributed import init_process_group
+from dist_diffusion.runtime.engine import build_engine
+
+cfg = load_config("configs/tiny.yaml", ["train.batch_size=2", "runtime.precision=fp32"])
+init_process_group("cpu")
+engine = build_engine(cfg.train, cfg.runtime, torch.nn.Linear(4, 4), 1, Path(tempfile.mkdtemp()))
+syncs = []
+accelerator = get_accelerator()
+original = accelerator.synchronize
+accelerator.synchronize = lambda *a, **k: (syncs.append(1), original(*a, **k))[1]
+for _ in range(4):  # past the timer's start_step (2), where it would synchronize
+    engine.backward(engine(torch.randn(2, 4)).square().mean())
+    engine.step()
+print(json.dumps({"config": engine._config.timers_config.enabled, "timer": engine.tput_timer.config.enabled,
+                  "synchronized": engine.tput_timer.config.synchronized, "syncs": len(syncs)}))
+"""
+
+
+def test_deepspeeds_throughput_timer_is_off_in_the_engine():
+    """DeepSpeed's throughput timer defaults to on and synchronized: a cudaDeviceSynchronize in
+    every engine.forward and engine.step. The engine the project builds must have it off."""
+    out = subprocess.run([sys.executable, "-c", ENGINE_TIMER_PROBE], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "RANK": "0", "WORLD_SIZE": "1",
+                                           "LOCAL_RANK": "0"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen == {"config": False, "timer": False, "synchronized": False, "syncs": 0}, seen
+
+
+PEER_GONE_TEXTS = [
+    "[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.7.0.12]:44703",
+    "NCCL error in: ProcessGroupNCCL.cpp:2046, remote process exited or there was a network error, NCCL version "
+    "2.27.3\nncclRemoteError: A call failed possibly due to a network error or a remote process exiting prematurely.",
+    "[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=812, OpType=ALLREDUCE) ran for "
+    "600000 milliseconds before timing out.",
+]
+OTHER_NCCL_TEXTS = [  # a first-run IB/EFA or NVLS misconfiguration: the node is fine
+    "NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error (run with NCCL_DEBUG=INFO for details), NCCL "
+    "version 2.27.3\nncclSystemError: System call (e.g. socket, malloc) or external library call failed or device "
+    "error.\nLast error:\nNET/OFI Unable to find a usable provider",
+    "NCCL error in: ProcessGroupNCCL.cpp:3342, invalid usage, NCCL version 2.27.3\nncclInvalidUsage: NVLS is not "
+    "supported on this system",
+]
+
+
+@pytest.mark.parametrize("text", PEER_GONE_TEXTS)
+def test_only_a_lost_peer_reads_as_lost_contact(text):
+    from dist_diffusion.runtime.distributed import PeerLost, as_communication_failed, as_peer_lost
+
+    for err in (RuntimeError(text), torch.distributed.DistBackendError(text)):
+        lost = as_peer_lost(err)
+        assert isinstance(lost, PeerLost) and "lost contact with another rank" in str(lost)
+        assert as_communication_failed(err) is None
+
+
+@pytest.mark.parametrize("text", OTHER_NCCL_TEXTS)
+def test_any_other_nccl_error_is_shown_as_it_is_with_the_debug_variables(text, capsys):
+    from dist_diffusion.runtime.distributed import as_communication_failed, as_peer_lost
+    from dist_diffusion.runtime.rank import run_rank
+
+    err = torch.distributed.DistBackendError(text)
+    assert as_peer_lost(err) is None
+    shown = str(as_communication_failed(err))
+    assert text in shown and "lost contact" not in shown
+    assert "NCCL_DEBUG=INFO" in shown and "NCCL_DEBUG_SUBSYS=INIT,NET" in shown
+
+    def work(cfg):
+        raise err
+
+    assert run_rank(work, None) == (None, 3)
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: this rank: a collective failed: NCCL error in") and text in stderr
+    assert "NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,NET" in stderr and "Traceback" not in stderr
+
+
+def test_an_error_of_the_model_is_neither():
+    from dist_diffusion.runtime.distributed import as_communication_failed, as_peer_lost
+
+    err = RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x5)")
+    assert as_peer_lost(err) is None and as_communication_failed(err) is None
+
+
+def test_eval_applies_the_numerics_settings_training_does(monkeypatch):
+    """TF32 and cuDNN autotuning: one helper, called by training's apply_numerics and by eval."""
+    from types import SimpleNamespace
+
+    from dist_diffusion.evaluate import sample
+    from dist_diffusion.runtime import engine
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["runtime.tf32=true"])
+    flags = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32,
+             "benchmark": torch.backends.cudnn.benchmark}
+    try:
+        engine.apply_device_numerics(cfg.runtime, CUDA_DEVICE)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags["matmul"], flags["cudnn"]
+        torch.backends.cudnn.benchmark = flags["benchmark"]
+    before = torch.backends.cudnn.benchmark
+    engine.apply_device_numerics(cfg.runtime, torch.device("cpu"))  # the CPU: nothing changes
+    assert torch.backends.cudnn.benchmark == before
+    applied = []
+
+    class Stop(Exception):
+        pass
+
+    def record(runtime, where):
+        applied.append((runtime.tf32, where))
+        raise Stop
+
+    monkeypatch.setattr(sample, "init_process_group", lambda *a, **k: SimpleNamespace(is_main=False))
+    monkeypatch.setattr(sample, "device", lambda: CUDA_DEVICE)
+    monkeypatch.setattr(sample, "apply_device_numerics", record)
+    with pytest.raises(Stop):
+        sample.evaluate(cfg)
+    assert applied == [(True, CUDA_DEVICE)]
+    monkeypatch.setattr(engine, "apply_device_numerics", record)
+    with pytest.raises(Stop):
+        engine.apply_numerics(cfg.runtime, torch.nn.Linear(1, 1), CUDA_DEVICE)  # training's path
+
+
+CUDA_DEVICE = torch.device("cuda", 0)

@@ -52,7 +52,8 @@ def latent(tmp_path_factory):
 def ours(cfg, out, vae_dir, labels, indices):
     """Our sampler and our decode, as ``eval`` runs them: images in [-1, 1]."""
     unet = UNet2DModel.from_pretrained(out).eval()
-    return decode_on_its_device(AutoencoderKL.from_pretrained(vae_dir).eval(), generate(cfg, unet, labels, indices))
+    latents = generate(cfg.sample, cfg.diffusion, unet, labels, indices)
+    return decode_on_its_device(AutoencoderKL.from_pretrained(vae_dir).eval(), latents)
 
 
 def test_latent_export_is_one_pipeline_directory(latent):
@@ -86,7 +87,7 @@ def test_pipeline_samples_and_decodes_what_our_sampler_and_decode_do(latent):
 
     theirs_latents = call("latent")
     unet = UNet2DModel.from_pretrained(out).eval()
-    assert (theirs_latents - generate(cfg, unet, labels, indices)).abs().max().item() <= 1e-5
+    assert (theirs_latents - generate(cfg.sample, cfg.diffusion, unet, labels, indices)).abs().max().item() <= 1e-5
     reference = ours(cfg, out, vae_dir, labels, indices)
     assert (call("pt") - (reference.clamp(-1, 1) + 1) / 2).abs().max().item() <= 1e-5
     pil = np.stack([np.asarray(im) for im in call("pil")]).astype(int)
@@ -103,7 +104,7 @@ def test_guidance_scales_one_and_zero_are_the_conditional_and_null_outputs(laten
     labels = torch.tensor([2, 0])
     theirs = pipe(class_labels=labels, guidance_scale=scale, num_inference_steps=10,
                   generator=sample_generators(cfg.sample.seed, range(2)), output_type="latent").images
-    expect = generate(cfg, UNet2DModel.from_pretrained(out).eval(), labels, range(2))
+    expect = generate(cfg.sample, cfg.diffusion, UNet2DModel.from_pretrained(out).eval(), labels, range(2))
     assert (theirs - expect).abs().max().item() <= 1e-5
 
 
@@ -145,7 +146,8 @@ def test_pixel_export_loads_with_the_same_class_and_samples_like_ours(tmp_path):
     indices, labels = range(4), torch.tensor([3, 2, 1, 0])
     x = pipe(class_labels=labels, guidance_scale=cfg.sample.guidance_scale, num_inference_steps=cfg.sample.steps,
              generator=sample_generators(cfg.sample.seed, indices), output_type="pt").images
-    expect = (generate(cfg, UNet2DModel.from_pretrained(out).eval(), labels, indices).clamp(-1, 1) + 1) / 2
+    unet = UNet2DModel.from_pretrained(out).eval()
+    expect = (generate(cfg.sample, cfg.diffusion, unet, labels, indices).clamp(-1, 1) + 1) / 2
     assert x.shape == (4, 3, 16, 16) and (x - expect).abs().max().item() <= 1e-5
 
 

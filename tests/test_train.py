@@ -70,6 +70,8 @@ def test_zero2_bf16_latents_loss_falls_and_export_matches(tmp_path, datasets):
     curve = losses(run)
     assert len(curve) == 30 and sum(curve[-5:]) / 5 < 0.7 * sum(curve[:5]) / 5, curve
     assert json.loads((run / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
+    for folder in (run / "checkpoints").glob("step*"):  # every rank holds the same EMA: written once
+        assert sorted(p.name for p in folder.glob("ema_rank*")) == ["ema_rank000.safetensors"], folder
     from PIL import Image
     grid = Image.open(run / "samples/step00000030.png")  # EMA samples, decoded by the VAE to 32 px
     assert grid.size[0] > 8 * 32
@@ -95,6 +97,7 @@ def test_zero3_bf16_pixels_sharded_ema(tmp_path, datasets):
     assert sum(curve[-5:]) / 5 < 0.7 * sum(curve[:5]) / 5, curve
     assert (run / "samples/step00000015.png").exists()  # EMA gathered from the ZeRO-3 partitions
     folder = run / "checkpoints/step00000030"
+    assert sorted(p.name for p in folder.glob("ema_rank*")) == [f"ema_rank{r:03d}.safetensors" for r in range(2)]
     shards = [load_file(str(folder / f"ema_rank{r:03d}.safetensors")) for r in range(2)]
     per_rank = [sum(t.numel() for t in s.values()) for s in shards]
     total = sum(p.numel() for p in build_unet(load_config(run / "config.yaml")).parameters())
@@ -182,7 +185,7 @@ def test_crash_mid_save_resumes_from_previous_complete(tmp_path, datasets):
     final = checkpoint_files(run / "checkpoints/step00000008")
     # what a crash between the shards and the marker leaves: no COMPLETE, a torn shard
     (run / "checkpoints/step00000008/COMPLETE").unlink()
-    torn = run / "checkpoints/step00000008/ema_rank001.safetensors"
+    torn = run / "checkpoints/step00000008/ema_rank000.safetensors"
     torn.write_bytes(torn.read_bytes()[:100])
     again = run_train(run, args)
     assert "resumed from" in again.stdout and "step00000004" in again.stdout
@@ -359,7 +362,8 @@ def test_checkpoints_upload_to_s3_and_a_fresh_run_dir_resumes_from_there(tmp_pat
     args = PIXEL + ["train.ckpt_every=3", f"data.shards={datasets['pixels']}", "train.ckpt_url=s3://ckpts/run1"]
     run_train(tmp_path / "first", args + ["train.max_steps=3"])
     names = storage.list_names(storage.parse("s3://ckpts/run1"))
-    assert "step00000003/COMPLETE" in names and "step00000003/ema_rank001.safetensors" in names
+    assert "step00000003/COMPLETE" in names and "step00000003/ema_rank000.safetensors" in names
+    assert "step00000003/ema_rank001.safetensors" not in names  # ZeRO-2: rank 0's EMA alone
     again = run_train(tmp_path / "elsewhere", args + ["train.max_steps=5"])  # another machine: empty run_dir
     assert "resumed from" in again.stdout and "at step 3" in again.stdout
     assert "step00000005/COMPLETE" in storage.list_names(storage.parse("s3://ckpts/run1"))

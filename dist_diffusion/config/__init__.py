@@ -1,11 +1,13 @@
 """One typed config tree for every command, loaded and validated in one place.
 
+- ``registry``: the forward processes and samplers by name (the schema's choices, each
+  entry's rules, and where core finds its implementation);
 - ``schema``: the sections (one dataclass each, a doc per field) and the frozen base;
 - ``shapes``: the shapes a config implies (the VAE's downsampling, the UNet's input);
 - ``rules``: the checks across fields and sections that the schema cannot express;
 - ``loading``: YAML + ``key=value`` overrides -> a validated, frozen ``Config``.
 
-Imports run one way: schema <- shapes <- rules <- loading. Components take their own
+Imports run one way: registry <- schema <- shapes <- rules <- loading. Components take their own
 section (``cfg.train``, ``cfg.sample``, ...); entry points and launchers take the tree.
 """
 

@@ -131,9 +131,9 @@ RUN_FINGERPRINT = ("model.preset", "model.num_classes", "model.block_out_channel
                    "model.attention_levels", "model.norm_num_groups", "model.attention_head_dim",
                    "vae.enabled", "vae.pretrained", "vae.latent_channels", "vae.block_out_channels",
                    "vae.layers_per_block", "vae.norm_num_groups", "vae.scaling_factor",
-                   "diffusion.num_train_timesteps", "diffusion.schedule", "diffusion.beta_start",
-                   "diffusion.beta_end", "diffusion.snr_shift", "diffusion.prediction", "data.resolution",
-                   "data.image_channels", "train.target")
+                   "diffusion.process", "diffusion.num_train_timesteps", "diffusion.schedule",
+                   "diffusion.beta_start", "diffusion.beta_end", "diffusion.snr_shift", "diffusion.prediction",
+                   "data.resolution", "data.image_channels", "train.target")
 
 
 def fingerprint_changes(stored_yaml: str, cfg: Config) -> List[str]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, List
 
-from .schema import Config, ConfigError, _most_steps, parse_sampler_entry
+from .registry import PROCESSES, SAMPLERS, samplers_of
+from .schema import Config, ConfigError, DiffusionConfig, EvalConfig, SampleConfig, _most_steps, parse_sampler_entry
 from .shapes import latent_downsample, pretrained_vae_config
 
 
@@ -54,16 +55,21 @@ def _cross_problems(cfg: Config) -> List[str]:
         if m.norm_num_groups and ch % m.norm_num_groups:
             problems.append(f"model.block_out_channels entry {ch} is not divisible by "
                             f"model.norm_num_groups={m.norm_num_groups}")
-    most = _most_steps(s.sampler, d.num_train_timesteps)
+    most = _most_steps(s.sampler, d.num_train_timesteps) if s.sampler in SAMPLERS else s.steps
     if s.steps > most:
         problems.append(f"sample.steps={s.steps} must be <= {most} for sample.sampler={s.sampler} "
                         f"(diffusion.num_train_timesteps={d.num_train_timesteps})")
+    problems += _process_problems(d, s, cfg.eval)
     problems += _sweep_problems(cfg)
     problems += _signal_problems(cfg.train.preempt_signals)
     problems += _interval_problems(s.guidance_interval, d.num_train_timesteps)
     if cfg.runtime.device == "cpu" and cfg.launch.gpus_per_worker > 0:
         problems.append(f"runtime.device=cpu but launch.gpus_per_worker={cfg.launch.gpus_per_worker}; "
                         f"set one of them to match the other")
+    if cfg.launch.gpus_per_worker > 1:  # each rank binds cuda:LOCAL_RANK: the other GPUs would idle, or
+        # (under Ray) be another worker's
+        problems.append(f"launch.gpus_per_worker={cfg.launch.gpus_per_worker}: each process drives one GPU; "
+                        f"set launch.gpus_per_worker=1 and raise launch.workers_per_node to use more GPUs")
     if cfg.data.resolution % latent_downsample(cfg):
         problems.append(f"data.resolution={cfg.data.resolution} must be divisible by the VAE "
                         f"downsampling factor {latent_downsample(cfg)}")
@@ -93,6 +99,21 @@ def _sweep_problems(cfg: Config) -> List[str]:
             problems.append(f"eval.steps={list(cfg.eval.steps)}: every step count must be in 1..{most} "
                             f"(diffusion.num_train_timesteps{', less 1 for ' + name if most < T else ''})")
     return list(dict.fromkeys(problems))
+
+
+def _process_problems(d: DiffusionConfig, s: SampleConfig, e: EvalConfig) -> List[str]:
+    """The forward process's own rules (its registry entry's), and samplers that integrate
+    it: a sampler of another process would read the network's output as what it is not."""
+    process = PROCESSES.get(d.process)
+    if process is None:
+        return []  # the field check names the unknown process
+    problems, fits = list(process.rules(d)), list(samplers_of(d.process))
+    named = [("sample.sampler", s.sampler)] + [("eval.samplers entry", str(x).partition(":")[0]) for x in e.samplers]
+    for key, name in named:
+        if name in SAMPLERS and name not in fits:
+            problems.append(f"{key} {name} samples the {SAMPLERS[name].process} process, not "
+                            f"diffusion.process={d.process}: choose one of {fits}")
+    return problems
 
 
 def _signal_problems(names: List[str]) -> List[str]:

@@ -1,12 +1,15 @@
 """The config tree's schema: one typed dataclass per section, a one-line doc, a default and
-the bounds of every field (``metadata``). Torch-free and import-free within the package:
-every other part of the config, and every component, builds on it."""
+the bounds of every field (``metadata``). Torch-free; within the package it imports only the
+registry (the names of the forward processes and samplers, its choices): every other part
+of the config, and every component, builds on it."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
+
+from .registry import PROCESSES, SAMPLERS, choices_doc
 
 
 class ConfigError(ValueError):
@@ -93,6 +96,7 @@ class VAEConfig(_Section):
 class DiffusionConfig(_Section):
     """Forward process and training objective."""
 
+    process: str = _f("ddpm", "forward process: " + choices_doc(PROCESSES), choices=list(PROCESSES))
     num_train_timesteps: int = _f(1000, "T, the number of diffusion steps", ge=2)
     schedule: str = _f("linear", "beta schedule", choices=["linear", "scaled_linear", "cosine"])
     beta_start: Optional[float] = _f(None, "first beta (null: 1e-4 linear, 0.00085 scaled_linear)",
@@ -177,6 +181,9 @@ class TrainConfig(_Section):
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step", ge=1)
     log_every: int = _f(10, "steps between log lines", ge=1)
     ckpt_every: int = _f(500, "steps between checkpoints (one is always written at the end)", ge=1)
+    ckpt_every_minutes: float = _f(0.0, "also checkpoint once this many minutes passed since the last "
+                                        "save, checked every preempt_check_every steps (all ranks "
+                                        "agree); 0 is off", ge=0.0)
     keep_last: int = _f(2, "complete checkpoints kept; older ones are deleted", ge=1)
     sample_every: int = _f(0, "steps between EMA sample grids (DDIM + CFG); 0 is off", ge=0)
     nan_policy: str = _f("stop", "on a NaN/inf loss: stop cleanly, or skip the step and count it",
@@ -226,8 +233,8 @@ class RuntimeConfig(_Section):
 class SampleConfig(_Section):
     """Generation: sampler, guidance and seeds."""
 
-    sampler: str = _f("ddim", "sampling algorithm (dpm_solver_2m: DPM-Solver++(2M); unipc: UniPC-bh2)",
-                      choices=["ddpm", "ddim", "dpm_solver_2m", "unipc"])
+    sampler: str = _f("ddim", "sampling algorithm, one of diffusion.process's: " + choices_doc(SAMPLERS),
+                      choices=list(SAMPLERS))
     order: int = _f(2, "UniPC's order (2 or 3 are the usual; 1 is DDIM with a corrector)", ge=1, le=3)
     steps: int = _f(50, "sampling steps (ddpm always uses all T)", ge=1)
     eta: float = _f(0.0, "DDIM stochasticity: 0 deterministic, 1 DDPM-like", ge=0.0, le=1.0)
@@ -278,7 +285,8 @@ class LaunchConfig(_Section):
 
     nodes: int = _f(1, "machines the job spans", ge=1)
     workers_per_node: int = _f(1, "training processes per machine (one per GPU on GPU nodes)", ge=1)
-    gpus_per_worker: int = _f(0, "GPUs each process gets (0: CPU training)", ge=0)
+    gpus_per_worker: int = _f(0, "GPUs each process gets (0: CPU training; each process drives one GPU, "
+                                 "so more than 1 is refused)", ge=0)
     cpus_per_worker: int = _f(1, "CPU cores each process gets (dataloader workers + the step)", ge=1)
     partition: str = _f("", "SLURM partition (empty: the cluster's default)")
     time_limit_min: int = _f(1440, "SLURM time limit of one allocation; the run requeues past it", ge=1)
@@ -313,15 +321,14 @@ class Config(_Section):
 
 
 def _most_steps(sampler: str, num_train_timesteps: int) -> int:
-    return num_train_timesteps - (sampler in ("dpm_solver_2m", "unipc"))  # multistep: steps + 1 points
+    return SAMPLERS[sampler].most_steps(num_train_timesteps)
 
 
 def parse_sampler_entry(entry: str) -> tuple[str, Optional[int]]:
     """An eval.samplers entry: 'ddim' (its steps from the sweep) or 'ddim:100' (pinned)."""
     name, _, steps = str(entry).partition(":")
-    known = SampleConfig.__dataclass_fields__["sampler"].metadata["choices"]
-    if name not in known:
-        raise ValueError(f"{name!r} is not a sampler; choose from {known}, optionally as NAME:STEPS")
+    if name not in SAMPLERS:
+        raise ValueError(f"{name!r} is not a sampler; choose from {list(SAMPLERS)}, optionally as NAME:STEPS")
     if steps and not steps.isdigit():
         raise ValueError(f"{entry!r}: write NAME:STEPS with a whole number of steps, e.g. ddim:100")
     return name, int(steps) if steps else None

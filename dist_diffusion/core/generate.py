@@ -1,5 +1,5 @@
-"""Generation from a UNet with the configured sampler: the one place that turns
-``cfg.sample`` into a sampler call. Sample i draws all its noise from (sample.seed, i)."""
+"""Generation from a UNet with the configured process and sampler: the one place that turns
+the ``sample`` section into a sampler call. Sample i draws all its noise from (sample.seed, i)."""
 
 from __future__ import annotations
 
@@ -7,29 +7,34 @@ from typing import Sequence
 
 import torch
 
-from ..config import Config
-from ..config.shapes import unet_input_shape
+from ..config import DiffusionConfig, SampleConfig
 from .guidance import Guidance
-from .models import as_denoiser, decode_latents, null_label
-from .samplers import per_sample_randn, run_sampler, sample_generators
-from .schedule import forward_process
+from .models import as_denoiser, decode_latents
+from .processes import make_process
+from .samplers import per_sample_randn, sample_generators, sampler
 
 
 @torch.no_grad()
-def generate(cfg: Config, unet: torch.nn.Module, labels: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+def generate(sample: SampleConfig, diffusion: DiffusionConfig, unet: torch.nn.Module, labels: torch.Tensor,
+             indices: Sequence[int]) -> torch.Tensor:
     """Samples (latents or pixels) for ``labels`` on the UNet's device; row j uses the
     generator of sample indices[j]. The generators stay on the CPU, so every device and
-    every process count draws the same noise."""
-    s, d = cfg.sample, cfg.diffusion
+    every process count draws the same noise. The UNet (a class-conditional UNet2DModel)
+    gives the sample shape and its null label (the last class row)."""
     where = _device_of(unet)
-    gens = sample_generators(s.seed, indices)
-    noise = per_sample_randn(gens, unet_input_shape(cfg), where)
-    guidance = Guidance(null_label(cfg), s.guidance_scale, tuple(s.guidance_interval) or None)
-    schedule = forward_process(d).to(where)
-    denoise = in_row_blocks(_in_precision(as_denoiser(unet), where, s.precision), s.network_batch)
-    return run_sampler(s.sampler, denoise, schedule, noise, labels.to(where), guidance, steps=s.steps,
-                       spacing=s.spacing, eta=s.eta, generators=gens, prediction=d.prediction,
-                       clip_x0=s.clip_x0, order=s.order)
+    gens = sample_generators(sample.seed, indices)
+    noise = per_sample_randn(gens, _input_shape(unet), where)
+    guidance = Guidance(unet.config.num_class_embeds - 1, sample.guidance_scale,
+                        tuple(sample.guidance_interval) or None)
+    process = make_process(diffusion).to(where)
+    denoise = in_row_blocks(_in_precision(as_denoiser(unet), where, sample.precision), sample.network_batch)
+    return sampler(sample.sampler)(denoise, process, noise, labels.to(where), guidance, sample, gens)
+
+
+def _input_shape(unet: torch.nn.Module) -> tuple[int, int, int]:
+    side = unet.config.sample_size
+    height, width = (side, side) if isinstance(side, int) else side
+    return unet.config.in_channels, height, width
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

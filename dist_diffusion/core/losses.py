@@ -35,8 +35,13 @@ def diffusion_loss(model: Denoiser, schedule: NoiseSchedule, x0: torch.Tensor,
     x_t = add_noise(schedule, x0, noise, t)
     target = noise if prediction == "epsilon" else v_target(schedule, x0, noise, t)
     output = model(x_t, t, labels)
-    per_sample = (output.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    per_sample = per_sample_mse(output, target)
     if min_snr_gamma > 0:
         snr = schedule.snr(t.to(schedule.alphas_cumprod.device)).to(per_sample.device)
         per_sample = per_sample * min_snr_weight(snr, min_snr_gamma, prediction)
     return per_sample
+
+
+def per_sample_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over all but the batch dimension, in float32: shape (B,)."""
+    return (output.float() - target.float()).pow(2).flatten(1).mean(dim=1)

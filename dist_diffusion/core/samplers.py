@@ -1,9 +1,14 @@
-"""Reverse-process samplers: DDPM ancestral, DDIM and DPM-Solver++(2M).
+"""Reverse-process samplers of the ddpm process: DDPM ancestral, DDIM, DPM-Solver++(2M) and
+UniPC.
 
 Each sampler is a pure function of (model, schedule, timesteps, initial noise, labels,
 guidance, per-sample generators). There is no global RNG: every fresh Gaussian draw of
 sample i comes from ``generators[i]``, so sample i comes out the same alone or in any
 batch, on any number of processes. Tensors are (B, C, H, W) float32 unless noted.
+
+Every sampler of every process is registered by name in ``dist_diffusion.config.registry``
+(which also gives the config its choices) and called through :func:`sampler` with one
+signature, :data:`Sampler`: the functions at the end of this module are the ddpm process's.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ from typing import Callable, Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..config import SampleConfig
+from ..config.registry import SAMPLERS as REGISTERED
 from .guidance import Guidance, guided_output
 from .losses import Denoiser
-from .schedule import NoiseSchedule, split_prediction
+from .processes import VariancePreserving, implementation
+from .schedule import SPACINGS, NoiseSchedule, make_timesteps, split_prediction  # noqa: F401 (re-exported)
 
-SAMPLERS = ("ddpm", "ddim", "dpm_solver_2m", "unipc")
-MULTISTEP = ("dpm_solver_2m", "unipc")  # solvers that name their timesteps from steps + 1 points
-SPACINGS = ("leading", "trailing", "linspace")
+SAMPLERS = tuple(name for name, entry in REGISTERED.items() if entry.process == VariancePreserving.name)
+MULTISTEP = tuple(name for name in SAMPLERS if REGISTERED[name].multistep)  # grids of steps + 1 points
 Progress = Callable[[Iterable], Iterable]
 
 
@@ -39,33 +46,6 @@ def per_sample_randn(generators: Sequence[torch.Generator], shape: Sequence[int]
     """(len(generators), *shape) standard normal, row i drawn from generators[i]."""
     rows = [torch.randn(tuple(shape), generator=g, device=g.device) for g in generators]
     return torch.stack(rows).to(device)
-
-
-def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading",
-                   multistep: bool = False) -> torch.Tensor:
-    """Descending integer timesteps for a ``steps``-step sampler (Lin et al. 2024, table 2),
-    as diffusers names them:
-
-    leading:  0, k, 2k, ... with k = T // steps            (DDIM paper, diffusers default)
-    trailing: T-1, T-1-k', ... with k' = T / steps         (reaches t = T-1, zero-SNR friendly)
-    linspace: round(linspace(0, T-1, steps))
-    Multistep solvers (DPM-Solver++, UniPC: ``multistep``) lay leading and linspace out over
-    steps + 1 points and drop the last (t = 0), as diffusers' multistep schedulers do.
-    After the last timestep every sampler steps to the clean image (alpha_bar = 1).
-    """
-    T = num_train_timesteps
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {list(SPACINGS)}")
-    if not 1 <= steps <= T - int(multistep):
-        raise ValueError(f"sampling steps={steps} must be between 1 and T={T}{' - 1' if multistep else ''}")
-    points = steps + 1 if multistep and spacing != "trailing" else steps
-    if spacing == "leading":
-        ts = np.arange(0, points) * (T // points)
-    elif spacing == "trailing":
-        ts = (np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1)[:steps]
-    else:
-        ts = np.linspace(0, T - 1, points).round()
-    return torch.from_numpy(np.sort(ts.astype(np.int64))[::-1][:steps].copy())
 
 
 def _check_inputs(schedule: NoiseSchedule, noise: torch.Tensor, labels: torch.Tensor,
@@ -245,30 +225,53 @@ def _unipc_system(rks: torch.Tensor, hh: torch.Tensor, h_phi_1: torch.Tensor, b_
     return torch.stack(rows), torch.stack(rhs)
 
 
+# A registered sampler: (model, process, noise, labels, guidance, the config's sample section,
+# per-sample generators, progress=None) -> samples. It reads from ``sample`` what it uses.
+Sampler = Callable[..., torch.Tensor]
+
+
+def sampler(name: str) -> Sampler:
+    """The sampler registered as ``name`` (sample.sampler)."""
+    return implementation(REGISTERED[name].implementation)
+
+
+def ddpm(model, process, noise, labels, guidance, sample, generators, progress=None):
+    return ddpm_sample(model, process.schedule, noise, labels, guidance, generators,
+                       prediction=process.prediction, clip_x0=sample.clip_x0, progress=progress)
+
+
+def ddim(model, process, noise, labels, guidance, sample, generators, progress=None):
+    return ddim_sample(model, process.schedule, _grid(process, sample), noise, labels, guidance,
+                       eta=sample.eta, generators=generators, prediction=process.prediction,
+                       clip_x0=sample.clip_x0, progress=progress)
+
+
+def dpm_solver_2m(model, process, noise, labels, guidance, sample, generators, progress=None):
+    return dpm_solver_2m_sample(model, process.schedule, _grid(process, sample), noise, labels,
+                                guidance, prediction=process.prediction, clip_x0=sample.clip_x0, progress=progress)
+
+
+def unipc(model, process, noise, labels, guidance, sample, generators, progress=None):
+    return unipc_sample(model, process.schedule, _grid(process, sample), noise, labels, guidance,
+                        order=sample.order, prediction=process.prediction, clip_x0=sample.clip_x0,
+                        progress=progress)
+
+
+def _grid(process: VariancePreserving, sample) -> torch.Tensor:
+    """The timesteps of ``sample.sampler`` (a multistep solver's grid has steps + 1 points)."""
+    return process.timesteps(sample.steps, sample.spacing, multistep=sample.sampler in MULTISTEP)
+
+
 def run_sampler(name: str, model: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor,
                 labels: torch.Tensor, guidance: Guidance, *, steps: int = 50,
                 spacing: str = "leading", eta: float = 0.0,
                 generators: Optional[Sequence[torch.Generator]] = None,
                 prediction: str = "epsilon", clip_x0: bool = False, order: int = 2,
                 progress: Optional[Progress] = None) -> torch.Tensor:
-    """Dispatch by sampler name; bad names and step counts fail before any model call.
-    ``order``: UniPC's order (1 to 3)."""
-    common = dict(prediction=prediction, clip_x0=clip_x0, progress=progress)
-    if name == "ddpm":
-        return ddpm_sample(model, schedule, noise, labels, guidance, generators, **common)
+    """A sampler of the ddpm process on an explicit schedule, called as generate calls it;
+    bad names and step counts fail before any model call. ``order``: UniPC's order (1 to 3)."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
-    timesteps = make_timesteps(schedule.num_timesteps, steps, spacing, multistep=name in MULTISTEP)
-    if name == "ddim":
-        return ddim_sample(model, schedule, timesteps, noise, labels, guidance, eta=eta,
-                           generators=generators, **common)
-    if name == "unipc":
-        return unipc_sample(model, schedule, timesteps, noise, labels, guidance, order=order, **common)
-    return dpm_solver_2m_sample(model, schedule, timesteps, noise, labels, guidance, **common)
-
-
-def network_evaluations(name: str, steps: int, num_train_timesteps: int) -> int:
-    """NFE: denoiser evaluations per sample (a CFG step's conditional and unconditional
-    halves are one batched evaluation). DDPM walks all T steps; DDIM, DPM-Solver++(2M) and
-    UniPC (whose corrector reuses the next step's evaluation) make one per step."""
-    return num_train_timesteps if name == "ddpm" else steps
+        raise ValueError(f"unknown sampler {name!r} for the ddpm process; choose one of {list(SAMPLERS)}")
+    sample = SampleConfig(sampler=name, steps=steps, spacing=spacing, eta=eta, clip_x0=clip_x0, order=order)
+    process = VariancePreserving.of_schedule(schedule, prediction)
+    return sampler(name)(model, process, noise, labels, guidance, sample, generators, progress=progress)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Defaults of the two linear-family schedules: DDPM (Ho et al.) and LDM (Rombach et al.).
 DEFAULT_BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
 SCHEDULES = ("linear", "scaled_linear", "cosine")
+SPACINGS = ("leading", "trailing", "linspace")
 
 
 @dataclass(frozen=True)
@@ -130,3 +132,30 @@ def split_prediction(prediction: str, output: torch.Tensor, x_t: torch.Tensor,
     if prediction == "v":
         return sqrt_a * x_t - sqrt_1ma * output, sqrt_a * output + sqrt_1ma * x_t
     raise ValueError(f"unknown prediction type {prediction!r}; choose 'epsilon' or 'v'")
+
+
+def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading",
+                   multistep: bool = False) -> torch.Tensor:
+    """Descending integer timesteps for a ``steps``-step sampler (Lin et al. 2024, table 2),
+    as diffusers names them:
+
+    leading:  0, k, 2k, ... with k = T // steps            (DDIM paper, diffusers default)
+    trailing: T-1, T-1-k', ... with k' = T / steps         (reaches t = T-1, zero-SNR friendly)
+    linspace: round(linspace(0, T-1, steps))
+    Multistep solvers (DPM-Solver++, UniPC: ``multistep``) lay leading and linspace out over
+    steps + 1 points and drop the last (t = 0), as diffusers' multistep schedulers do.
+    After the last timestep every sampler steps to the clean image (alpha_bar = 1).
+    """
+    T = num_train_timesteps
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {list(SPACINGS)}")
+    if not 1 <= steps <= T - int(multistep):
+        raise ValueError(f"sampling steps={steps} must be between 1 and T={T}{' - 1' if multistep else ''}")
+    points = steps + 1 if multistep and spacing != "trailing" else steps
+    if spacing == "leading":
+        ts = np.arange(0, points) * (T // points)
+    elif spacing == "trailing":
+        ts = (np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1)[:steps]
+    else:
+        ts = np.linspace(0, T - 1, points).round()
+    return torch.from_numpy(np.sort(ts.astype(np.int64))[::-1][:steps].copy())

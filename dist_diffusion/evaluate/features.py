@@ -10,8 +10,10 @@ statistics are tied to exactly the extractor that made them.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Protocol
@@ -118,13 +120,19 @@ def _local_file(url: str, key: str) -> Path:
             raise ConfigError(f"{key}={url} does not exist; point it at the weights file")
         return Path(url)
     cache = Path(tempfile.gettempdir()) / "dist_diffusion_weights" / hashlib.sha256(url.encode()).hexdigest()[:16]
-    if not cache.is_file():
-        if not storage.exists(loc):
-            raise ConfigError(f"{key}={url} does not exist in S3; upload the weights file there")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".part")
-        tmp.write_bytes(storage.read_bytes(loc))
-        tmp.replace(cache)
+    if cache.is_file():
+        return cache
+    if not storage.exists(loc):
+        raise ConfigError(f"{key}={url} does not exist in S3; upload the weights file there")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # One process of the machine downloads, the others wait on the lock and find the file
+    # (all 8 local ranks writing one .part file and renaming it broke or truncated it)
+    with open(cache.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not cache.is_file():
+            tmp = cache.with_suffix(f".part-{os.getpid()}")
+            tmp.write_bytes(storage.read_bytes(loc))
+            tmp.replace(cache)  # whole or absent: a crash mid-download leaves no cache
     return cache
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..config import Config
-from ..core.samplers import network_evaluations
+from ..config.registry import SAMPLERS
 from ..data import storage
 from ..logs import get_logger
 
@@ -22,7 +22,7 @@ COLUMNS = [("guidance_scale", "CFG", "{:g}"), ("guidance_interval", "interval", 
 def result_row(cfg: Config, point, metrics: dict, seconds: float, resumed_shards: int) -> dict:
     return {"guidance_scale": point.guidance_scale, "guidance_interval": list(cfg.sample.guidance_interval) or None,
             "sampler": point.sampler, "steps": point.steps, "eta": cfg.sample.eta,
-            "nfe": network_evaluations(point.sampler, point.steps, cfg.diffusion.num_train_timesteps),
+            "nfe": SAMPLERS[point.sampler].network_evaluations(point.steps, cfg.diffusion.num_train_timesteps),
             "num_samples": cfg.sample.num_samples, "seed": cfg.sample.seed, "checkpoint": _checkpoint(cfg.eval.unet),
             **metrics, "seconds": seconds, "samples_per_s": cfg.sample.num_samples / max(seconds, 1e-9),
             "resumed_shards": resumed_shards, "samples": str(storage.parse(cfg.eval.out).join(point.name))}

@@ -25,13 +25,16 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, derive, parse_sampler_entry
+from ..config.registry import SAMPLERS
 from ..config.shapes import unet_input_shape
 from ..data import storage
 from ..logs import get_logger
 from ..data.shards import upload_tar
 from ..core.generate import decode_on_its_device, generate
+from ..core.processes import make_process
 from ..imaging import save_grid, to_uint8
 from ..runtime.distributed import all_reduce_sum, barrier, describe, device, init_process_group
+from ..runtime.engine import apply_device_numerics
 from ..runtime.preemption import NO_STOP, PREEMPTED, StopRequests, stop_exception
 from .adm_npz import write_adm_npz
 from .features import Extractor, build_extractor, check_extractor
@@ -61,12 +64,13 @@ class Point:
 
 def sweep(cfg: Config) -> list[Point]:
     """eval.samplers x steps x CFG scales, in that order. A sampler given as NAME:STEPS takes
-    its own step count; DDPM walks all T steps whatever the count, so it is one point per scale."""
+    its own step count; a sampler that walks all T steps whatever the count (ddpm) is one point
+    per scale."""
     scales = cfg.eval.guidance_scales or [cfg.sample.guidance_scale]
     points = []
     for sampler, pinned in map(parse_sampler_entry, cfg.eval.samplers or [cfg.sample.sampler]):
         counts = [pinned] if pinned else cfg.eval.steps or [cfg.sample.steps]
-        if sampler == "ddpm":
+        if SAMPLERS[sampler].all_steps:
             counts = [cfg.diffusion.num_train_timesteps]
         points += [Point(float(s), int(n), sampler, cfg.sample.sampler) for n in dict.fromkeys(counts) for s in scales]
     return list(dict.fromkeys(points))
@@ -83,6 +87,7 @@ def evaluate(cfg: Config) -> list[dict]:
         # feature) is the same whatever the number of processes. The shards are
         # independent, so processes, not threads, are how sampling uses the cores.
         torch.set_num_threads(1)
+    apply_device_numerics(cfg.runtime, device())  # TF32 and cuDNN autotuning, as training has them
     if env.is_main:
         LOG.info(describe(env))
     stops = StopRequests(cfg.train.preempt_signals)  # Ctrl-C, SIGTERM: stop at the next shard boundary
@@ -197,11 +202,6 @@ def check_unet_dir(cfg: Config) -> None:
                           "; set those keys as in the run's config.yaml")
 
 
-# The forward process an export's dist_diffusion.json records, with the value a key has in
-# exports written before it was recorded (None: not checked there).
-EXPORT_FORWARD_PROCESS = {"prediction": None, "schedule": None, "num_train_timesteps": None, "snr_shift": 1.0}
-
-
 def _unlike_export(cfg: Config, path: Path) -> list[str]:
     net = json.loads((path / "config.json").read_text())
     side = net.get("sample_size")
@@ -213,8 +213,9 @@ def _unlike_export(cfg: Config, path: Path) -> list[str]:
                         f"(data.resolution, vae.latent_channels, vae.block_out_channels)")
     meta_file = path / "dist_diffusion.json"  # absent: not our export, nothing recorded to check
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    for key, before_recorded in EXPORT_FORWARD_PROCESS.items() if meta else ():
-        learned, here = meta.get(key, before_recorded), getattr(cfg.diffusion, key)
+    process = make_process(cfg.diffusion)  # the keys its export records; older exports imply some
+    for key, here in process.export_record().items() if meta else ():
+        learned = meta.get(key, process.recorded_before.get(key))
         if learned is not None and learned != here:
             problems.append(f"it learned diffusion.{key}={learned!r}, this config has {here!r}")
     return problems
@@ -296,7 +297,7 @@ def _make_shard(cfg: Config, unet, vae, extractor, indices: list[int], out, k: i
     images = []
     for start in range(0, len(indices), cfg.sample.batch_size):
         idx = indices[start:start + cfg.sample.batch_size]
-        x = generate(cfg, unet, labels_for(cfg.model.num_classes, idx), idx)
+        x = generate(cfg.sample, cfg.diffusion, unet, labels_for(cfg.model.num_classes, idx), idx)
         if vae is not None:
             x = decode_on_its_device(vae, x, cfg.sample.network_batch)
         images.append(to_uint8(x[:, :3]).cpu())

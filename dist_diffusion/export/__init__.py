@@ -6,6 +6,6 @@
   classifier-free guidance and decodes it with the latent statistics applied.
 """
 
-from .writer import BETA_SCHEDULE, PREDICTION_TYPE, ddim_scheduler, export_model, write_export
+from .writer import ddim_scheduler, export_model, write_export
 
-__all__ = ["BETA_SCHEDULE", "PREDICTION_TYPE", "ddim_scheduler", "export_model", "write_export"]
+__all__ = ["ddim_scheduler", "export_model", "write_export"]

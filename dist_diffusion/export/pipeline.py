@@ -75,10 +75,10 @@ class ClassConditionalLatentPipeline(DiffusionPipeline):
         labels = self._labels(class_labels)
         x = self._initial_noise(len(labels), generator, latents)
         self.scheduler.set_timesteps(num_inference_steps, device=x.device)
-        x = x * self.scheduler.init_noise_sigma
+        x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow matching: the noise as drawn
         extra = self._step_kwargs(generator, eta)
         for t in self.progress_bar(self.scheduler.timesteps):
-            out = self._guided(self.scheduler.scale_model_input(x, t), t, labels, float(guidance_scale))
+            out = self._guided(self._scaled(x, t), t, labels, float(guidance_scale))
             x = self.scheduler.step(out, t, x, **extra).prev_sample
         images = x if output_type == "latent" else self._to_output(self.decode(x), output_type)
         self.maybe_free_model_hooks()
@@ -115,6 +115,12 @@ class ClassConditionalLatentPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"{len(generator)} generators for {batch} class labels: pass one, or one per label")
         return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=torch.float32)
+
+    def _scaled(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The scheduler's input scaling at t. Flow-matching schedulers (rectified flow's
+        FlowMatchEulerDiscreteScheduler) have none: their x_t is the network's input as is."""
+        scale = getattr(self.scheduler, "scale_model_input", None)
+        return x if scale is None else scale(x, t)
 
     def _step_kwargs(self, generator: Generators, eta: float) -> dict:
         """eta and generator for the schedulers whose step takes them (DDIM, DDPM, ...)."""

@@ -4,7 +4,9 @@ becomes usable only when rank 0 has written ``COMPLETE`` after every rank finish
 ``latest`` is moved to it; so a crash mid-save leaves the previous one in charge.
 
 Layout: RUN/checkpoints/step00000040/{DeepSpeed files, ema_rank000.safetensors,
-state_rank000.json, ..., COMPLETE}, RUN/checkpoints/latest.
+state_rank000.json, ..., COMPLETE}, RUN/checkpoints/latest. The EMA is written once: by
+rank 0 under ZeRO 0-2 (every rank holds the same copy), by every rank under ZeRO-3 (each
+its own partitions).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from ..config import ConfigError, fingerprint_changes
 # use them: check_resumable runs in the launcher, before any rank, and stays torch-free.
 
 COMPLETE = "COMPLETE"
+# In a node-local run directory (Ray's worker nodes) rank 0's COMPLETE is on another disk:
+# this marks the node's own share of a checkpoint that every rank finished, so the node can
+# prune its old copies. It never makes a folder resumable (only COMPLETE does).
+NODE_SAVED = "NODE_SAVED"
 
 
 def _rank() -> int:
@@ -51,6 +57,19 @@ def ema_file(rank: int) -> str:
     return f"ema_rank{rank:03d}.safetensors"
 
 
+def writes_ema(rank: int, sharded: bool) -> bool:
+    """Whether this rank writes an EMA file: every rank its own partitions under ZeRO-3;
+    under ZeRO 0-2 every rank holds the same full copy, so rank 0 alone writes it."""
+    return sharded or rank == 0
+
+
+def ema_files(folder: Path) -> list[str]:
+    """The EMA files of a complete checkpoint, in rank order: one per rank under ZeRO-3,
+    else rank 0's full copy (checkpoints from before kept one copy per rank: the first will do)."""
+    meta = json.loads((folder / COMPLETE).read_text())
+    return [ema_file(r) for r in range(meta["world_size"] if meta.get("zero_stage") == 3 else 1)]
+
+
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
@@ -62,7 +81,8 @@ def save(engine, ema, root: Path, step: int, state: dict, keep_last: int, meta: 
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "universal_checkpoint_info": {}},
                            save_latest=False)
     folder = root / tag
-    _save_file(ema.state_dict(), str(folder / ema_file(rank)))
+    if writes_ema(rank, ema.sharded):
+        _save_file(ema.state_dict(), str(folder / ema_file(rank)))
     (folder / f"state_rank{rank:03d}.json").write_text(json.dumps(state))
     _barrier()  # every shard of every rank is on disk
     if rank == 0:
@@ -70,7 +90,20 @@ def save(engine, ema, root: Path, step: int, state: dict, keep_last: int, meta: 
         _atomic_write(root / "latest", tag)
         _prune(root, keep_last)
     _barrier()
+    if rank != 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        prune_node_local(root, folder, keep_last)
     return folder
+
+
+def prune_node_local(root: Path, folder: Path, keep_last: int) -> None:
+    """A node's local rank 0 prunes its own copies when its run directory is not rank 0's
+    (rank 0's COMPLETE is not there). On a shared directory rank 0 prunes, and this does
+    nothing, so two nodes never delete in one directory. Called after the barrier that
+    follows rank 0's COMPLETE: ``folder`` is complete everywhere."""
+    if (folder / COMPLETE).exists():
+        return
+    (folder / NODE_SAVED).write_text("")
+    _prune(root, keep_last, marks=(COMPLETE, NODE_SAVED))
 
 
 def latest_complete(root: Path) -> str | None:
@@ -108,11 +141,12 @@ def load(engine, ema, root: Path, tag: str, world_size: int) -> list[dict]:
     rank, old_world = _rank(), saved_world_size(root, tag)
     if old_world == world_size:
         engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-        ema.load_state_dict(_load_file(str(root / tag / ema_file(rank))))
+        files = ema_files(root / tag)
+        ema.load_state_dict(_load_file(str(root / tag / files[rank if len(files) > 1 else 0])))
         return [json.loads((root / tag / f"state_rank{rank:03d}.json").read_text())]
     universal = _to_universal(root, tag)
     engine.load_checkpoint(str(root), tag=universal, load_optimizer_states=True, load_lr_scheduler_states=True)
-    old = [_load_file(str(root / tag / ema_file(r))) for r in range(old_world)]
+    old = [_load_file(str(root / tag / name)) for name in ema_files(root / tag)]
     ema.load_resharded(old, rank, world_size)
     return [json.loads((root / tag / f"state_rank{r:03d}.json").read_text()) for r in range(old_world)]
 
@@ -183,14 +217,16 @@ def consolidated_fp32_state(root: Path, tag: str) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    """Keep the newest keep_last complete checkpoints; drop older ones and the debris of
-    saves that never completed."""
+def _prune(root: Path, keep_last: int, marks: tuple[str, ...] = (COMPLETE,)) -> None:
+    """Keep the newest keep_last complete checkpoints (a folder holding one of ``marks``);
+    drop older ones and the debris of saves that never completed. Nothing newer than the
+    newest kept one is touched (a save may be under way there), and a folder that vanishes
+    meanwhile (another node pruning a shared directory) is no error."""
     tags = sorted((p for p in root.iterdir() if p.is_dir()), reverse=True)
-    complete = [p for p in tags if (p / COMPLETE).is_file()]
+    complete = [p for p in tags if any((p / mark).is_file() for mark in marks)]
     kept = complete[:keep_last]
     for old in tags:
-        if old not in kept and old.name < kept[0].name:
+        if kept and old not in kept and old.name < kept[0].name:
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -33,21 +33,40 @@ class PeerLost(RuntimeError):
     """A collective failed mid-run: another rank died, or its node became unreachable."""
 
 
-# What gloo and NCCL say when the other end of a collective is gone. gloo raises plain
-# RuntimeErrors, so the text is all there is to go by.
+# What gloo and NCCL say when the other end of a collective is gone (and nothing else: an
+# NCCL setup error, IB/EFA or NVLS, is not a dead node). gloo raises plain RuntimeErrors, so
+# the text is all there is to go by.
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out waiting",
-              "Socket Timeout", "NCCL communicator was aborted", "ProcessGroupNCCL")
+              "Socket Timeout", "NCCL communicator was aborted", "Connection closed by remote peer",
+              "remote process exited", "Watchdog caught collective operation timeout", "failed to recv, got 0 bytes")
+NCCL_DEBUG_HINT = ("to see why, rerun with NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,NET (each rank logs how it "
+                   "set up its transports: sockets, IB/EFA, NVLink)")
+
+
+class CommunicationFailed(RuntimeError):
+    """A collective failed for a reason other than a lost peer (e.g. an NCCL setup error)."""
 
 
 def as_peer_lost(err: BaseException) -> PeerLost | None:
     """``err`` as a :class:`PeerLost` when it says a peer rank is gone, else None."""
     text = str(err)
-    if not (isinstance(err, dist.DistError) or any(marker in text for marker in _PEER_GONE)):
+    # DistNetworkError: the store's connection broke, and the store lives on rank 0's node
+    if not (isinstance(err, dist.DistNetworkError) or any(marker in text for marker in _PEER_GONE)):
         return None
     who = f"rank {dist.get_rank()} of {dist.get_world_size()}" if dist.is_initialized() else "this rank"
     return PeerLost(f"{who} lost contact with another rank mid-run ({text.splitlines()[0][:160]}); that rank or "
                     f"its node died, and its log says why. Nothing complete is lost: restarted, the run resumes "
                     f"from its newest complete checkpoint (SLURM requeues the job, Ray restarts the workers)")
+
+
+def as_communication_failed(err: BaseException) -> CommunicationFailed | None:
+    """Any other error of the process group (DeepSpeed's NCCL, torch's DistError): its own
+    text, as it is, and the NCCL variables that explain it; None for an unrelated error."""
+    text = str(err).strip()
+    if as_peer_lost(err) is not None or not (isinstance(err, dist.DistError) or "NCCL" in text):
+        return None
+    who = f"rank {dist.get_rank()} of {dist.get_world_size()}" if dist.is_initialized() else "this rank"
+    return CommunicationFailed(f"{who}: a collective failed: {text}\n{NCCL_DEBUG_HINT}")
 
 
 def init_process_group(requested_device: str = "auto", require_gpu: bool = False, socket_ifname: str = "",
@@ -362,11 +381,17 @@ def any_rank(flag: bool) -> bool:
 
 def max_over_ranks(value: int) -> int:
     """The largest of every rank's small integer (e.g. why to stop: a preemption outranks Ctrl-C)."""
+    return max_each_over_ranks([value])[0]
+
+
+def max_each_over_ranks(values: list[int]) -> list[int]:
+    """Elementwise largest of every rank's few small integers, in one collective (e.g. why to
+    stop, and whether a timed checkpoint is due: any rank's clock decides for all)."""
     if not _multi_process():
-        return value
-    t = _on_group_device(torch.tensor([float(value)]))
+        return list(values)
+    t = _on_group_device(torch.tensor([float(v) for v in values]))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return [int(v) for v in t.tolist()]
 
 
 def all_reduce_sum(values: "np.ndarray") -> "np.ndarray":

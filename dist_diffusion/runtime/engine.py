@@ -37,6 +37,10 @@ def deepspeed_config(train: TrainConfig, r: RuntimeConfig, world_size: int) -> d
                               "allgather_bucket_size": r.bucket_size},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on by default and synchronizes the device twice per
+        # micro-step (engine.forward -> tput_timer.start, engine.step -> tput_timer.stop); the
+        # loop measures images/s itself at log steps
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
 
 
@@ -87,10 +91,16 @@ def build_engine(train: TrainConfig, runtime: RuntimeConfig, model: torch.nn.Mod
 def apply_numerics(runtime: RuntimeConfig, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """TF32, cuDNN autotuning and the memory format, before the engine wraps the model.
     The defaults leave CPU arithmetic exactly as it was (TF32 and cuDNN are GPU-only)."""
+    apply_device_numerics(runtime, device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def apply_device_numerics(runtime: RuntimeConfig, device: torch.device) -> None:
+    """TF32 (runtime.tf32) and cuDNN autotuning on a GPU, for training and eval alike; nothing
+    on the CPU, whose arithmetic stays exactly as it was."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = runtime.tf32
         torch.backends.cudnn.allow_tf32 = runtime.tf32
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv once
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model

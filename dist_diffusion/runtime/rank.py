@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import TrainingStopped, expected, one_line
-from .distributed import RendezvousFailed, as_peer_lost, shutdown
+from .distributed import RendezvousFailed, as_communication_failed, as_peer_lost, shutdown
 
 
 def run_rank(work, cfg) -> tuple[object, int]:
@@ -26,7 +26,7 @@ def run_rank(work, cfg) -> tuple[object, int]:
         print(f"error: {err}", file=sys.stderr)
         return None, 3
     except RuntimeError as err:
-        lost = as_peer_lost(err)
+        lost = as_peer_lost(err) or as_communication_failed(err)
         if lost is None:
             raise
         print(f"error: {lost}", file=sys.stderr)

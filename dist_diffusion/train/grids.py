@@ -1,4 +1,4 @@
-"""Sample grids during training (``train.sample_every``): DDIM + CFG samples from the EMA
+"""Sample grids during training (``train.sample_every``): sample.sampler + CFG samples from the EMA
 weights -> ``RUN/samples/stepN.png``, drawn by rank 0. The loop calls it; the logger only
 reports the path."""
 
@@ -49,7 +49,7 @@ def ema_grid(cfg: Config, ema_state: dict, vae, path: Path, where: torch.device,
     unet.load_state_dict(ema_state)
     unet.to(where).eval()
     labels = class_rows(cfg.model.num_classes, per_class)[: per_class * 10]
-    x = generate(cfg, unet, labels, range(len(labels)))
+    x = generate(cfg.sample, cfg.diffusion, unet, labels, range(len(labels)))
     if cfg.vae.enabled and vae is not None:
         x = decode_on_its_device(vae, x)
     return save_grid(x[:, :3], path, nrow=per_class, scale=2)

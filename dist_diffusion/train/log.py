@@ -20,13 +20,13 @@ LOG = get_logger("train")
 
 
 class TrainLogger:
-    def __init__(self, train: TrainConfig, num_timesteps: int, env, run_dir: Path):
-        """``num_timesteps``: T of the diffusion schedule, whose quarters the loss is logged by."""
-        self.train, self.num_timesteps, self.env, self.run_dir = train, num_timesteps, env, run_dir
+    def __init__(self, train: TrainConfig, env, run_dir: Path):
+        self.train, self.env, self.run_dir = train, env, run_dir
         self.main = env.is_main
         self.window_start, self.window_images, self.window_wait = time.perf_counter(), 0, 0.0
         self.corrupt_total = 0  # corrupt samples this rank skipped since the process started
         self.seen = open(run_dir / f"samples_rank{env.rank:03d}.jsonl", "a")
+        self.unwritten: list[str] = []  # sample-key lines since the last flush_samples()
         self.metrics = open(run_dir / "metrics.jsonl", "a") if self.main else None
         self.tb = self._tensorboard() if self.main else None
         self.bar = tqdm(total=train.max_steps, desc="train", unit="step", disable=not self.main,
@@ -55,21 +55,30 @@ class TrainLogger:
         if m.get("nonfinite_skipped"):
             return
         digest = hashlib.sha1("\n".join(m["keys"]).encode()).hexdigest()
-        self.seen.write(json.dumps({"step": step, "n": len(m["keys"]), "keys_sha1": digest,
-                                    "keys": m["keys"]}) + "\n")
-        self.seen.flush()  # a killed rank keeps its record up to its last step
+        self.unwritten.append(json.dumps({"step": step, "n": len(m["keys"]), "keys_sha1": digest,
+                                          "keys": m["keys"]}) + "\n")
         self.window_images += len(m["keys"])
         self.corrupt_total += m["corrupt_samples"]
         self.window_wait += m["data_wait_s"]
         if step % self.train.log_every == 0 or step == self.train.max_steps:
+            self.flush_samples()
             self._emit(step, m)
+
+    def flush_samples(self) -> None:
+        """Write and flush the buffered sample-key lines: at log steps, at checkpoints and at
+        the end, not every step (16 ranks x 50 steps/s of flushes add up on NFS or Lustre). A
+        checkpoint's record is on disk before it is complete, so a resume's record is whole."""
+        if self.unwritten:
+            self.seen.write("".join(self.unwritten))
+            self.unwritten.clear()
+        self.seen.flush()
 
     def _emit(self, step: int, m: dict) -> None:
         """The one place a step's device-side metrics are copied to the host."""
         from ..runtime.distributed import mean_over_ranks
 
-        per_sample, t = m["per_sample"].cpu(), m["t"].cpu()
-        sums = mean_over_ranks(_loss_sums(per_sample, t, self.num_timesteps))
+        per_sample, level = m["per_sample"].cpu(), m["noise_level"].cpu()
+        sums = mean_over_ranks(_loss_sums(per_sample, level))
         reduced = [(total / count).item() if count > 0 else float("nan") for total, count in sums.view(-1, 2)]
         elapsed = time.perf_counter() - self.window_start
         per_proc = self.window_images / elapsed
@@ -85,7 +94,7 @@ class TrainLogger:
             self._write(step, row)
 
     def _write(self, step: int, row: dict) -> None:
-        # a quarter of [0, T) with no sample this window is NaN; JSON has no NaN: null
+        # a quarter of the noise levels with no sample this window is NaN; JSON has no NaN: null
         clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
         self.metrics.write(json.dumps(clean) + "\n")
         self.metrics.flush()
@@ -97,6 +106,7 @@ class TrainLogger:
 
     def close(self) -> None:
         self.bar.close()
+        self.flush_samples()
         self.seen.close()
         if self.main:
             self.metrics.close()
@@ -108,13 +118,14 @@ def _as_float(value) -> float:
     return float(value) if value is not None else float("nan")
 
 
-def _loss_sums(per_sample: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> torch.Tensor:
-    """(sum, count) of the loss over all samples, then over those whose timestep falls in
-    each quarter of [0, T): averaged over ranks and divided, they give the global means
-    even when ranks hold different counts (a rank whose micro-batch was all corrupt)."""
+def _loss_sums(per_sample: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """(sum, count) of the loss over all samples, then over those whose noise level (the
+    forward process's, 0 data .. 1 noise; under ddpm t / T) falls in each quarter of [0, 1):
+    averaged over ranks and divided, they give the global means even when ranks hold
+    different counts (a rank whose micro-batch was all corrupt)."""
     masks = [torch.ones_like(per_sample, dtype=torch.bool)]
-    if not (t < 0).all():  # a diffusion loss (VAE and classifier losses have no timesteps)
-        quarter = (t * 4 // num_timesteps).clamp(max=3)
+    if not (level < 0).all():  # a diffusion loss (VAE and classifier losses have no noise level)
+        quarter = (level * 4).floor().clamp(max=3)
         masks += [quarter == q for q in range(4)]
     else:
         masks += [torch.zeros_like(per_sample, dtype=torch.bool)] * 4

@@ -20,11 +20,11 @@ import torch
 from ..config import Config, derive, to_yaml
 from ..core.ema import ema_decay
 from ..core.models import build_vae, encode_images
-from ..core.schedule import forward_process
+from ..core.processes import make_process
 from ..data import storage
 from ..data.stream import Position, ShardStream, StreamSpec
 from ..runtime import checkpoint, run_lock
-from ..runtime.distributed import any_rank, describe, device, init_process_group, max_over_ranks, placement
+from ..runtime.distributed import any_rank, describe, device, init_process_group, max_each_over_ranks, placement
 from ..runtime.ema import EngineEMA
 from ..errors import TrainingStopped, write_refused
 from ..runtime.hardware import choose_precision
@@ -45,7 +45,7 @@ class Run:
     env: object
     engine: object
     ema: EngineEMA
-    schedule: object
+    process: object  # the forward process (core.processes), on the device
     vae: object
     spec: StreamSpec
     manifest: dict
@@ -55,6 +55,8 @@ class Run:
     resume_tag: str | None = None
     elastic: bool = False  # the resume checkpoint was written by another number of processes
     on_checkpoint: Callable[[int, Path], None] | None = None
+    clock: Callable[[], float] = time.monotonic  # for train.ckpt_every_minutes
+    last_save: float = 0.0  # clock() at the last checkpoint (or the loop's start)
 
 
 def train(cfg: Config, on_checkpoint: Callable[[int, Path], None] | None = None) -> dict:
@@ -83,6 +85,7 @@ def train(cfg: Config, on_checkpoint: Callable[[int, Path], None] | None = None)
 def _loop(run: Run, batches, stops: StopRequests) -> None:
     """Steps until max_steps; after a stop request, saves and raises Preempted or Interrupted."""
     t, state = run.cfg.train, run.state
+    run.last_save = run.clock()
     # a Ctrl-C or SIGTERM while the run was starting: step 0, or the checkpoint it resumed from
     _stop_if_asked(run, stops, saved=True)
     while state.step < t.max_steps:
@@ -103,8 +106,13 @@ def _loop(run: Run, batches, stops: StopRequests) -> None:
 
 
 def _stop_if_asked(run: Run, stops: StopRequests, saved: bool) -> None:
-    """Every rank agrees on whether (and why) to stop; then saves, and raises Preempted or Interrupted."""
-    reason = max_over_ranks(stops.reason())
+    """Every rank agrees, in one collective, on whether (and why) to stop and whether a timed
+    checkpoint is due (any rank's clock decides for all, so they never disagree); then saves,
+    and raises Preempted or Interrupted."""
+    reason, due = max_each_over_ranks([stops.reason(), int(_timed_checkpoint_due(run))])
+    if due and not saved:
+        save(run)
+        saved = True
     if reason == NO_STOP:
         return
     step = run.state.step
@@ -117,6 +125,11 @@ def _stop_if_asked(run: Run, stops: StopRequests, saved: bool) -> None:
         kept = f"checkpoint of step {step} saved" if step > 0 else "nothing trained yet, nothing to save"
         run.logger.info(f"stopped by Ctrl-C at step {step} ({kept}); rerun the same command to resume")
     raise stop_exception(reason)
+
+
+def _timed_checkpoint_due(run: Run) -> bool:
+    minutes = run.cfg.train.ckpt_every_minutes
+    return minutes > 0 and run.clock() - run.last_save >= 60 * minutes
 
 
 def build_run(cfg: Config) -> Run:
@@ -142,13 +155,13 @@ def build_run(cfg: Config) -> Run:
     if env.is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     _record_placement(run_dir, env)
-    logger = TrainLogger(cfg.train, cfg.diffusion.num_train_timesteps, env, run_dir)
+    logger = TrainLogger(cfg.train, env, run_dir)
     logger.info(describe(env))
     logger.info(f"training in {precision.precision}: {precision.reason}")
     if precision.warning:
         logger.warning(precision.warning)
-    schedule = forward_process(cfg.diffusion).to(device())
-    return Run(cfg, env, engine, EngineEMA(engine, cfg.runtime.zero_stage), schedule, vae, spec,
+    process = make_process(cfg.diffusion).to(device())
+    return Run(cfg, env, engine, EngineEMA(engine, cfg.runtime.zero_stage), process, vae, spec,
                manifest, logger, TrainingGrids(cfg, run_dir, env.is_main, vae), resume_tag=resume, elastic=elastic)
 
 
@@ -189,43 +202,62 @@ def stream_batches(run: Run):
 def train_step(run: Run, batches) -> dict:
     """One optimizer step over grad_accum micro-batches; returns metrics for the logger.
 
-    Nothing here waits for the GPU: losses, timesteps and the grad norm stay on the device
+    Nothing here waits for the GPU: losses, noise levels and the grad norm stay on the device
     (the logger copies them at log steps), and a non-finite step is found by DeepSpeed's
     own overflow check, read once per step from ``was_step_applied``."""
-    cfg, waited, losses, timesteps, keys, corrupt = run.cfg, 0.0, [], [], [], 0
+    cfg, waited, losses, levels, keys, corrupt = run.cfg, 0.0, [], [], [], 0
     for micro in range(cfg.train.grad_accum):
         t0 = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - t0
         corrupt += batch.get("corrupt", 0)
-        empty = not batch["key"]  # every sample of this micro-batch was corrupt
-        if empty:
-            batch = _stand_in(run)
+        real = len(batch["key"])  # samples not corrupt; 0: every one was (a short batch: the epoch's end)
+        batch = _padded(batch if real else _stand_in(run), run.spec.batch_size)
         gen = _step_generator(cfg.train.seed, run.state.step, micro, run.env.rank)
-        per_sample, t = _micro_loss(run, batch, gen)
-        loss = per_sample.mean() * (0.0 if empty else 1.0)
+        per_sample, level = _micro_loss(run, batch, gen)
+        loss = _mean_of_real(per_sample, real)
         if not engine_checks_overflow(cfg.runtime) and any_rank(not torch.isfinite(loss).item()):
             return _nonfinite(run, loss)
         run.engine.backward(loss)
         run.engine.step()
         if micro == cfg.train.grad_accum - 1 and engine_checks_overflow(cfg.runtime) and not run.engine.was_step_applied():
             return _nonfinite(run, loss)  # every rank saw the same reduced overflow flag
-        if not empty:
-            losses.append(per_sample.detach().float())
-            timesteps.append(t if t is not None else torch.full_like(losses[-1], -1, dtype=torch.long))
+        if real:
+            losses.append(per_sample[:real].detach().float())
+            levels.append(level[:real] if level is not None else torch.full_like(losses[-1], -1.0))
             keys += batch["key"]
     if not losses:
-        losses, timesteps = [torch.zeros(0, device=device())], [torch.zeros(0, dtype=torch.long, device=device())]
-    return {"per_sample": torch.cat(losses), "t": torch.cat(timesteps), "keys": keys,
+        losses, levels = [torch.zeros(0, device=device())], [torch.zeros(0, device=device())]
+    return {"per_sample": torch.cat(losses), "noise_level": torch.cat(levels), "keys": keys,
             "data_wait_s": waited, "grad_norm": run.engine.get_global_grad_norm(),
             "lr": run.engine.get_lr()[0], "corrupt_samples": corrupt}
 
 
+def _padded(batch: dict, size: int) -> dict:
+    """``batch`` with all-zero samples appended up to the micro-batch size (their loss weight
+    is 0, see _mean_of_real): every micro-batch has one shape, so runtime.compile never
+    recompiles and cuDNN never re-tunes for a short epoch-end batch or a corrupt sample."""
+    short = size - batch["label"].shape[0]
+    if short <= 0:
+        return batch
+    return {name: torch.cat([value, value.new_zeros(short, *value.shape[1:])]) if torch.is_tensor(value) else value
+            for name, value in batch.items()}
+
+
+def _mean_of_real(per_sample: torch.Tensor, real: int) -> torch.Tensor:
+    """The loss of a padded micro-batch: the mean over its ``real`` samples; 0 x the mean when
+    none is (the rank still runs backward and joins the step's collectives)."""
+    if real == per_sample.shape[0]:
+        return per_sample.mean()
+    return per_sample[:real].mean() if real else per_sample.mean() * 0.0
+
+
 def _stand_in(run: Run) -> dict:
-    """One all-zero sample in place of a micro-batch whose every sample was corrupt. The rank
-    runs forward and backward on it with loss weight 0, so it joins every collective of the
-    step (ZeRO's gradient reduction) like the other ranks and adds nothing to the gradient:
-    the ranks stay in step without an extra collective to agree on a skip."""
+    """One all-zero sample (padded to the micro-batch) in place of a micro-batch whose every
+    sample was corrupt. The rank runs forward and backward on it with loss weight 0, so it
+    joins every collective of the step (ZeRO's gradient reduction) like the other ranks and
+    adds nothing to the gradient: the ranks stay in step without an extra collective to agree
+    on a skip."""
     if run.manifest["kind"] == "latents":
         return {"latent": torch.zeros(1, *run.manifest["latent_shape"]), "label": torch.zeros(1, dtype=torch.long),
                 "key": []}
@@ -235,7 +267,7 @@ def _stand_in(run: Run) -> dict:
 
 
 def _micro_loss(run: Run, batch: dict, gen: torch.Generator):
-    """Per-sample loss of one micro-batch, and its timesteps (None outside diffusion)."""
+    """Per-sample loss of one micro-batch, and its noise levels (None outside diffusion)."""
     x0 = model_inputs(run, batch, gen)
     labels = batch["label"].to(x0.device, non_blocking=True)
     return objective(run.cfg).loss(run, x0, labels, gen)
@@ -282,6 +314,7 @@ def _nonfinite(run: Run, loss: torch.Tensor) -> dict:
 def save(run: Run) -> None:
     meta = {"world_size": run.env.world_size, "zero_stage": run.cfg.runtime.zero_stage}
     root = Path(run.cfg.train.run_dir) / "checkpoints"
+    run.logger.flush_samples()  # the record of the steps this checkpoint holds
     try:
         folder = run.state.save(run.engine, run.ema, root, run.spec, run.cfg.train.keep_last, meta)
     except Exception as err:
@@ -293,6 +326,7 @@ def save(run: Run) -> None:
         if refused is None:
             raise
         raise refused from None
+    run.last_save = run.clock()
     run.logger.info(f"checkpoint {folder} complete")
     if run.cfg.train.ckpt_url:
         checkpoint.upload(root, folder.name, run.cfg.train.ckpt_url, run.env.rank, run.env.world_size)

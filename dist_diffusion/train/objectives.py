@@ -42,8 +42,8 @@ class Objective(ABC):
 
     @abstractmethod
     def loss(self, run, x0: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
-        """(per-sample loss, timesteps or None) of one micro-batch; ``run`` has engine, cfg
-        and schedule; ``gen`` is the micro-step's CPU generator."""
+        """(per-sample loss, noise levels in [0, 1] or None) of one micro-batch; ``run`` has
+        engine, cfg and the forward process; ``gen`` is the micro-step's CPU generator."""
 
     def exported(self, model: torch.nn.Module) -> torch.nn.Module:
         """The part of the trained module that export writes (all of it, unless the
@@ -73,7 +73,8 @@ def on_device(gen: torch.Generator, where: torch.device) -> torch.Generator:
 
 
 class Diffusion(Objective):
-    """The class-conditional UNet: noise prediction (or v/x0) under label dropout."""
+    """The class-conditional UNet, learning the configured forward process (its target, its
+    distribution of t) under label dropout."""
 
     name, conditions_on_classes, draws_grids, export_kind = "unet", True, True, "UNet2DModel"
 
@@ -88,11 +89,11 @@ class Diffusion(Objective):
     def loss(self, run, x0, labels, gen):
         import torch
 
-        from ..core.losses import diffusion_loss, drop_labels
+        from ..core.losses import drop_labels
         from ..core.models import null_label
 
         cfg, n, gen = run.cfg, x0.shape[0], on_device(gen, x0.device)
-        t = torch.randint(0, run.schedule.num_timesteps, (n,), generator=gen, device=gen.device)
+        t = run.process.sample_time(n, gen)
         noise = torch.randn(x0.shape, generator=gen, device=gen.device)
         labels = drop_labels(labels, cfg.diffusion.label_dropout, null_label(cfg),
                              torch.rand(n, generator=gen, device=gen.device))
@@ -101,9 +102,8 @@ class Diffusion(Objective):
         def denoise(x, tt, y):
             return run.engine(x.to(dtype), tt, class_labels=y).sample
 
-        per_sample = diffusion_loss(denoise, run.schedule, x0.float(), labels, t, noise.float(),
-                                    cfg.diffusion.prediction, cfg.diffusion.min_snr_gamma)
-        return per_sample, t
+        per_sample = run.process.loss(denoise, x0.float(), labels, t, noise.float())
+        return per_sample, run.process.noise_level(t)
 
 
 class VAE(Objective):
