@@ -50,10 +50,36 @@ def _by_name(*entries) -> Dict[str, object]:
     return {entry.name: entry for entry in entries}
 
 
+def _ddpm_rules(d) -> List[str]:
+    if d.time_distribution != "uniform":
+        return [f"diffusion.time_distribution={d.time_distribution} draws rectified_flow's continuous t; the ddpm "
+                f"process trains on uniform integer timesteps: leave it uniform"]
+    return []
+
+
+def _flow_rules(d) -> List[str]:
+    """The ddpm process's keys mean nothing on rectified flow's straight path: one line each."""
+    problems = []
+    if d.prediction != "v":
+        problems.append(f"diffusion.process=rectified_flow learns the velocity eps - x0: set diffusion.prediction=v "
+                        f"(not {d.prediction})")
+    ddpm_only = {"diffusion.snr_shift": (d.snr_shift, 1.0), "diffusion.schedule": (d.schedule, "linear"),
+                 "diffusion.beta_start": (d.beta_start, None), "diffusion.beta_end": (d.beta_end, None),
+                 "diffusion.min_snr_gamma": (d.min_snr_gamma, 0.0)}
+    for key, (value, default) in ddpm_only.items():
+        if value != default:
+            problems.append(f"{key}={value} shapes the ddpm process's noise schedule or loss, which "
+                            f"diffusion.process=rectified_flow does not have: leave it at {default}")
+    return problems
+
+
 PROCESSES: Dict[str, Process] = _by_name(
     Process("ddpm", "core.processes:VariancePreserving",
             "DDPM's variance-preserving process: integer t in 0..T-1 under diffusion.schedule, the UNet "
-            "predicting epsilon or v"),
+            "predicting epsilon or v", _ddpm_rules),
+    Process("rectified_flow", "core.flow:RectifiedFlow",
+            "rectified flow (SD3): x_t = (1 - t) x0 + t eps for t in [0, 1], the UNet predicting the velocity "
+            "eps - x0 (prediction=v); sampled by flow_euler or flow_heun", _flow_rules),
 )
 
 SAMPLERS: Dict[str, Sampler] = _by_name(
@@ -62,6 +88,10 @@ SAMPLERS: Dict[str, Sampler] = _by_name(
     Sampler("dpm_solver_2m", "ddpm", "core.samplers:dpm_solver_2m", "DPM-Solver++(2M)", multistep=True),
     # UniPC's corrector reuses the next step's evaluation: one per step
     Sampler("unipc", "ddpm", "core.samplers:unipc", "UniPC-bh2", multistep=True),
+    Sampler("flow_euler", "rectified_flow", "core.flow:euler", "Euler steps along rectified flow's ODE"),
+    # Heun's last step, to t = 0, is an Euler step: 2 evaluations a step but the last
+    Sampler("flow_heun", "rectified_flow", "core.flow:heun", "Heun steps along rectified flow's ODE",
+            evaluations=lambda steps: 2 * steps - 1),
 )
 
 

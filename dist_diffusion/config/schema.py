@@ -109,6 +109,13 @@ class DiffusionConfig(_Section):
     prediction: str = _f("epsilon", "what the UNet predicts", choices=["epsilon", "v"])
     min_snr_gamma: float = _f(0.0, "min-SNR-gamma loss weighting (Hang et al. 2023); 0 is off",
                               ge=0.0)
+    time_distribution: str = _f("uniform", "training distribution of t. rectified_flow: uniform on [0, 1], or "
+                                           "logit_normal, sigmoid(N(logit_mean, logit_std^2)) (SD3, which "
+                                           "trains on the middle of the path most); ddpm: uniform on 0..T-1",
+                                choices=["uniform", "logit_normal"])
+    logit_mean: float = _f(0.0, "time_distribution=logit_normal: mean m of the normal whose sigmoid is t (SD3: 0)")
+    logit_std: float = _f(1.0, "time_distribution=logit_normal: standard deviation s of that normal (SD3: 1)",
+                          gt=0.0)
     label_dropout: float = _f(0.1, "probability a label is replaced by the null label (CFG)",
                               ge=0.0, le=1.0)
 
@@ -242,8 +249,9 @@ class SampleConfig(_Section):
                       choices=["leading", "trailing", "linspace"])
     guidance_scale: float = _f(3.0, "classifier-free guidance scale s: eps_u + s (eps_c - eps_u)",
                           ge=0.0)
-    guidance_interval: List[int] = _f([], "[lo, hi]: guide only for lo <= t <= hi "
-                                          "(empty: every step)")
+    guidance_interval: List[int] = _f([], "[lo, hi]: guide only for timesteps lo <= t <= hi of 0..T-1 (empty: every "
+                                          "step); under rectified_flow the times lo/(T-1) <= t <= hi/(T-1), the same "
+                                          "share of the way from data to noise")
     clip_x0: bool = _f(False, "clip the predicted x0 to [-1, 1] (pixel space only)")
     precision: str = _f("fp32", "network precision while sampling: fp32, or bf16 autocast around "
                                 "the network (the sampler's arithmetic stays fp32)",

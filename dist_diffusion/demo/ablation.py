@@ -1,12 +1,14 @@
 """`make ablation`: the seed report's comparison on the digits, from one command.
 
 On the demo's stack and data (real digits in the embedded S3, the domain classifier as the
-judge, the small VAE), three UNets train with the demo's recipe (`configs/tiny.yaml`,
+judge, the small VAE), four UNets train with the demo's recipe (`configs/tiny.yaml`,
 2 DeepSpeed processes by default, label dropout 0.1), differing in one thing each:
 
 - ``latent_linear``: VAE latents, linear schedule (the base);
 - ``latent_cosine``: the same with the cosine schedule;
-- ``pixel_linear``: pixels, no VAE (the same UNet on 32x32x3 instead of 8x8x4).
+- ``pixel_linear``: pixels, no VAE (the same UNet on 32x32x3 instead of 8x8x4);
+- ``latent_flow``: the base's latents, UNet and steps, trained as rectified flow (velocity
+  target, logit-normal t) instead of DDPM, and sampled with its Euler ODE steps.
 
 Each row then samples one of them with one sampler, step count and CFG scale, through the
 product's own `dist-diffusion eval` (as many processes, the same seeds and N for every row).
@@ -60,8 +62,12 @@ ROWS = [
     Row("DDIM-250", "latent_linear", "ddim", 250, 3.0),
     Row("DPM-Solver++(2M) 20", "latent_linear", "dpm_solver_2m", 20, 3.0),
     Row("UniPC-bh2 10", "latent_linear", "unipc", 10, 3.0),
+    Row("rectified flow, Euler-50", "latent_flow", "flow_euler", 50, 3.0),
 ]
-SCHEDULE = {"latent_linear": "linear", "latent_cosine": "cosine", "pixel_linear": "linear"}
+SCHEDULE = {"latent_linear": "linear", "latent_cosine": "cosine", "pixel_linear": "linear",
+            "latent_flow": "rectified flow"}
+FLOW = ["diffusion.process=rectified_flow", "diffusion.prediction=v", "diffusion.time_distribution=logit_normal",
+        "sample.sampler=flow_euler"]
 SAMPLER_ROWS = ("latent_linear", 3.0)  # the rows of the FID-against-NFE plot: the base UNet at CFG 3
 
 
@@ -69,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/ablation", help="where the ablation writes everything")
     parser.add_argument("--unet-steps", type=int, default=400,
-                        help="training steps of every UNet (the same for all three, so only one thing differs)")
+                        help="training steps of every UNet (the same for all four, so only one thing differs)")
     parser.add_argument("--vae-steps", type=int, default=400, help="VAE training steps")
     parser.add_argument("--classifier-steps", type=int, default=300, help="domain classifier training steps")
     parser.add_argument("--samples", type=int, default=200, help="samples per row (the same seeds in every row)")
@@ -102,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def model_overrides(model: str, data: "demo.Prepared | None") -> list[str]:
     """What sets a model apart, for its training and for its sampling job alike."""
-    schedule = f"diffusion.schedule={SCHEDULE[model]}"
+    schedule = FLOW if model.endswith("flow") else [f"diffusion.schedule={SCHEDULE[model]}"]
     if model.startswith("pixel"):
-        return [schedule, "vae.enabled=false", *([f"data.shards={data.images_url}"] if data else [])]
+        return [*schedule, "vae.enabled=false", *([f"data.shards={data.images_url}"] if data else [])]
     vae = [f"vae.pretrained={data.vae}", f"data.shards={data.latents_url}"] if data else []
-    return [schedule, *vae]
+    return [*schedule, *vae]
 
 
 def run_rows(cfg, runs: "demo.DemoRuns", out: Path, stages: dict) -> list[dict]:
