@@ -320,7 +320,7 @@ def test_a_rank_whose_peer_never_comes_stops_with_one_line(tmp_path):
     (shards / "manifest.json").write_text(json.dumps({"kind": "images", "resolution": 32, "num_classes": 1,
                                                       "classes": ["a"], "num_samples": 0, "shards": []}))
     out = subprocess.run([sys.executable, "-m", "dist_diffusion.train", "configs/tiny.yaml",
-                          "runtime.rendezvous_timeout_s=5", f"train.run_dir={tmp_path / 'run'}",
+                          "runtime.rendezvous_timeout_s=5", f"train.run_dir={tmp_path / 'run'}", "vae.enabled=false",
                           f"data.shards={shards}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 3 and "Traceback" not in out.stderr, out.stderr[-2000:]
     line = out.stderr.strip().splitlines()[-1]
