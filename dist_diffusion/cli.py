@@ -11,7 +11,7 @@ from pathlib import Path
 from . import __version__
 from .config import ConfigError, field_docs, load_config, to_yaml
 from .config.command_line import OneLineParser
-from .errors import as_refused_write, expected, one_line
+from .errors import failure_line
 
 # What a local rank of each `--nproc N` command imports, so the launcher imports it once and
 # forks the ranks from itself (launch.local.spawn_local); drivers that run many commands
@@ -332,16 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_command_line(argv)
     try:
         return args.func(args)
-    except expected() as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # Ctrl-C before a run could stop at a boundary (e.g. while it starts)
         print(f"interrupted: dist-diffusion {args.command} stopped by Ctrl-C", file=sys.stderr)
         return 130
     except Exception as err:
-        refused = as_refused_write(err, getattr(args, "out", None))
-        if refused is not None:
-            print(f"error: {one_line(refused)}", file=sys.stderr)
+        line = failure_line(err, getattr(args, "out", None))
+        if line is not None:
+            print(line, file=sys.stderr)
             return 2
         import traceback
 

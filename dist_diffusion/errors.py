@@ -78,10 +78,14 @@ def write_refused(err: BaseException, path: str | Path, what: str = "", after: s
     number = refused_errno(err, path)
     if number is None:
         return None
-    happened, fix = _REFUSALS[number]
     subject = f"writing {what} to {path}" if what else f"writing {path}"
-    return WriteRefused(number, f"{subject} failed: {happened} ({errno.errorcode[number]}); {fix}"
-                                f"{'; ' + after if after else ''}")
+    return WriteRefused(number, f"{subject} failed: {_refusal(number)}{'; ' + after if after else ''}")
+
+
+def _refusal(number: int) -> str:
+    """What happened, its errno name, and what to do: the tail of every refused-write line."""
+    happened, fix = _REFUSALS[number]
+    return f"{happened} ({errno.errorcode[number]}); {fix}"
 
 
 def expected() -> tuple[type, ...]:
@@ -114,6 +118,14 @@ def as_refused_write(err: BaseException, output: str | None = None) -> WriteRefu
     number = None if isinstance(err, WriteRefused) else refused_errno(err, getattr(err, "filename", None) or output)
     if number is None:
         return None
-    happened, fix = _REFUSALS[number]
     path = getattr(err, "filename", None) or (f"the output, {output}" if output else "the output")
-    return WriteRefused(number, f"{path}: {happened} ({errno.errorcode[number]}); {fix}")
+    return WriteRefused(number, f"{path}: {_refusal(number)}")
+
+
+def failure_line(err: BaseException, output: str | None = None) -> str | None:
+    """The one `error:` line of a failure the user can fix (bad input, a refused write; the
+    command's ``output`` names the path when the OSError does not), else None: a bug."""
+    if isinstance(err, expected()):
+        return f"error: {one_line(err)}"
+    refused = as_refused_write(err, output)
+    return f"error: {one_line(refused)}" if refused is not None else None

@@ -361,3 +361,17 @@ def eval_overrides(models, out, reference) -> list[str]:
     return ["vae.enabled=false", "data.resolution=16", "model.num_classes=4", f"eval.unet={models / 'unet'}",
             f"eval.classifier={models / 'classifier'}", f"eval.reference={reference}", f"eval.out={out}",
             "sample.num_samples=16", "eval.samples_per_shard=4", "sample.batch_size=4", "sample.steps=5"]
+
+
+def diffusers_cfg_loop(unet, scheduler, noise, labels, null: int, scale: float, steps: int):
+    """Class-conditional sampling + CFG with a diffusers scheduler, as a diffusers user writes
+    it: set_timesteps, one batched cond+uncond call, step (pipelines' __call__ passes no labels)."""
+    import torch
+
+    with torch.no_grad():
+        scheduler.set_timesteps(steps)
+        x, both = noise.clone(), torch.cat([labels, torch.full_like(labels, null)])
+        for t in scheduler.timesteps:
+            cond, uncond = unet(torch.cat([x, x]), t, class_labels=both).sample.chunk(2)
+            x = scheduler.step(uncond + scale * (cond - uncond), t, x).prev_sample
+    return x

@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
+from conftest import diffusers_cfg_loop
 from dist_diffusion.config import load_config
 from dist_diffusion.core.models import build_unet, null_label
 from dist_diffusion.config.shapes import unet_input_shape
@@ -24,18 +25,6 @@ def exported(tmp_path, overrides):
     return cfg, write_export(build_unet(cfg).eval(), cfg, tmp_path / "unet", {"weights": "random"})
 
 
-@torch.no_grad()
-def diffusers_cfg_loop(pipe, noise, labels, null, scale, steps):
-    """Class-conditional DDIM + CFG with the pipeline's own UNet and scheduler, as a
-    diffusers user writes it (the pipeline's __call__ passes no class labels)."""
-    pipe.scheduler.set_timesteps(steps)
-    x, both = noise.clone(), torch.cat([labels, torch.full_like(labels, null)])
-    for t in pipe.scheduler.timesteps:
-        cond, uncond = pipe.unet(torch.cat([x, x]), t, class_labels=both).sample.chunk(2)
-        x = pipe.scheduler.step(uncond + scale * (cond - uncond), t, x).prev_sample
-    return x
-
-
 @pytest.mark.parametrize("forward", [["diffusion.schedule=linear", "diffusion.prediction=epsilon"],
                                      ["diffusion.schedule=cosine", "diffusion.prediction=v",
                                       "sample.spacing=trailing"],
@@ -48,7 +37,7 @@ def test_pixel_export_loads_as_ddim_pipeline_and_samples_like_ours(tmp_path, for
     assert isinstance(pipe.scheduler, DDIMScheduler) and isinstance(pipe.unet, UNet2DModel)
     indices, labels = range(6), torch.arange(6) % 4
     noise = per_sample_randn(sample_generators(cfg.sample.seed, indices), unet_input_shape(cfg))
-    theirs = diffusers_cfg_loop(pipe, noise, labels, null_label(cfg), cfg.sample.guidance_scale, cfg.sample.steps)
+    theirs = diffusers_cfg_loop(pipe.unet, pipe.scheduler, noise, labels, null_label(cfg), cfg.sample.guidance_scale, cfg.sample.steps)
     ours = generate(cfg.sample, cfg.diffusion, UNet2DModel.from_pretrained(out).eval(), labels, indices)
     assert (ours - theirs).abs().max().item() <= 1e-5
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
 
-from conftest import make_class_folders, run_dist_diffusion
+from conftest import diffusers_cfg_loop, make_class_folders, run_dist_diffusion
 from dist_diffusion.config import ConfigError, DataConfig, load_config
 from dist_diffusion.config.registry import SAMPLERS
 from dist_diffusion.core.generate import generate
 from dist_diffusion.core.guidance import Guidance
-from dist_diffusion.core.models import as_denoiser, build_unet
+from dist_diffusion.core.models import build_unet
 from dist_diffusion.core.processes import make_process
 from dist_diffusion.core.samplers import per_sample_randn, sample_generators, sampler
 
@@ -57,17 +57,6 @@ def test_training_times_follow_the_configured_distribution(distribution):
         assert abs(logit.mean() - 0.5) < 0.01 and abs(logit.std() - 0.8) < 0.01
 
 
-@torch.no_grad()
-def diffusers_euler_cfg(unet, scheduler, noise, labels, null, scale, steps):
-    """A plain diffusers loop, as a user writes it with the export's scheduler."""
-    scheduler.set_timesteps(steps)
-    x, both = noise.clone(), torch.cat([labels, torch.full_like(labels, null)])
-    for t in scheduler.timesteps:
-        cond, uncond = unet(torch.cat([x, x]), t, class_labels=both).sample.chunk(2)
-        x = scheduler.step(uncond + scale * (cond - uncond), t, x).prev_sample
-    return x
-
-
 @pytest.mark.parametrize("steps", [1, 7, 28])
 def test_euler_equals_a_diffusers_loop_with_the_exported_scheduler(tmp_path, steps):
     from dist_diffusion.export import write_export
@@ -81,7 +70,7 @@ def test_euler_equals_a_diffusers_loop_with_the_exported_scheduler(tmp_path, ste
     assert meta["process"] == "rectified_flow" and meta["prediction"] == "v"
     unet, indices, labels = UNet2DModel.from_pretrained(out).eval(), range(5), torch.arange(5) % 4
     noise = per_sample_randn(sample_generators(cfg.sample.seed, indices), (3, 16, 16))
-    theirs = diffusers_euler_cfg(unet, scheduler, noise, labels, 4, cfg.sample.guidance_scale, steps)
+    theirs = diffusers_cfg_loop(unet, scheduler, noise, labels, 4, cfg.sample.guidance_scale, steps)
     ours = generate(cfg.sample, cfg.diffusion, unet, labels, indices)
     assert (ours - theirs).abs().max().item() <= 1e-5
 

@@ -9,7 +9,7 @@ import sys
 
 from ..config import load_config
 from ..config.command_line import recipe_arguments
-from ..errors import as_refused_write, expected, one_line
+from ..errors import failure_line
 
 DESCRIPTION = ("One training rank, as torchrun or srun start it (the rank, world and rendezvous come from their "
                "environment). For a local run: dist-diffusion train --nproc N.")
@@ -25,14 +25,11 @@ def main(argv: list[str] | None = None) -> int:
         from .loop import train
 
         return run_rank(train, cfg)[1]
-    except expected() as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        refused = as_refused_write(err)
-        if refused is None:
+    except Exception as err:
+        line = failure_line(err)
+        if line is None:
             raise
-        print(f"error: {one_line(refused)}", file=sys.stderr)
+        print(line, file=sys.stderr)
         return 2
 
 
