@@ -106,8 +106,8 @@ def flops_per_image(cfg) -> float:
     from dist_diffusion.config.shapes import unet_input_shape
 
     with torch.device("meta"):
-        unet = build_unet(cfg)
-        x = torch.randn(1, *unet_input_shape(cfg))
+        unet = build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data))
+        x = torch.randn(1, *unet_input_shape(cfg.vae, cfg.data))
         t, y = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
     with FlopCounterMode(display=False) as counter:
         unet(x, t, class_labels=y).sample.sum().backward()
@@ -119,7 +119,7 @@ def latent_shards(root: Path, cfg, count: int) -> str:
     from dist_diffusion.config.shapes import unet_input_shape
     from dist_diffusion.data import shards
 
-    shape, rng, entries = unet_input_shape(cfg), np.random.default_rng(0), []
+    shape, rng, entries = unet_input_shape(cfg.vae, cfg.data), np.random.default_rng(0), []
     out = root / "latents"
     out.mkdir(parents=True)
     per_shard = 512
@@ -205,7 +205,7 @@ def plain(micro_batch: int, compile_model: bool = False, channels_last: bool = F
 
     cfg = recipe([])
     torch.manual_seed(0)
-    unet = build_unet(cfg).to(where())
+    unet = build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data)).to(where())
     if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=where().type == "cuda")
@@ -213,7 +213,7 @@ def plain(micro_batch: int, compile_model: bool = False, channels_last: bool = F
     net = torch.compile(unet) if compile_model else unet
     schedule = make_schedule(cfg.diffusion.schedule).to(where())
     gen = torch.Generator(device=where()).manual_seed(0)
-    x0 = torch.randn(micro_batch, *unet_input_shape(cfg), device=where(), generator=gen)
+    x0 = torch.randn(micro_batch, *unet_input_shape(cfg.vae, cfg.data), device=where(), generator=gen)
     if channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, cfg.model.num_classes, (micro_batch,), device=where(), generator=gen)
@@ -236,7 +236,7 @@ def vae_encode_ms() -> dict:
     from dist_diffusion.core.models import build_vae, encode_images
 
     cfg = recipe([])
-    vae = build_vae(cfg).to(where()).eval()
+    vae = build_vae(cfg.vae, cfg.data).to(where()).eval()
     images = torch.rand(16, 3, cfg.data.resolution, cfg.data.resolution, device=where()) * 2 - 1
     out = {}
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
@@ -260,14 +260,15 @@ def smoke(root: Path) -> dict:
     base = recipe([])
     make_class_folders(root / "src", classes=4, per_class=40)
     prepare(root / "src", str(root / "img"), base.data, progress=False)
-    build_vae(base).save_pretrained(root / "vae")
+    build_vae(base.vae, base.data).save_pretrained(root / "vae")
     common = [f"data.shards={root / 'img'}", f"vae.pretrained={root / 'vae'}", "model.num_classes=4",
               "train.batch_size=16", "train.sample_every=10", "train.ckpt_every=10", "sample.steps=10",
               f"train.run_dir={root / 'smoke'}", "train.log_every=10", "data.num_workers=2"]
     train(recipe(common + ["train.max_steps=20"]))
     resumed = train(recipe(common + ["train.max_steps=30"]))
     export_model(root / "smoke", root / "unet")
-    build_classifier(recipe(["model.num_classes=4"])).save_pretrained(root / "classifier")
+    judged = recipe(["model.num_classes=4"])
+    build_classifier(judged.model, judged.data).save_pretrained(root / "classifier")
     rows = evaluate(recipe(common + [f"eval.unet={root / 'unet'}", f"eval.classifier={root / 'classifier'}",
                                      f"eval.out={root / 'eval'}", "sample.num_samples=64", "sample.batch_size=32"]))
     grids = sorted(p.name for p in (root / "smoke/samples").glob("*.png"))

@@ -34,11 +34,11 @@ from dist_diffusion.core.schedule import make_schedule
 
 def time_sampler(name: str, steps: int, model, cfg, n: int) -> float:
     gens = sample_generators(0, range(n))
-    noise = per_sample_randn(gens, unet_input_shape(cfg))
+    noise = per_sample_randn(gens, unet_input_shape(cfg.vae, cfg.data))
     labels = torch.arange(n) % cfg.model.num_classes
     start = time.perf_counter()
     with torch.no_grad():
-        run_sampler(name, model, make_schedule(), noise, labels, Guidance(null_label(cfg), 3.0),
+        run_sampler(name, model, make_schedule(), noise, labels, Guidance(null_label(cfg.model), 3.0),
                     steps=steps, generators=gens)
     return time.perf_counter() - start
 
@@ -46,7 +46,7 @@ def time_sampler(name: str, steps: int, model, cfg, n: int) -> float:
 def main() -> None:
     cfg = load_config("configs/tiny.yaml", ["vae.enabled=false", "data.resolution=16"])
     torch.manual_seed(0)
-    model = as_denoiser(build_unet(cfg).eval())
+    model = as_denoiser(build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data)).eval())
     time_sampler("ddim", 5, model, cfg, 8)  # warm-up: allocator, kernels
     ddpm = time_sampler("ddpm", 1000, model, cfg, 8)
     ddim = time_sampler("ddim", 50, model, cfg, 8)
@@ -55,7 +55,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         print(f"sampler_vs_diffusers_ratio={sampler_vs_diffusers(cfg, tmp):.3f}")
     with tempfile.TemporaryDirectory() as tmp:
-        build_unet(cfg).save_pretrained(f"{tmp}/unet")
+        build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data)).save_pretrained(f"{tmp}/unet")
         seconds = {n: sampling_job_seconds(n, tmp, threads=1) for n in (1, 2)}
         both_cores = sampling_job_seconds(1, tmp, threads=2)
     print(f"sample_job_seconds_1proc={seconds[1]:.2f} sample_job_seconds_2proc={seconds[2]:.2f} "
@@ -70,24 +70,24 @@ def sampler_vs_diffusers(cfg, tmp: str, n: int = 16, rounds: int = 5) -> float:
     from dist_diffusion.export import write_export
 
     torch.manual_seed(0)
-    write_export(build_unet(cfg).eval(), cfg, Path(tmp) / "unet", {"weights": "random"})
+    write_export(build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data)).eval(), cfg, Path(tmp) / "unet", {"weights": "random"})
     unet = UNet2DModel.from_pretrained(f"{tmp}/unet").eval()
     scheduler = DDIMScheduler.from_pretrained(f"{tmp}/unet", subfolder="scheduler")
     gens = sample_generators(0, range(n))
-    noise = per_sample_randn(gens, unet_input_shape(cfg))
+    noise = per_sample_randn(gens, unet_input_shape(cfg.vae, cfg.data))
     labels = torch.arange(n) % cfg.model.num_classes
-    guidance = Guidance(null_label(cfg), 3.0)
+    guidance = Guidance(null_label(cfg.model), 3.0)
     ratios = []
     with torch.no_grad():  # warm-up of both loops: allocator, kernels
         run_sampler("ddim", as_denoiser(unet), make_schedule(), noise, labels, guidance, steps=5, generators=gens)
-    diffusers_ddim_cfg(unet, scheduler, noise, labels, null_label(cfg), 3.0, steps=5)
+    diffusers_ddim_cfg(unet, scheduler, noise, labels, null_label(cfg.model), 3.0, steps=5)
     for _ in range(rounds):
         start = time.perf_counter()
         with torch.no_grad():
             ours = run_sampler("ddim", as_denoiser(unet), make_schedule(), noise, labels, guidance, steps=50,
                                generators=gens)
         mid = time.perf_counter()
-        theirs = diffusers_ddim_cfg(unet, scheduler, noise, labels, null_label(cfg), 3.0, steps=50)
+        theirs = diffusers_ddim_cfg(unet, scheduler, noise, labels, null_label(cfg.model), 3.0, steps=50)
         ratios.append((time.perf_counter() - mid) / (mid - start))
     assert (ours - theirs).abs().max() < 1e-3, "the two loops sample different images"
     print(f"sampler_vs_diffusers_rounds={','.join(f'{r:.3f}' for r in ratios)}")

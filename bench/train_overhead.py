@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import make_class_folders  # noqa: E402
 
-from dist_diffusion.config import load_config  # noqa: E402
+from dist_diffusion.config import load_config, unet_input_shape  # noqa: E402
 from dist_diffusion.core.ema import ema_decay  # noqa: E402
 from dist_diffusion.core.losses import diffusion_loss  # noqa: E402
 from dist_diffusion.core.models import as_denoiser, build_unet  # noqa: E402
@@ -38,7 +38,7 @@ ROUNDS = 7
 def plain_loop(cfg, run) -> float:
     """Seconds per step of the textbook loop on the same model, batch and precision."""
     torch.manual_seed(0)
-    unet = build_unet(cfg)
+    unet = build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data))
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr)
     x0 = torch.randn(cfg.train.batch_size, 3, cfg.data.resolution, cfg.data.resolution)
     labels = torch.randint(0, cfg.model.num_classes, (cfg.train.batch_size,))

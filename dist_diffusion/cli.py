@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 from . import __version__
@@ -75,8 +76,8 @@ def _print_summary(cfg) -> None:
     from .core.models import build_unet, count_parameters
     from .config.shapes import unet_input_shape
 
-    shape = "x".join(map(str, unet_input_shape(cfg)))
-    params = count_parameters(build_unet(cfg)) / 1e6
+    shape = "x".join(map(str, unet_input_shape(cfg.vae, cfg.data)))
+    params = count_parameters(build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data))) / 1e6
     space = "latent" if cfg.vae.enabled else "pixel"
     print(f"# UNet: {params:.1f}M parameters on {space} inputs {shape}", file=sys.stderr)
 
@@ -174,7 +175,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .runtime.rank import run_rank
     from .train import train
 
-    summary, code = run_rank(train, cfg)
+    summary, code = run_rank(partial(train, cfg))
     if code:
         return code
     if process_env().is_main:
@@ -224,7 +225,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .evaluate.sample import evaluate
     from .runtime.rank import run_rank
 
-    return run_rank(evaluate, cfg)[1]
+    return run_rank(partial(evaluate, cfg))[1]
 
 
 def _count(least: int):

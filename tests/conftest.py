@@ -347,13 +347,14 @@ def random_models(tmp_path_factory):
     import torch
 
     from dist_diffusion.config import load_config
+    from dist_diffusion.config import unet_input_shape
     from dist_diffusion.core.models import build_classifier, build_unet
 
     tmp = tmp_path_factory.mktemp("models")
     cfg = load_config("configs/tiny.yaml", PIXEL16)
     torch.manual_seed(0)
-    build_unet(cfg).save_pretrained(tmp / "unet")
-    build_classifier(cfg).save_pretrained(tmp / "classifier")
+    build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data)).save_pretrained(tmp / "unet")
+    build_classifier(cfg.model, cfg.data).save_pretrained(tmp / "classifier")
     return tmp
 
 

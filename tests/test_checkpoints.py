@@ -97,7 +97,7 @@ def timed_run(minutes: float, saves: list[int], now: list[float]):
                                             "train.preempt_check_every=2", f"train.ckpt_every_minutes={minutes}"])
     state = SimpleNamespace(step=0)
     state.save = lambda *a: (saves.append(state.step), Path(f"step{state.step}"))[1]
-    return SimpleNamespace(cfg=cfg, state=state, ema=SimpleNamespace(update=lambda decay: None), spec=None,
+    return SimpleNamespace(train=cfg.train, runtime=cfg.runtime, objective=SimpleNamespace(draws_grids=False), state=state, ema=SimpleNamespace(update=lambda decay: None), spec=None,
                            engine=None, env=SimpleNamespace(world_size=1, rank=0, is_main=True),
                            logger=SimpleNamespace(step=lambda *a: None, info=lambda *a: None,
                                                   flush_samples=lambda: None), on_checkpoint=None,

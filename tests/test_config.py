@@ -137,15 +137,15 @@ def test_sampler_sweep_pins_steps_per_entry_and_walks_ddpm_once():
 
     cfg = load_config(ROOT_RECIPE, ["eval.samplers=[ddim:50,ddim:100,ddpm,ddpm:20,unipc:10,dpm_solver_2m]",
                                     "eval.steps=[20]", "eval.guidance_scales=[1,3]"])
-    points = [(p.sampler, p.steps, p.guidance_scale) for p in sweep(cfg)]
+    points = [(p.sampler, p.steps, p.guidance_scale) for p in sweep(cfg.sample, cfg.eval, cfg.diffusion.num_train_timesteps)]
     assert points == [("ddim", 50, 1.0), ("ddim", 50, 3.0), ("ddim", 100, 1.0), ("ddim", 100, 3.0),
                       ("ddpm", 1000, 1.0), ("ddpm", 1000, 3.0), ("unipc", 10, 1.0), ("unipc", 10, 3.0),
                       ("dpm_solver_2m", 20, 1.0), ("dpm_solver_2m", 20, 3.0)]
     # the configured sampler keeps the names of a plain sweep; the others carry theirs
-    assert [p.name for p in sweep(cfg)][:2] == ["cfg1_steps50", "cfg3_steps50"]
-    assert sweep(cfg)[4].name == "ddpm_cfg1_steps1000"
+    assert [p.name for p in sweep(cfg.sample, cfg.eval, cfg.diffusion.num_train_timesteps)][:2] == ["cfg1_steps50", "cfg3_steps50"]
+    assert sweep(cfg.sample, cfg.eval, cfg.diffusion.num_train_timesteps)[4].name == "ddpm_cfg1_steps1000"
     plain = load_config(ROOT_RECIPE, ["eval.steps=[10,20]", "eval.guidance_scales=[3]"])
-    assert [p.name for p in sweep(plain)] == ["cfg3_steps10", "cfg3_steps20"]
+    assert [p.name for p in sweep(plain.sample, plain.eval, plain.diffusion.num_train_timesteps)] == ["cfg3_steps10", "cfg3_steps20"]
 
 
 def test_a_validated_config_is_frozen_and_derive_makes_a_validated_copy():
@@ -182,5 +182,6 @@ def test_a_pretrained_vae_sets_the_latent_shape_whatever_the_recipe_says(tmp_pat
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "latent_channels": 4,
                                                       "block_out_channels": [32, 64]}))
     recipe = load_config("configs/tiny.yaml")
-    assert unet_input_shape(recipe) == (4, 8, 8)
-    assert unet_input_shape(load_config("configs/tiny.yaml", [f"vae.pretrained={tmp_path}"])) == (4, 16, 16)
+    assert unet_input_shape(recipe.vae, recipe.data) == (4, 8, 8)
+    pointed = load_config("configs/tiny.yaml", [f"vae.pretrained={tmp_path}"])
+    assert unet_input_shape(pointed.vae, pointed.data) == (4, 16, 16)

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def vae_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("vae") / "vae"
     torch.manual_seed(0)
-    build_vae(load_config(ROOT / "configs/tiny.yaml", ["vae.scaling_factor=0.5"])).save_pretrained(path)
+    scaled = load_config(ROOT / "configs/tiny.yaml", ["vae.scaling_factor=0.5"])
+    build_vae(scaled.vae, scaled.data).save_pretrained(path)
     return path
 
 
@@ -41,7 +42,8 @@ def test_encode_with_two_processes_then_stream_latents(tmp_path, bucket, vae_dir
     image_shard = parse_tar(storage.read_bytes(storage.parse(images_url).join("shard-000001.tar")))
     latent_shard = parse_tar(storage.read_bytes(storage.parse(latents_url).join("shard-000001.tar")))
     assert [s["__key__"] for s in image_shard] == [s["__key__"] for s in latent_shard]
-    vae = build_vae(load_config("configs/tiny.yaml", [f"vae.pretrained={vae_dir}"])).eval()
+    pointed = load_config("configs/tiny.yaml", [f"vae.pretrained={vae_dir}"])
+    vae = build_vae(pointed.vae, pointed.data).eval()
     with torch.no_grad():
         mean = vae.encode(decode_image(image_shard[0])[None]).latent_dist.mean[0]
     stored = torch.from_numpy(np.load(io.BytesIO(latent_shard[0]["mean.npy"])).astype(np.float32))

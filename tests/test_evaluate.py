@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import make_class_folders, run_dist_diffusion, wait_until
-from dist_diffusion.config import DataConfig, load_config
+from dist_diffusion.config import DataConfig, load_config, unet_input_shape
 from dist_diffusion.core.models import build_classifier, build_unet
 from dist_diffusion.evaluate.stats import FeatureSums, frechet_distance
 
@@ -57,8 +57,8 @@ def models(tmp_path_factory):
     prepare(src, str(tmp / "img16"), DataConfig(resolution=16, samples_per_shard=16), progress=False)
     cfg = load_config(ROOT / "configs/tiny.yaml", PIXELS)
     torch.manual_seed(0)
-    build_unet(cfg).save_pretrained(tmp / "unet")
-    build_classifier(cfg).save_pretrained(tmp / "classifier")
+    build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data)).save_pretrained(tmp / "unet")
+    build_classifier(cfg.model, cfg.data).save_pretrained(tmp / "classifier")
     return tmp
 
 
@@ -124,9 +124,9 @@ def latent_models(models):
 
     cfg = load_config(ROOT / "configs/tiny.yaml", ["model.num_classes=4"])
     torch.manual_seed(0)
-    build_vae(cfg).save_pretrained(models / "vae")
-    build_unet(cfg).save_pretrained(models / "unet-latent")
-    build_classifier(cfg).save_pretrained(models / "classifier32")
+    build_vae(cfg.vae, cfg.data).save_pretrained(models / "vae")
+    build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data)).save_pretrained(models / "unet-latent")
+    build_classifier(cfg.model, cfg.data).save_pretrained(models / "classifier32")
     for copy in ("ref-a", "ref-b"):
         prepare(models / "src", str(models / copy), DataConfig(resolution=32, samples_per_shard=16), progress=False)
     return models

@@ -22,7 +22,7 @@ PIXELS = ["vae.enabled=false", "data.resolution=16", "model.num_classes=4", "sam
 def exported(tmp_path, overrides):
     cfg = load_config("configs/tiny.yaml", overrides)
     torch.manual_seed(0)
-    return cfg, write_export(build_unet(cfg).eval(), cfg, tmp_path / "unet", {"weights": "random"})
+    return cfg, write_export(build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data)).eval(), cfg, tmp_path / "unet", {"weights": "random"})
 
 
 @pytest.mark.parametrize("forward", [["diffusion.schedule=linear", "diffusion.prediction=epsilon"],
@@ -36,8 +36,8 @@ def test_pixel_export_loads_as_ddim_pipeline_and_samples_like_ours(tmp_path, for
     pipe = DDIMPipeline.from_pretrained(out)
     assert isinstance(pipe.scheduler, DDIMScheduler) and isinstance(pipe.unet, UNet2DModel)
     indices, labels = range(6), torch.arange(6) % 4
-    noise = per_sample_randn(sample_generators(cfg.sample.seed, indices), unet_input_shape(cfg))
-    theirs = diffusers_cfg_loop(pipe.unet, pipe.scheduler, noise, labels, null_label(cfg), cfg.sample.guidance_scale, cfg.sample.steps)
+    noise = per_sample_randn(sample_generators(cfg.sample.seed, indices), unet_input_shape(cfg.vae, cfg.data))
+    theirs = diffusers_cfg_loop(pipe.unet, pipe.scheduler, noise, labels, null_label(cfg.model), cfg.sample.guidance_scale, cfg.sample.steps)
     ours = generate(cfg.sample, cfg.diffusion, UNet2DModel.from_pretrained(out).eval(), labels, indices)
     assert (ours - theirs).abs().max().item() <= 1e-5
 

@@ -52,11 +52,10 @@ def test_a_short_epoch_end_batch_is_padded_and_weighted_out():
 
 
 def test_the_corrupt_stand_in_has_the_micro_batch_shape_and_weighs_nothing():
-    run = SimpleNamespace(manifest={"kind": "images"}, cfg=SimpleNamespace(data=SimpleNamespace(resolution=16,
-                                                                                               image_channels=3)))
+    run = SimpleNamespace(manifest={"kind": "images"}, data=SimpleNamespace(resolution=16, image_channels=3))
     stand_in = _padded(_stand_in(run), 8)
     assert stand_in["image"].shape == (8, 3, 16, 16) and stand_in["label"].shape == (8,) and stand_in["key"] == []
-    latents = SimpleNamespace(manifest={"kind": "latents", "latent_shape": [4, 8, 8]}, cfg=run.cfg)
+    latents = SimpleNamespace(manifest={"kind": "latents", "latent_shape": [4, 8, 8]}, data=run.data)
     assert _padded(_stand_in(latents), 8)["latent"].shape == (8, 4, 8, 8)
     per_sample = torch.tensor([1.0, 3.0, 100.0, 100.0], requires_grad=True)
     _mean_of_real(per_sample, 2).backward()

@@ -158,16 +158,17 @@ def test_more_than_one_gpu_per_process_is_one_config_error_naming_the_fix():
 
 
 def test_sample_grid_leaves_the_training_vae_where_it_is(tmp_path, monkeypatch):
+    from dist_diffusion.config import unet_input_shape
     from dist_diffusion.core.models import build_unet, build_vae
     from dist_diffusion.train.grids import ema_grid
 
     cfg = load_config(ROOT / "configs/tiny.yaml", ["model.num_classes=2", "data.resolution=16", "sample.steps=2"])
-    vae = build_vae(cfg).eval().to(torch.bfloat16)  # e.g. the on-the-fly encoder in bf16 on cuda:0
+    vae = build_vae(cfg.vae, cfg.data).eval().to(torch.bfloat16)  # e.g. the on-the-fly encoder in bf16 on cuda:0
     before = [(p.device, p.dtype, p.data_ptr()) for p in vae.parameters()]
     for name in ("cpu", "cuda", "float", "half", "to"):  # any of these would move or cast it in place
         monkeypatch.setattr(vae, name, lambda *a, _n=name, **k: pytest.fail(f"vae.{_n}() called"))
-    state = build_unet(cfg).state_dict()
-    path = ema_grid(cfg, state, vae, tmp_path / "grid.png", torch.device("cpu"), per_class=2)
+    unet = build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data))
+    path = ema_grid(unet, cfg.sample, cfg.diffusion, vae, tmp_path / "grid.png", per_class=2)
     assert path.exists()
     assert [(p.device, p.dtype, p.data_ptr()) for p in vae.parameters()] == before
 
@@ -309,10 +310,10 @@ def test_any_other_nccl_error_is_shown_as_it_is_with_the_debug_variables(text, c
     assert text in shown and "lost contact" not in shown
     assert "NCCL_DEBUG=INFO" in shown and "NCCL_DEBUG_SUBSYS=INIT,NET" in shown
 
-    def work(cfg):
+    def work():
         raise err
 
-    assert run_rank(work, None) == (None, 3)
+    assert run_rank(work) == (None, 3)
     stderr = capsys.readouterr().err
     assert stderr.startswith("error: this rank: a collective failed: NCCL error in") and text in stderr
     assert "NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,NET" in stderr and "Traceback" not in stderr

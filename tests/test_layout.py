@@ -272,3 +272,58 @@ def test_the_package_root_holds_at_most_six_modules():
     train, evaluate, latents, export, stack, launch, demo)."""
     root = sorted(p.name for p in (ROOT / "dist_diffusion").glob("*.py"))
     assert len(root) <= ROOT_MODULES_MAX, root
+
+
+# Where the whole config tree may be passed: the config package (it parses and checks the
+# tree), the programs and launchers, and the one function each job starts at. Everything
+# below an entry point receives its own sections (cfg.train, cfg.sample, ...).
+WHOLE_CONFIG_MODULES = ("cli.py", "config/", "launch/", "demo/", "train/__main__.py")
+JOB_ENTRY_POINTS = {"train/loop.py": {"train", "build_run"}, "train/checks.py": {"preflight"},
+                    "train/objectives.py": {"objective"}, "evaluate/sample.py": {"evaluate", "check_inputs"},
+                    "latents/encode.py": {"encode_dataset"}, "export/writer.py": {"write_export"}}
+
+
+def whole_config_signatures(package: Path) -> list[str]:
+    """Functions with a parameter annotated ``Config`` or named ``cfg`` (the tree's name)."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+            if any(a.arg == "cfg" or (a.annotation is not None and ast.unparse(a.annotation).strip("'\"") == "Config")
+                   for a in args):
+                found.append(f"{path.relative_to(package).as_posix()}:{node.name}")
+    return found
+
+
+def test_only_entry_points_and_launchers_take_the_whole_config():
+    allowed = [s for s in whole_config_signatures(ROOT / "dist_diffusion")
+               if s.startswith(WHOLE_CONFIG_MODULES) or s.split(":")[1] in JOB_ENTRY_POINTS.get(s.split(":")[0], ())]
+    others = [s for s in whole_config_signatures(ROOT / "dist_diffusion") if s not in allowed]
+    assert others == [], f"{others}: pass the sections they read (cfg.sample, cfg.diffusion, ...), not the tree"
+    assert len(allowed) <= 25, allowed  # config/ 11, cli 3, demo 5, one per job entry 9
+
+
+def test_the_whole_config_detector_finds_both_spellings(tmp_path):
+    (tmp_path / "m.py").write_text("def a(cfg): pass\ndef b(x: Config): pass\ndef c(x: 'Config'): pass\n"
+                                   "def d(sample: SampleConfig): pass\n")
+    assert whole_config_signatures(tmp_path) == ["m.py:a", "m.py:b", "m.py:c"]
+
+
+def test_sampler_names_are_listed_only_by_the_registry():
+    """A collection naming two or more samplers anywhere but config/registry.py is a second
+    list to keep in step; the schema's choices and core's tables read the registry."""
+    from dist_diffusion.config.registry import SAMPLERS
+
+    offenders = []
+    for path in (ROOT / "dist_diffusion").rglob("*.py"):
+        if path.relative_to(ROOT / "dist_diffusion").as_posix() == "config/registry.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.List, ast.Tuple, ast.Set, ast.Dict)):
+                items = node.keys if isinstance(node, ast.Dict) else node.elts
+                named = [i.value for i in items if isinstance(i, ast.Constant) and i.value in SAMPLERS]
+                if len(named) >= 2:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {named}")
+    assert offenders == []

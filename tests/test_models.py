@@ -1,24 +1,25 @@
 import torch
 
-from dist_diffusion.config import load_config
+from dist_diffusion.config import load_config, unet_input_shape
 from dist_diffusion.core.ema import ema_decay, ema_update_
 from dist_diffusion.core.losses import diffusion_loss
 from dist_diffusion.core.models import (as_denoiser, build_unet, build_vae, count_parameters,
-                                        decode_latents, encode_images, unet_input_shape)
+                                        decode_latents, encode_images)
 from dist_diffusion.core.schedule import make_schedule
 
 
 def test_unet_presets_have_the_documented_sizes():
     base = load_config("configs/imagenet100_latent.yaml")
-    assert 30e6 < count_parameters(build_unet(base)) < 40e6  # the report's ~35M UNet
-    assert count_parameters(build_unet(load_config("configs/tiny.yaml"))) < 2e6
+    assert 30e6 < count_parameters(build_unet(base.model, unet_input_shape(base.vae, base.data))) < 40e6  # the report's ~35M UNet
+    tiny = load_config("configs/tiny.yaml")
+    assert count_parameters(build_unet(tiny.model, unet_input_shape(tiny.vae, tiny.data))) < 2e6
 
 
 def test_unet_has_a_null_class_row():
     cfg = load_config(None, ["model.num_classes=7"])
-    unet = build_unet(cfg)
+    unet = build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data))
     assert unet.class_embedding.num_embeddings == 8
-    x = torch.randn(2, *unet_input_shape(cfg))
+    x = torch.randn(2, *unet_input_shape(cfg.vae, cfg.data))
     out = as_denoiser(unet)(x, torch.tensor([3, 900]), torch.tensor([0, 7]))
     assert out.shape == x.shape
 
@@ -26,7 +27,7 @@ def test_unet_has_a_null_class_row():
 def test_tiny_unet_overfits_one_batch():
     cfg = load_config(None, ["vae.enabled=false", "data.resolution=16", "model.num_classes=4"])
     torch.manual_seed(0)
-    unet = build_unet(cfg)
+    unet = build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data))
     model, sched = as_denoiser(unet), make_schedule("linear")
     x0 = torch.rand(8, 3, 16, 16) * 2 - 1
     labels, t = torch.arange(8) % 4, torch.linspace(50, 950, 8).long()
@@ -44,13 +45,13 @@ def test_tiny_unet_overfits_one_batch():
 
 def test_vae_shapes_and_scale_factor():
     cfg = load_config("configs/tiny.yaml", ["vae.scaling_factor=0.5"])
-    vae = build_vae(cfg).eval()
+    vae = build_vae(cfg.vae, cfg.data).eval()
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         z = encode_images(vae, images, sample=False)
         mean = vae.encode(images).latent_dist.mean
         out = decode_latents(vae, z)
-    assert z.shape == (2, 4, 8, 8) == (2, *unet_input_shape(cfg))
+    assert z.shape == (2, 4, 8, 8) == (2, *unet_input_shape(cfg.vae, cfg.data))
     assert torch.allclose(z, 0.5 * mean)
     assert out.shape == images.shape
 
@@ -59,17 +60,18 @@ def test_vae_round_trips_through_save_pretrained(tmp_path):
     """Saved and loaded through vae.pretrained: the same config and every weight bitwise."""
     cfg = load_config("configs/tiny.yaml")
     torch.manual_seed(0)
-    vae = build_vae(cfg)
+    vae = build_vae(cfg.vae, cfg.data)
     vae.save_pretrained(tmp_path / "vae")
     torch.manual_seed(1)  # a loader that built a fresh VAE instead would get other weights
-    loaded = build_vae(load_config("configs/tiny.yaml", [f"vae.pretrained={tmp_path / 'vae'}"]))
+    pointed = load_config("configs/tiny.yaml", [f"vae.pretrained={tmp_path / 'vae'}"])
+    loaded = build_vae(pointed.vae, pointed.data)
     def public(config):  # JSON turns tuples into lists; _name_or_path and the like are the loader's
         return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}
     assert loaded.config.latent_channels == 4 and public(loaded.config) == public(vae.config)
     saved, got = vae.state_dict(), loaded.state_dict()
     assert list(got) == list(saved)
     assert all(got[k].dtype == saved[k].dtype and torch.equal(got[k], saved[k]) for k in saved)
-    fresh = build_vae(cfg).state_dict()  # the comparison can fail: a fresh VAE differs
+    fresh = build_vae(cfg.vae, cfg.data).state_dict()  # the comparison can fail: a fresh VAE differs
     assert not all(torch.equal(fresh[k], saved[k]) for k in saved)
 
 
@@ -77,7 +79,8 @@ def test_missing_pretrained_vae_is_a_clear_error(tmp_path):
     import pytest
     from dist_diffusion.config import ConfigError
     with pytest.raises(ConfigError, match="no diffusers config.json"):
-        build_vae(load_config("configs/tiny.yaml", [f"vae.pretrained={tmp_path}"]))
+        pointed = load_config("configs/tiny.yaml", [f"vae.pretrained={tmp_path}"])
+        build_vae(pointed.vae, pointed.data)
 
 
 def test_ema_math():

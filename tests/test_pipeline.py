@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMPipeline, DDIMScheduler, UNet2DModel
 
-from dist_diffusion.config import load_config
+from dist_diffusion.config import load_config, unet_input_shape
 from dist_diffusion.core.generate import decode_on_its_device, generate
 from dist_diffusion.core.models import build_unet, build_vae
 from dist_diffusion.core.samplers import sample_generators
@@ -28,7 +28,8 @@ def vae_export(path):
     """A VAE export as ``export vae`` writes it: a 32 px <-> 8x8x4 AutoencoderKL whose
     config.json carries per-channel latent statistics (scaling_factor 1)."""
     torch.manual_seed(1)
-    vae = build_vae(load_config("configs/tiny.yaml")).eval()
+    tiny = load_config("configs/tiny.yaml")
+    vae = build_vae(tiny.vae, tiny.data).eval()
     vae.register_to_config(**STATS, scaling_factor=1.0, shift_factor=None)
     vae.save_pretrained(path)
     (path / "dist_diffusion.json").write_text(json.dumps({"target": "vae"}))
@@ -38,7 +39,7 @@ def vae_export(path):
 def unet_export(path, overrides):
     cfg = load_config("configs/tiny.yaml", overrides)
     torch.manual_seed(0)
-    return cfg, write_export(build_unet(cfg).eval(), cfg, path, {"weights": "random"})
+    return cfg, write_export(build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data)).eval(), cfg, path, {"weights": "random"})
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,7 @@ def test_the_pair_form_when_the_vae_was_not_there_to_copy(tmp_path):
     loading it alone says to pass one, and passing the VAE export samples the same."""
     vae_dir = vae_export(tmp_path / "vae_model")
     cfg = load_config("configs/tiny.yaml", [*LATENT, f"vae.pretrained={vae_dir}"])
-    whole = write_export(build_unet(cfg).eval(), cfg, tmp_path / "whole", {"weights": "random"})
+    whole = write_export(build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data)).eval(), cfg, tmp_path / "whole", {"weights": "random"})
     shutil.move(vae_dir, tmp_path / "moved")
     torch.manual_seed(0)
     alone = write_export(UNet2DModel.from_pretrained(whole).eval(), cfg, tmp_path / "alone", {"weights": "random"})

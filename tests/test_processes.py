@@ -5,7 +5,7 @@ process and sampler resolves, and the config's choices are the registry's names.
 import pytest
 import torch
 
-from dist_diffusion.config import DiffusionConfig, SampleConfig, load_config
+from dist_diffusion.config import DiffusionConfig, SampleConfig, load_config, unet_input_shape
 from dist_diffusion.config.registry import PROCESSES, SAMPLERS
 from dist_diffusion.core.generate import generate
 from dist_diffusion.core.guidance import Guidance
@@ -50,7 +50,7 @@ def case_config(case, sampler="ddim"):
 
 def tiny_unet(cfg):
     torch.manual_seed(0)
-    return build_unet(cfg).eval()
+    return build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data)).eval()
 
 
 def direct(cfg, unet, labels, indices):

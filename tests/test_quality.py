@@ -47,7 +47,7 @@ def test_a_calibrated_vae_gives_unit_variance_latents_and_decodes_the_same(shard
     root, _ = shards
     cfg = load_config(ROOT / "configs/tiny.yaml", DATA)
     torch.manual_seed(0)
-    vae = build_vae(cfg).eval()
+    vae = build_vae(cfg.vae, cfg.data).eval()
     images = torch.cat(list(image_batches(str(root / "shards"), 10_000)))
     with torch.no_grad():
         raw = summary(encode_images(vae, images, generator=torch.Generator().manual_seed(1)))
@@ -71,7 +71,7 @@ def test_encode_records_unit_variance_for_a_calibrated_vae(shards, tmp_path):
     root, _ = shards
     cfg = load_config(ROOT / "configs/tiny.yaml", DATA)
     torch.manual_seed(0)
-    vae = build_vae(cfg).eval()
+    vae = build_vae(cfg.vae, cfg.data).eval()
     calibrate(vae, str(root / "shards"), num_images=10_000)
     vae.save_pretrained(tmp_path / "vae")
     cfg = load_config(ROOT / "configs/tiny.yaml", [*DATA, f"vae.pretrained={tmp_path / 'vae'}"])
@@ -127,7 +127,7 @@ def test_an_untrained_vae_reconstructs_held_out_images_badly(shards):
     root, _ = shards
     cfg = load_config(ROOT / "configs/tiny.yaml", DATA)
     torch.manual_seed(0)
-    vae = build_vae(cfg).eval()
+    vae = build_vae(cfg.vae, cfg.data).eval()
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     held_out = str(root / "shards/holdout")
     with torch.no_grad():
@@ -143,7 +143,8 @@ def test_calibrate_vae_writes_the_statistics_into_the_vae_directory(shards, tmp_
 
     root, manifest = shards
     torch.manual_seed(0)
-    build_vae(load_config(ROOT / "configs/tiny.yaml", DATA)).save_pretrained(tmp_path / "sd-like")
+    tiny = load_config(ROOT / "configs/tiny.yaml", DATA)
+    build_vae(tiny.vae, tiny.data).save_pretrained(tmp_path / "sd-like")
     code, _ = run_cli(["calibrate-vae", "--vae", str(tmp_path / "sd-like"), "--shards", str(root / "shards"),
                        "--out", str(tmp_path / "calibrated")], capsys)
     assert code == 0
@@ -218,8 +219,8 @@ def test_each_demo_recipe_trains_its_unet_on_the_latents_its_vae_makes(dataset, 
                               eval_samples=500)
     runs = DemoRuns(tmp_path, args)
     vae, unet = load_config("configs/vae_tiny.yaml", runs.vae), load_config("configs/tiny.yaml", runs.unet)
-    assert unet_input_shape(vae) == unet_input_shape(unet)
-    assert unet.diffusion.snr_shift == unet_input_shape(unet)[1] / 8
+    assert unet_input_shape(vae.vae, vae.data) == unet_input_shape(unet.vae, unet.data)
+    assert unet.diffusion.snr_shift == unet_input_shape(unet.vae, unet.data)[1] / 8
 
 
 def test_the_demo_bar_holds_samples_to_the_floor():
@@ -260,15 +261,15 @@ def test_an_adversarial_vae_trains_its_discriminator_beside_it_and_exports_the_v
     from diffusers import AutoencoderKL
 
     from dist_diffusion.core.vae_loss import AdversarialAutoencoder
-    from dist_diffusion.train.objectives import OBJECTIVES
+    from dist_diffusion.train.objectives import objective
 
-    cfg = load_config(ROOT / "configs/vae_tiny.yaml", ["vae.adversarial_weight=0.1"])
-    trained = OBJECTIVES["vae"].build(cfg)
+    adversarial = objective(load_config(ROOT / "configs/vae_tiny.yaml", ["vae.adversarial_weight=0.1"]))
+    trained = adversarial.build()
     assert isinstance(trained, AdversarialAutoencoder)
     assert any(name.startswith("discriminator.") for name in trained.state_dict())
-    assert isinstance(OBJECTIVES["vae"].exported(trained), AutoencoderKL)
+    assert isinstance(adversarial.exported(trained), AutoencoderKL)
     plain = load_config(ROOT / "configs/vae_tiny.yaml", ["vae.adversarial_weight=0"])
-    assert isinstance(OBJECTIVES["vae"].build(plain), AutoencoderKL)
+    assert isinstance(objective(plain).build(), AutoencoderKL)
 
 
 def test_the_adversarial_pull_is_a_fixed_fraction_of_the_reconstructions():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DModel
 
-from dist_diffusion.config import load_config
+from dist_diffusion.config import load_config, unet_input_shape
 from dist_diffusion.core.guidance import Guidance
 from dist_diffusion.core.models import as_denoiser, build_unet, decode_latents
 from dist_diffusion.core.samplers import run_sampler
@@ -54,7 +54,7 @@ def printed_paths(tmp_path_factory):
                             ("runs/pixel/unet_model", PIXEL)):
         cfg = load_config(RECIPE, overrides)
         torch.manual_seed(0)
-        write_export(build_unet(cfg).eval(), cfg, root / path, {"weights": "random"})
+        write_export(build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data)).eval(), cfg, root / path, {"weights": "random"})
     return root
 
 

@@ -13,7 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
 
 from conftest import diffusers_cfg_loop, make_class_folders, run_dist_diffusion
-from dist_diffusion.config import ConfigError, DataConfig, load_config
+from dist_diffusion.config import ConfigError, DataConfig, load_config, unet_input_shape
 from dist_diffusion.config.registry import SAMPLERS
 from dist_diffusion.core.generate import generate
 from dist_diffusion.core.guidance import Guidance
@@ -63,7 +63,7 @@ def test_euler_equals_a_diffusers_loop_with_the_exported_scheduler(tmp_path, ste
 
     cfg = flow_config(f"sample.steps={steps}")
     torch.manual_seed(0)
-    out = write_export(build_unet(cfg).eval(), cfg, tmp_path / "unet", {"weights": "random"})
+    out = write_export(build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data)).eval(), cfg, tmp_path / "unet", {"weights": "random"})
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler")
     assert scheduler.config.shift == 1.0 and scheduler.config.num_train_timesteps == 1000
     meta = json.loads((out / "dist_diffusion.json").read_text())
@@ -81,7 +81,7 @@ def test_the_pixel_export_loads_as_our_pipeline_and_samples_like_ours(tmp_path):
 
     cfg = flow_config("sample.steps=6")
     torch.manual_seed(0)
-    out = write_export(build_unet(cfg).eval(), cfg, tmp_path / "unet", {"weights": "random"})
+    out = write_export(build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data)).eval(), cfg, tmp_path / "unet", {"weights": "random"})
     index = json.loads((out / "model_index.json").read_text())
     assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"] and index["latent_space"] is False
     pipe = ClassConditionalLatentPipeline.from_pretrained(out)
@@ -162,10 +162,10 @@ def test_a_ddpm_config_refuses_a_rectified_flow_export(tmp_path):
     from dist_diffusion.export import write_export
 
     cfg = flow_config()
-    write_export(build_unet(cfg).eval(), cfg, tmp_path / "unet", {"weights": "random"})
+    write_export(build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data)).eval(), cfg, tmp_path / "unet", {"weights": "random"})
     ddpm = load_config(ROOT / "configs/tiny.yaml", [*PIXELS, f"eval.unet={tmp_path / 'unet'}"])
     with pytest.raises(ConfigError, match="it learned diffusion.process='rectified_flow', this config has 'ddpm'"):
-        check_unet_dir(ddpm)
+        check_unet_dir(ddpm.eval.unet, unet_input_shape(ddpm.vae, ddpm.data), ddpm.diffusion)
 
 
 # ---- a 2-process training run, and its export sampled on 1 and 2 processes ----

@@ -106,7 +106,7 @@ def test_a_shifted_schedule_exports_as_betas_diffusers_reproduces():
     from dist_diffusion.export import ddim_scheduler
 
     cfg = load_config("configs/tiny.yaml", ["diffusion.snr_shift=2"])
-    exported = DDIMScheduler.from_config(ddim_scheduler(cfg).config)  # what a user loads
+    exported = DDIMScheduler.from_config(ddim_scheduler(cfg.diffusion, cfg.sample).config)  # what a user loads
     ours = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_train_timesteps, snr_shift=2.0)
     assert torch.equal(exported.alphas_cumprod, ours.alphas_cumprod)
     assert not torch.equal(exported.alphas_cumprod, make_schedule(cfg.diffusion.schedule).alphas_cumprod)

@@ -14,7 +14,7 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from conftest import make_class_folders, run_dist_diffusion
-from dist_diffusion.config import DataConfig, load_config
+from dist_diffusion.config import DataConfig, load_config, unet_input_shape
 from dist_diffusion.core.models import build_unet, build_vae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,8 @@ def datasets(tmp_path_factory, s3_server):
     prepare(src, "s3://train-data/img16", DataConfig(resolution=16, samples_per_shard=40), progress=False)
     prepare(src, "s3://train-data/img32", DataConfig(resolution=32, samples_per_shard=40), progress=False)
     torch.manual_seed(0)
-    build_vae(load_config(ROOT / "configs/tiny.yaml")).save_pretrained(tmp / "vae")
+    tiny = load_config(ROOT / "configs/tiny.yaml")
+    build_vae(tiny.vae, tiny.data).save_pretrained(tmp / "vae")
     out = run_dist_diffusion(["encode", "--shards", "s3://train-data/img32",
                               "--out", "s3://train-data/lat32", "--config", "configs/tiny.yaml",
                               f"vae.pretrained={tmp / 'vae'}"], timeout=300)
@@ -79,7 +80,8 @@ def test_zero2_bf16_latents_loss_falls_and_export_matches(tmp_path, datasets):
     out = run_dist_diffusion(["export", "--run-dir", str(run), "--out", str(tmp_path / "unet")], timeout=300)
     assert out.returncode == 0, out.stderr
     exported = UNet2DModel.from_pretrained(tmp_path / "unet").eval()
-    ours = build_unet(load_config(run / "config.yaml")).eval()
+    trained = load_config(run / "config.yaml")
+    ours = build_unet(trained.model, unet_input_shape(trained.vae, trained.data)).eval()
     ours.load_state_dict(load_file(str(run / "checkpoints/step00000030/ema_rank000.safetensors")))
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.tensor([1, 4])
     with torch.no_grad():
@@ -100,7 +102,8 @@ def test_zero3_bf16_pixels_sharded_ema(tmp_path, datasets):
     assert sorted(p.name for p in folder.glob("ema_rank*")) == [f"ema_rank{r:03d}.safetensors" for r in range(2)]
     shards = [load_file(str(folder / f"ema_rank{r:03d}.safetensors")) for r in range(2)]
     per_rank = [sum(t.numel() for t in s.values()) for s in shards]
-    total = sum(p.numel() for p in build_unet(load_config(run / "config.yaml")).parameters())
+    trained = load_config(run / "config.yaml")
+    total = sum(p.numel() for p in build_unet(trained.model, unet_input_shape(trained.vae, trained.data)).parameters())
     assert all(0.49 * total <= n <= 0.51 * total for n in per_rank), (per_rank, total)
     for name in ("ema", "raw"):
         args = ["--raw"] if name == "raw" else []

@@ -47,6 +47,15 @@ def derive(cfg: Config, changes: dict[str, Any], source: str = "derived config")
 _MISSING = object()
 
 
+def replaced(section: Any, **changes: Any) -> Any:
+    """A frozen copy of one section with some fields changed, for values the whole tree was
+    validated with already (a sweep's points: config.rules checks each when the config
+    loads), so nothing re-validates the tree for each of them."""
+    copy = dataclasses.replace(section, **changes)
+    _freeze(copy)
+    return copy
+
+
 def _validated(cfg: Config, source: str) -> Config:
     validate(cfg, source=source)
     _freeze(cfg)

@@ -70,9 +70,9 @@ def _cross_problems(cfg: Config) -> List[str]:
         # (under Ray) be another worker's
         problems.append(f"launch.gpus_per_worker={cfg.launch.gpus_per_worker}: each process drives one GPU; "
                         f"set launch.gpus_per_worker=1 and raise launch.workers_per_node to use more GPUs")
-    if cfg.data.resolution % latent_downsample(cfg):
+    if cfg.data.resolution % latent_downsample(cfg.vae):
         problems.append(f"data.resolution={cfg.data.resolution} must be divisible by the VAE "
-                        f"downsampling factor {latent_downsample(cfg)}")
+                        f"downsampling factor {latent_downsample(cfg.vae)}")
     pretrained_channels = pretrained_vae_config(cfg.vae.pretrained).get("latent_channels")
     if pretrained_channels not in (None, cfg.vae.latent_channels):
         problems.append(f"vae.latent_channels={cfg.vae.latent_channels} but the VAE in {cfg.vae.pretrained} has "

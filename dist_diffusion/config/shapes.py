@@ -7,15 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .schema import Config
+from .schema import DataConfig, VAEConfig
 
 
-def latent_downsample(cfg: Config) -> int:
+def latent_downsample(v: VAEConfig) -> int:
     """Spatial factor between images and latents (1 without a VAE): a pretrained VAE's own,
     from its config.json, so a recipe's vae.block_out_channels cannot disagree with it."""
-    if not cfg.vae.enabled:
+    if not v.enabled:
         return 1
-    levels = pretrained_vae_config(cfg.vae.pretrained).get("block_out_channels", cfg.vae.block_out_channels)
+    levels = pretrained_vae_config(v.pretrained).get("block_out_channels", v.block_out_channels)
     return 2 ** (len(levels) - 1)
 
 
@@ -30,8 +30,8 @@ def pretrained_vae_config(path: str) -> dict:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def unet_input_shape(cfg: Config) -> tuple[int, int, int]:
+def unet_input_shape(v: VAEConfig, data: DataConfig) -> tuple[int, int, int]:
     """(C, H, W) the UNet sees: VAE latents, or the images themselves in pixel space."""
-    side = cfg.data.resolution // latent_downsample(cfg)
-    channels = cfg.vae.latent_channels if cfg.vae.enabled else cfg.data.image_channels
+    side = data.resolution // latent_downsample(v)
+    channels = v.latent_channels if v.enabled else data.image_channels
     return channels, side, side

@@ -8,17 +8,16 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DModel
 
-from ..config import Config, ConfigError
-from ..config.shapes import unet_input_shape
+from ..config import ConfigError, DataConfig, ModelConfig, VAEConfig
 from .latent_stats import denormalise, latent_affine, normalise
 from .losses import Denoiser
 
 
-def build_unet(cfg: Config) -> UNet2DModel:
+def build_unet(m: ModelConfig, input_shape: tuple[int, int, int]) -> UNet2DModel:
     """UNet with a learned class embedding of num_classes + 1 rows; the last row is the
-    null label that classifier-free guidance trains and samples with."""
-    m = cfg.model
-    channels, side, _ = unet_input_shape(cfg)
+    null label that classifier-free guidance trains and samples with. ``input_shape`` is
+    the (C, H, W) it denoises (config.shapes.unet_input_shape)."""
+    channels, side, _ = input_shape
     down = ["AttnDownBlock2D" if attn else "DownBlock2D" for attn in m.attention_levels]
     up = ["AttnUpBlock2D" if attn else "UpBlock2D" for attn in reversed(m.attention_levels)]
     return UNet2DModel(
@@ -30,8 +29,8 @@ def build_unet(cfg: Config) -> UNet2DModel:
     )
 
 
-def null_label(cfg: Config) -> int:
-    return cfg.model.num_classes
+def null_label(m: ModelConfig) -> int:
+    return m.num_classes
 
 
 def as_denoiser(unet: torch.nn.Module) -> Denoiser:
@@ -41,18 +40,18 @@ def as_denoiser(unet: torch.nn.Module) -> Denoiser:
     return denoise
 
 
-def build_vae(cfg: Config) -> AutoencoderKL:
-    """The configured VAE: ``vae.pretrained`` (a diffusers directory) or a fresh small one."""
-    v = cfg.vae
+def build_vae(v: VAEConfig, data: DataConfig) -> AutoencoderKL:
+    """The configured VAE: ``vae.pretrained`` (a diffusers directory) or a fresh small one
+    for ``data``'s images."""
     if v.pretrained:
         return _load_pretrained_vae(Path(v.pretrained))
     levels = len(v.block_out_channels)
     return AutoencoderKL(
-        in_channels=cfg.data.image_channels, out_channels=cfg.data.image_channels,
+        in_channels=data.image_channels, out_channels=data.image_channels,
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=tuple(v.block_out_channels), layers_per_block=v.layers_per_block,
         latent_channels=v.latent_channels, norm_num_groups=v.norm_num_groups,
-        sample_size=cfg.data.resolution, scaling_factor=v.scaling_factor,
+        sample_size=data.resolution, scaling_factor=v.scaling_factor,
     )
 
 
@@ -88,8 +87,8 @@ def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def build_classifier(cfg: Config):
+def build_classifier(m: ModelConfig, data: DataConfig):
     """The domain classifier for this dataset: its classes, at the data resolution."""
     from .classifier import DomainClassifier
 
-    return DomainClassifier(num_classes=cfg.model.num_classes, resolution=cfg.data.resolution)
+    return DomainClassifier(num_classes=m.num_classes, resolution=data.resolution)

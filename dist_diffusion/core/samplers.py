@@ -56,15 +56,15 @@ def _check_inputs(schedule: NoiseSchedule, noise: torch.Tensor, labels: torch.Te
         raise ValueError("a stochastic sampler needs one torch.Generator per sample")
 
 
-def _alpha_bars(schedule: NoiseSchedule, t: int, t_prev: int, device) -> tuple:
-    """(alpha_bar_t, alpha_bar_prev) as 0-d float32 tensors; t_prev = -1 is the clean image."""
-    a = schedule.alpha_bar(torch.tensor([t, t_prev]))
-    return a[0].to(device), a[1].to(device)
-
-
-def _iterate(timesteps: torch.Tensor, progress: Optional[Progress]):
+def _steps(schedule: NoiseSchedule, timesteps: torch.Tensor, device, progress: Optional[Progress]):
+    """(t, t_prev, alpha_bar_t, alpha_bar_prev) per step; t_prev = -1 is the clean image. The
+    alpha_bar pairs are looked up in one indexing on the schedule's device and moved to
+    ``device`` once, so no step copies an index or a value between host and GPU."""
     pairs = list(zip(timesteps.tolist(), timesteps.tolist()[1:] + [-1]))
-    return progress(pairs) if progress else pairs
+    where = schedule.alphas_cumprod.device
+    table = schedule.alpha_bar(torch.tensor(pairs, dtype=torch.long).reshape(-1).to(where)).reshape(-1, 2).to(device)
+    steps = [(t, t_prev, table[i, 0], table[i, 1]) for i, (t, t_prev) in enumerate(pairs)]
+    return progress(steps) if progress else steps
 
 
 def ddpm_sample(model: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor,
@@ -76,8 +76,7 @@ def ddpm_sample(model: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor,
     _check_inputs(schedule, noise, labels, generators, needs_generators=True)
     x = noise.float()
     all_t = torch.arange(schedule.num_timesteps - 1, -1, -1)
-    for t, t_prev in _iterate(all_t, progress):
-        a_t, a_prev = _alpha_bars(schedule, t, t_prev, x.device)
+    for t, t_prev, a_t, a_prev in _steps(schedule, all_t, x.device, progress):
         out = guided_output(model, x, t, labels, guidance).float()
         x0, _ = split_prediction(prediction, out, x, a_t)
         x0 = x0.clamp(-1, 1) if clip_x0 else x0
@@ -101,8 +100,7 @@ def ddim_sample(model: Denoiser, schedule: NoiseSchedule, timesteps: torch.Tenso
         raise ValueError(f"DDIM eta={eta} must be in [0, 1]")
     _check_inputs(schedule, noise, labels, generators, needs_generators=eta > 0)
     x = noise.float()
-    for t, t_prev in _iterate(timesteps, progress):
-        a_t, a_prev = _alpha_bars(schedule, t, t_prev, x.device)
+    for t, t_prev, a_t, a_prev in _steps(schedule, timesteps, x.device, progress):
         out = guided_output(model, x, t, labels, guidance).float()
         x0, eps = split_prediction(prediction, out, x, a_t)
         if clip_x0:
@@ -126,8 +124,7 @@ def dpm_solver_2m_sample(model: Denoiser, schedule: NoiseSchedule, timesteps: to
     clean image (where sigma = 0), second-order (midpoint form) in between."""
     _check_inputs(schedule, noise, labels, None, needs_generators=False)
     x, prev = noise.float(), None  # prev: (x0_hat, lambda) of the previous step
-    for t, t_prev in _iterate(timesteps, progress):
-        a_t, a_next = _alpha_bars(schedule, t, t_prev, x.device)
+    for t, t_prev, a_t, a_next in _steps(schedule, timesteps, x.device, progress):
         out = guided_output(model, x, t, labels, guidance).float()
         alpha_s, sigma_s = _alpha_sigma(a_t)
         x0, _ = split_prediction(prediction, out, x, alpha_s ** 2)
@@ -169,8 +166,7 @@ def unipc_sample(model: Denoiser, schedule: NoiseSchedule, timesteps: torch.Tens
     _check_inputs(schedule, noise, labels, None, needs_generators=False)
     x, history = noise.float(), []  # history: (x0_hat, lambda, sigma) per point, newest last
     last_x, last_order, n = None, 0, len(timesteps)
-    for i, (t, t_prev) in enumerate(_iterate(timesteps, progress)):
-        a_t, a_next = _alpha_bars(schedule, t, t_prev, x.device)
+    for i, (t, t_prev, a_t, a_next) in enumerate(_steps(schedule, timesteps, x.device, progress)):
         out = guided_output(model, x, t, labels, guidance).float()
         alpha_s, sigma_s = _alpha_sigma(a_t)
         x0, _ = split_prediction(prediction, out, x, alpha_s ** 2)

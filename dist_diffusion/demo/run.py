@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..cli import run_forked
-from ..config import Config, ConfigError, derive, load_config
+from ..config import Config, ConfigError, derive, load_config, unet_input_shape
 from ..core.models import build_unet
 from ..data import storage
 from ..data.prepare import prepare
@@ -200,7 +200,7 @@ def _untrained_unet(cfg: Config, out: Path) -> Path:
     """The UNet as training starts it (same seed, step 0): the baseline of the quality bar."""
     torch.manual_seed(cfg.train.seed)
     path = out / "unet_untrained"
-    build_unet(cfg).save_pretrained(path)
+    build_unet(cfg.model, unet_input_shape(cfg.vae, cfg.data)).save_pretrained(path)
     return path
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..config import Config
+from ..config import EvalConfig, SampleConfig
 from ..config.registry import SAMPLERS
 from ..data import storage
 from ..logs import get_logger
@@ -19,13 +19,15 @@ COLUMNS = [("guidance_scale", "CFG", "{:g}"), ("guidance_interval", "interval", 
            ("seconds", "seconds", "{:.1f}"), ("samples_per_s", "samples/s", "{:.2f}")]
 
 
-def result_row(cfg: Config, point, metrics: dict, seconds: float, resumed_shards: int) -> dict:
-    return {"guidance_scale": point.guidance_scale, "guidance_interval": list(cfg.sample.guidance_interval) or None,
-            "sampler": point.sampler, "steps": point.steps, "eta": cfg.sample.eta,
-            "nfe": SAMPLERS[point.sampler].network_evaluations(point.steps, cfg.diffusion.num_train_timesteps),
-            "num_samples": cfg.sample.num_samples, "seed": cfg.sample.seed, "checkpoint": _checkpoint(cfg.eval.unet),
-            **metrics, "seconds": seconds, "samples_per_s": cfg.sample.num_samples / max(seconds, 1e-9),
-            "resumed_shards": resumed_shards, "samples": str(storage.parse(cfg.eval.out).join(point.name))}
+def result_row(sample: SampleConfig, num_train_timesteps: int, ev: EvalConfig, point_name: str, metrics: dict,
+               seconds: float, resumed_shards: int) -> dict:
+    """One report row: ``sample`` holds the point's sampler, steps and guidance scale."""
+    return {"guidance_scale": sample.guidance_scale, "guidance_interval": list(sample.guidance_interval) or None,
+            "sampler": sample.sampler, "steps": sample.steps, "eta": sample.eta,
+            "nfe": SAMPLERS[sample.sampler].network_evaluations(sample.steps, num_train_timesteps),
+            "num_samples": sample.num_samples, "seed": sample.seed, "checkpoint": _checkpoint(ev.unet),
+            **metrics, "seconds": seconds, "samples_per_s": sample.num_samples / max(seconds, 1e-9),
+            "resumed_shards": resumed_shards, "samples": str(storage.parse(ev.out).join(point_name))}
 
 
 def _checkpoint(unet_dir: str) -> str:
@@ -45,11 +47,11 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(cfg: Config, rows: list[dict], features: str | None, judging: dict | None = None) -> None:
-    out = storage.parse(cfg.eval.out)
-    report = {"unet": cfg.eval.unet, "features": features, **(judging or {}), "results": rows}
+def write_report(ev: EvalConfig, rows: list[dict], features: str | None, judging: dict | None = None) -> None:
+    out = storage.parse(ev.out)
+    report = {"unet": ev.unet, "features": features, **(judging or {}), "results": rows}
     storage.write_bytes(out.join("report.json"), (json.dumps(report, indent=2) + "\n").encode())
-    text = f"# Evaluation of {_checkpoint(cfg.eval.unet)}\n\nfeatures: {features or 'none'}\n\n" + _judging_lines(judging or {})
+    text = f"# Evaluation of {_checkpoint(ev.unet)}\n\nfeatures: {features or 'none'}\n\n" + _judging_lines(judging or {})
     text += markdown(rows)
     storage.write_bytes(out.join("report.md"), text.encode())
     LOG.info(text)

@@ -24,7 +24,8 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, derive, parse_sampler_entry
+from ..config import (Config, ConfigError, DataConfig, DiffusionConfig, EvalConfig, SampleConfig, VAEConfig,
+                      parse_sampler_entry, replaced)
 from ..config.registry import SAMPLERS
 from ..config.shapes import unet_input_shape
 from ..data import storage
@@ -61,18 +62,34 @@ class Point:
         prefix = "" if self.sampler == self.default_sampler else f"{self.sampler}_"
         return f"{prefix}cfg{self.guidance_scale:g}_steps{self.steps}"
 
+    def applied_to(self, sample: SampleConfig) -> SampleConfig:
+        """``sample`` with this point's sampler, steps and scale: what generate() reads."""
+        return replaced(sample, guidance_scale=self.guidance_scale, steps=self.steps, sampler=self.sampler)
 
-def sweep(cfg: Config) -> list[Point]:
+
+@dataclass(frozen=True)
+class EvalJob:
+    """What the sampling job reads of the config: its own section, the sampler's and the
+    forward process's, and the classes and side of what it samples."""
+
+    eval: EvalConfig
+    sample: SampleConfig
+    diffusion: DiffusionConfig
+    num_classes: int
+    resolution: int
+
+
+def sweep(sample: SampleConfig, ev: EvalConfig, num_train_timesteps: int) -> list[Point]:
     """eval.samplers x steps x CFG scales, in that order. A sampler given as NAME:STEPS takes
     its own step count; a sampler that walks all T steps whatever the count (ddpm) is one point
     per scale."""
-    scales = cfg.eval.guidance_scales or [cfg.sample.guidance_scale]
+    scales = ev.guidance_scales or [sample.guidance_scale]
     points = []
-    for sampler, pinned in map(parse_sampler_entry, cfg.eval.samplers or [cfg.sample.sampler]):
-        counts = [pinned] if pinned else cfg.eval.steps or [cfg.sample.steps]
+    for sampler, pinned in map(parse_sampler_entry, ev.samplers or [sample.sampler]):
+        counts = [pinned] if pinned else ev.steps or [sample.steps]
         if SAMPLERS[sampler].all_steps:
-            counts = [cfg.diffusion.num_train_timesteps]
-        points += [Point(float(s), int(n), sampler, cfg.sample.sampler) for n in dict.fromkeys(counts) for s in scales]
+            counts = [num_train_timesteps]
+        points += [Point(float(s), int(n), sampler, sample.sampler) for n in dict.fromkeys(counts) for s in scales]
     return list(dict.fromkeys(points))
 
 
@@ -92,27 +109,32 @@ def evaluate(cfg: Config) -> list[dict]:
         LOG.info(describe(env))
     stops = StopRequests(cfg.train.preempt_signals)  # Ctrl-C, SIGTERM: stop at the next shard boundary
     try:
-        return _evaluate_sweep(cfg, env, stops)
+        job = EvalJob(cfg.eval, cfg.sample, cfg.diffusion, cfg.model.num_classes, cfg.data.resolution)
+        unet, vae = load_models(cfg.eval.unet, unet_input_shape(cfg.vae, cfg.data), cfg.diffusion, cfg.vae,
+                                cfg.data, device())
+        extractor = build_extractor(cfg.eval, device()) if cfg.eval.metrics else None
+        judge = Judge(cfg.eval.reference or cfg.data.shards, cfg.sample.num_samples, cfg.eval.classifier,
+                      extractor, env) if extractor else None
+        return _evaluate_sweep(job, unet, vae, extractor, judge, env, stops)
     finally:
         stops.close()
 
 
-def _evaluate_sweep(cfg: Config, env, stops: StopRequests) -> list[dict]:
-    unet, vae = load_models(cfg, device())
-    extractor = build_extractor(cfg.eval, device()) if cfg.eval.metrics else None
-    judge = Judge(cfg, extractor, env) if extractor else None
+def _evaluate_sweep(job: EvalJob, unet, vae, extractor: Extractor | None, judge: "Judge | None", env,
+                    stops: StopRequests) -> list[dict]:
     rows = []
-    for point in sweep(cfg):
+    for point in sweep(job.sample, job.eval, job.diffusion.num_train_timesteps):
         started = time.monotonic()
-        point_features, resumed = sample_point(cfg, point, unet, vae, extractor, env, stops)
+        point_features, resumed = sample_point(job, point, unet, vae, extractor, env, stops)
         seconds = time.monotonic() - started
         metrics = judge.score(point_features) if point_features is not None else {}
         barrier()  # the main rank scored; no rank goes on to the next point's shards before
-        rows.append(result_row(cfg, point, metrics, seconds, resumed))
+        rows.append(result_row(point.applied_to(job.sample), job.diffusion.num_train_timesteps, job.eval, point.name,
+                               metrics, seconds, resumed))
         if env.is_main:
-            save_point_grid(cfg, point)
+            save_point_grid(job, point)
     if env.is_main:
-        write_report(cfg, rows, extractor.id if extractor else None, judge.summary() if judge else {})
+        write_report(job.eval, rows, extractor.id if extractor else None, judge.summary() if judge else {})
     return rows
 
 
@@ -120,16 +142,16 @@ class Judge:
     """What samples are scored against: the reference statistics, as many real reference
     features as samples (KID, precision/recall), and the real-data FID floor at that N."""
 
-    def __init__(self, cfg: Config, extractor: Extractor, env):
-        self.extractor, shards, n = extractor, cfg.eval.reference or cfg.data.shards, cfg.sample.num_samples
+    def __init__(self, shards: str, n: int, classifier_dir: str, extractor: Extractor, env):
         if not shards:
             raise ConfigError("eval.metrics needs reference images: set eval.reference (or data.shards) to the "
                               "image shards from prepare (held-out images: prepare with data.holdout_fraction)")
+        self.extractor = extractor
         self.reference, cached = reference_stats(shards, extractor, env)
         self.real = reference_features(shards, extractor, n) if env.is_main else None
         floor_shards, self.floor_source = floor_images(shards)
         self.floor = real_floor(self.reference, floor_shards, extractor, n, env)
-        self.shards, self.classifier = shards, _classifier_record(cfg.eval.classifier)
+        self.shards, self.classifier = shards, _classifier_record(classifier_dir)
         if env.is_main:
             LOG.info(f"reference statistics of {shards} ({self.reference.count} images, {extractor.id}): "
                      f"{'cached' if cached else 'computed and cached'}; FID of {self.floor['fid_real_floor_n']} "
@@ -155,15 +177,16 @@ def _classifier_record(classifier_dir: str) -> dict:
     return {"classifier_accuracy": accuracy} if accuracy else {}
 
 
-def load_models(cfg: Config, where: torch.device):
+def load_models(unet_dir: str, want_shape: tuple[int, int, int], diffusion: DiffusionConfig, v: VAEConfig,
+                data: DataConfig, where: torch.device):
     """The exported UNet and (latent space) the VAE, in fp32 on ``where``."""
     from diffusers import UNet2DModel
 
     from ..core.models import build_vae
 
-    check_unet_dir(cfg)
-    unet = UNet2DModel.from_pretrained(cfg.eval.unet).eval().float().to(where)
-    vae = build_vae(cfg).eval().float().to(where) if cfg.vae.enabled else None
+    check_unet_dir(unet_dir, want_shape, diffusion)
+    unet = UNet2DModel.from_pretrained(unet_dir).eval().float().to(where)
+    vae = build_vae(v, data).eval().float().to(where) if v.enabled else None
     return unet, vae
 
 
@@ -171,7 +194,7 @@ def check_inputs(cfg: Config) -> None:
     """What the job reads, checked before any rank starts, each failure one line naming
     the key: the UNet export, with metrics on the reference and the feature network, and
     in latent space the VAE that decodes."""
-    check_unet_dir(cfg)
+    check_unet_dir(cfg.eval.unet, unet_input_shape(cfg.vae, cfg.data), cfg.diffusion)
     storage.check_bucket(cfg.eval.out)  # not found out at the first shard written
     if cfg.eval.metrics:
         if not (cfg.eval.reference or cfg.data.shards):
@@ -184,36 +207,35 @@ def check_inputs(cfg: Config) -> None:
                           f"vae.pretrained (or vae.enabled=false for a pixel-space UNet)")
 
 
-def check_unet_dir(cfg: Config) -> None:
+def check_unet_dir(path: str, want_shape: tuple[int, int, int], diffusion: DiffusionConfig) -> None:
     """eval.unet must be a diffusers UNet2DModel directory (an export of a UNet run, not of
-    its VAE or classifier) whose input shape and forward process are this config's: one
-    line naming what differs, before any rank starts. A mismatch would not fail later: a
-    convolutional UNet denoises any latent size, and any schedule, just badly."""
-    path = cfg.eval.unet
+    its VAE or classifier) whose input shape (``want_shape``) and forward process are this
+    config's: one line naming what differs, before any rank starts. A mismatch would not fail
+    later: a convolutional UNet denoises any latent size, and any schedule, just badly."""
     config = Path(path) / "config.json" if path else None
     kind = json.loads(config.read_text()).get("_class_name") if config and config.is_file() else None
     if kind != "UNet2DModel":
         what = f"an exported {kind}, not a UNet" if kind else "not an exported UNet directory"
         raise ConfigError(f"eval.unet={path!r} is {what}; run `dist-diffusion export --run-dir RUN "
                           f"--out DIR` on a UNet run (train.target=unet) and pass eval.unet=DIR")
-    problems = _unlike_export(cfg, Path(path))
+    problems = _unlike_export(Path(path), want_shape, diffusion)
     if problems:
         raise ConfigError(f"eval.unet={path} was trained otherwise: " + "; ".join(problems) +
                           "; set those keys as in the run's config.yaml")
 
 
-def _unlike_export(cfg: Config, path: Path) -> list[str]:
+def _unlike_export(path: Path, want: tuple[int, int, int], diffusion: DiffusionConfig) -> list[str]:
     net = json.loads((path / "config.json").read_text())
     side = net.get("sample_size")
     side = tuple(side) if isinstance(side, (list, tuple)) else (side, side)
-    have, want = (net.get("in_channels"), *side), unet_input_shape(cfg)
+    have = (net.get("in_channels"), *side)
     problems = []
-    if None not in have and have != want:
+    if None not in have and have != tuple(want):
         problems.append(f"it denoises {'x'.join(map(str, have))} inputs, this config samples {'x'.join(map(str, want))} "
                         f"(data.resolution, vae.latent_channels, vae.block_out_channels)")
     meta_file = path / "dist_diffusion.json"  # absent: not our export, nothing recorded to check
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    process = make_process(cfg.diffusion)  # the keys its export records; older exports imply some
+    process = make_process(diffusion)  # the keys its export records; older exports imply some
     for key, here in process.export_record().items() if meta else ():
         learned = meta.get(key, process.recorded_before.get(key))
         if learned is not None and learned != here:
@@ -221,35 +243,35 @@ def _unlike_export(cfg: Config, path: Path) -> list[str]:
     return problems
 
 
-def sample_point(cfg: Config, point: Point, unet, vae, extractor: Extractor | None,
+def sample_point(job: EvalJob, point: Point, unet, vae, extractor: Extractor | None,
                  env, stops: StopRequests | None = None) -> tuple["PointFeatures | None", int]:
     """This rank's shards of one sweep point. Returns, on the main rank with an extractor,
     the point's features and statistics (else None), and on every rank the shards reused.
     A stop request (Ctrl-C, SIGTERM) ends the rank after the shard it is writing: every
     finished shard is kept, and the same command resumes from them."""
-    out = storage.parse(cfg.eval.out).join(point.name)
-    n, per_shard = cfg.sample.num_samples, cfg.eval.samples_per_shard
+    out = storage.parse(job.eval.out).join(point.name)
+    n, per_shard = job.sample.num_samples, job.eval.samples_per_shard
     shards = math.ceil(n / per_shard)
     mine = list(range(env.rank, shards, env.world_size))
     resumed = 0
     bar = tqdm(total=sum(min(n, (k + 1) * per_shard) - k * per_shard for k in mine), unit="img",
                desc=f"sample {point.name}", disable=not env.is_main)
-    point_cfg = derive(cfg, {"sample.guidance_scale": point.guidance_scale, "sample.steps": point.steps,
-                             "sample.sampler": point.sampler}, f"sweep point {point.name}")
+    settings = point.applied_to(job.sample)
     for k in mine:
         indices = list(range(k * per_shard, min(n, (k + 1) * per_shard)))
         if storage.exists(out.join(f"samples-{k:06d}.npz")):
             resumed += 1
             bar.update(len(indices))
         else:
-            _make_shard(point_cfg, unet, vae, extractor, indices, out, k, bar)
+            _make_shard(settings, job.diffusion, job.num_classes, job.eval.write_png, unet, vae, extractor, indices,
+                        out, k, bar)
         if stops is not None and stops.reason() != NO_STOP:
             bar.close()
             _stop_between_shards(point, k, stops.reason(), env.is_main)
     bar.close()
     resumed = int(all_reduce_sum(np.array([float(resumed)]))[0])  # also: every shard is written now
-    if cfg.eval.npz and env.is_main:
-        write_adm_npz(out, shards, n, cfg.data.resolution)
+    if job.eval.npz and env.is_main:
+        write_adm_npz(out, shards, n, job.resolution)
     point_features = shard_order_sums(out, shards, extractor) if extractor is not None and env.is_main else None
     return point_features, resumed
 
@@ -293,19 +315,20 @@ def labels_for(num_classes: int, indices: list[int]) -> torch.Tensor:
     return torch.tensor([i % num_classes for i in indices])
 
 
-def _make_shard(cfg: Config, unet, vae, extractor, indices: list[int], out, k: int, bar) -> dict:
+def _make_shard(sample: SampleConfig, diffusion: DiffusionConfig, num_classes: int, write_png: bool, unet, vae,
+                extractor, indices: list[int], out, k: int, bar) -> dict:
     images = []
-    for start in range(0, len(indices), cfg.sample.batch_size):
-        idx = indices[start:start + cfg.sample.batch_size]
-        x = generate(cfg.sample, cfg.diffusion, unet, labels_for(cfg.model.num_classes, idx), idx)
+    for start in range(0, len(indices), sample.batch_size):
+        idx = indices[start:start + sample.batch_size]
+        x = generate(sample, diffusion, unet, labels_for(num_classes, idx), idx)
         if vae is not None:
-            x = decode_on_its_device(vae, x, cfg.sample.network_batch)
+            x = decode_on_its_device(vae, x, sample.network_batch)
         images.append(to_uint8(x[:, :3]).cpu())
         bar.update(len(idx))
         bar.set_postfix(img_per_s=f"{bar.n / max(bar.format_dict['elapsed'], 1e-9):.1f}")
     images = torch.cat(images)
-    labels = labels_for(cfg.model.num_classes, indices).numpy()
-    _write_images(out, k, indices, images, labels, cfg.eval.write_png)
+    labels = labels_for(num_classes, indices).numpy()
+    _write_images(out, k, indices, images, labels, write_png)
     feats, logits = extractor(images) if extractor else (np.zeros((len(indices), 1)), np.zeros((len(indices), 1)))
     record = {"labels": labels, "features": feats.astype(np.float32), "logits": logits.astype(np.float32)}
     buf = io.BytesIO()
@@ -352,16 +375,16 @@ def score(point: PointFeatures, reference: FeatureSums, real: np.ndarray | None,
     return metrics
 
 
-def save_point_grid(cfg: Config, point: Point) -> None:
+def save_point_grid(job: EvalJob, point: Point) -> None:
     """Grid of the first samples, one row per class (at most 10), read back from the shards."""
     from ..data.stream import parse_tar
 
-    out = storage.parse(cfg.eval.out).join(point.name)
-    classes = min(cfg.model.num_classes, 10)
-    per = min(cfg.eval.grid_per_class, cfg.sample.num_samples // cfg.model.num_classes)
+    out, num_classes, n = storage.parse(job.eval.out).join(point.name), job.num_classes, job.sample.num_samples
+    classes = min(num_classes, 10)
+    per = min(job.eval.grid_per_class, n // num_classes)
     if per == 0:
         return
-    needed = min(cfg.sample.num_samples, cfg.model.num_classes * per)
+    needed = min(n, num_classes * per)
     images, k = {}, 0
     while len(images) < needed and storage.exists(out.join(f"samples-{k:06d}.tar")):
         for s in parse_tar(storage.read_bytes(out.join(f"samples-{k:06d}.tar"))):
@@ -369,7 +392,7 @@ def save_point_grid(cfg: Config, point: Point) -> None:
             if i < needed:
                 images[i] = torch.from_numpy(np.array(Image.open(io.BytesIO(s["png"])).convert("RGB"))).permute(2, 0, 1)
         k += 1
-    rows = [[images[i] for i in sorted(images) if i % cfg.model.num_classes == c][:per] for c in range(classes)]
+    rows = [[images[i] for i in sorted(images) if i % num_classes == c][:per] for c in range(classes)]
     rows = [r for r in rows if len(r) == per]
     if not rows:
         return

@@ -26,7 +26,7 @@ import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, DiffusionConfig, SampleConfig, VAEConfig, load_config
 from ..core.processes import make_process
 from ..runtime.checkpoint import COMPLETE, consolidated_fp32_state, ema_file, ema_files, latest_complete
 from ..train.objectives import objective
@@ -41,11 +41,12 @@ def export_model(run_dir: str | Path, out: str | Path, weights: str = "ema") -> 
         raise ConfigError(f"{run_dir} has no complete checkpoint; train first (or point --run-dir "
                           f"at the run's directory)")
     cfg = load_config(run_dir / "config.yaml")
-    trained = objective(cfg).build(cfg)
+    goal = objective(cfg)
+    trained = goal.build()
     state = _ema_state(root / tag, trained) if weights == "ema" else consolidated_fp32_state(root, tag)
     trained.load_state_dict(state)
-    model = objective(cfg).exported(trained)
-    measured = objective(cfg).measure_export(model, cfg)
+    model = goal.exported(trained)
+    measured = goal.measure_export(model)
     write_export(model, cfg, out, {"checkpoint": str(root / tag), "weights": weights, **measured})
     if measured:  # the run keeps what its export measured on held-out data, beside metrics.jsonl
         record = {"checkpoint": tag, "weights": weights, "export": str(out), **measured}
@@ -65,7 +66,7 @@ def write_export(model: torch.nn.Module, cfg: Config, out: Path, provenance: dic
         scheduler.save_pretrained(out / "scheduler")
         _link_unet(out)
         if cfg.vae.enabled:
-            _as_latent_pipeline(out, cfg, type(scheduler).__name__)
+            _as_latent_pipeline(out, cfg.vae, cfg.model.num_classes, type(scheduler).__name__)
         elif type(scheduler).__name__ == "DDIMScheduler":
             _write_index(out, "DDIMPipeline", "DDIMScheduler")
         else:  # DDIMPipeline steps with DDIM's arguments; ours takes any scheduler
@@ -74,9 +75,9 @@ def write_export(model: torch.nn.Module, cfg: Config, out: Path, provenance: dic
     return out
 
 
-def ddim_scheduler(cfg: Config):
+def ddim_scheduler(diffusion: DiffusionConfig, sample: SampleConfig):
     """diffusers' DDIMScheduler of a ddpm run (the scheduler its export carries)."""
-    return make_process(cfg.diffusion).diffusers_scheduler(cfg.sample)
+    return make_process(diffusion).diffusers_scheduler(sample)
 
 
 def _link_unet(out: Path) -> None:
@@ -93,12 +94,12 @@ def _link_unet(out: Path) -> None:
             shutil.copyfile(out / name, unet_dir / name)
 
 
-def _as_latent_pipeline(out: Path, cfg: Config, scheduler: str) -> None:
+def _as_latent_pipeline(out: Path, v: VAEConfig, null_label: int, scheduler: str) -> None:
     """``vae/``: a copy (not a link: re-exporting the VAE run rewrites its files in place) of
     the run's ``vae.pretrained`` directory, whose config.json holds latents_mean/latents_std.
     Without one to copy (moved, or on S3), model_index.json names no VAE and the pipeline
     asks for ``vae=`` when it loads."""
-    source, vae_dir = Path(cfg.vae.pretrained) if cfg.vae.pretrained else None, out / "vae"
+    source, vae_dir = Path(v.pretrained) if v.pretrained else None, out / "vae"
     shutil.rmtree(vae_dir, ignore_errors=True)
     has_vae = source is not None and (source / "config.json").is_file()
     if has_vae:
@@ -107,7 +108,7 @@ def _as_latent_pipeline(out: Path, cfg: Config, scheduler: str) -> None:
             if path.is_file() and path.name != "dist_diffusion.json":
                 shutil.copyfile(path, vae_dir / path.name)
     _write_index(out, "ClassConditionalLatentPipeline", scheduler, latent_space=True,
-                 null_class_label=cfg.model.num_classes,
+                 null_class_label=null_label,
                  vae=["diffusers", "AutoencoderKL"] if has_vae else [None, None])
 
 

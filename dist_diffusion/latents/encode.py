@@ -38,7 +38,7 @@ def encode_dataset(cfg: Config, src_url: str, out_url: str, env: ProcessEnv,
     source = load_manifest(src_url)
     storage.check_bucket(out_url)
     where = select_device(cfg.runtime.device, env.local_rank)  # cuda:LOCAL_RANK, not every rank on cuda:0
-    vae = build_vae(cfg).eval().to(where)
+    vae = build_vae(cfg.vae, cfg.data).eval().to(where)
     mine = [e for i, e in enumerate(source["shards"]) if i % env.world_size == env.rank]
     for entry in tqdm(mine, desc=f"encode rank {env.rank}", unit="shard", disable=not env.is_main):
         encode_shard(vae, src_url, out_url, entry, source.get("label_key", ""))

@@ -16,10 +16,10 @@ import os
 import shutil
 from pathlib import Path
 
-from ..config import ConfigError, fingerprint_changes
+from ..config import ConfigError
 
 # torch.distributed, safetensors and the process group are imported by the functions that
-# use them: check_resumable runs in the launcher, before any rank, and stays torch-free.
+# use them: stored_run_config runs in the launcher, before any rank, and stays torch-free.
 
 COMPLETE = "COMPLETE"
 # In a node-local run directory (Ray's worker nodes) rank 0's COMPLETE is on another disk:
@@ -114,20 +114,15 @@ def latest_complete(root: Path) -> str | None:
     return tags[0] if tags else None
 
 
-def check_resumable(cfg) -> None:
-    """Refuse, before anything in it changes, to go on with a run directory whose
-    checkpoints belong to another model (see ``RUN_FINGERPRINT``): the resume would fail
-    half-way or, worse, load weights into the wrong latent space or objective."""
-    run_dir = Path(cfg.train.run_dir)
+def stored_run_config(run_dir: Path) -> str | None:
+    """The config.yaml of a run directory that holds a complete checkpoint (None: nothing to
+    resume, so any config may start there). A run directory that is a file is refused."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"train.run_dir={run_dir} is a file, not a directory; choose another train.run_dir")
     stored = run_dir / "config.yaml"
     if not stored.is_file() or latest_complete(run_dir / "checkpoints") is None:
-        return
-    changes = fingerprint_changes(stored.read_text(), cfg)
-    if changes:
-        raise ConfigError(f"train.run_dir={run_dir} holds checkpoints of another model ({'; '.join(changes)}); "
-                          f"resume it with its own settings ({stored}) or start a new train.run_dir")
+        return None
+    return stored.read_text()
 
 
 def saved_world_size(root: Path, tag: str) -> int:

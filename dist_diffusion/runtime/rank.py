@@ -5,18 +5,19 @@ point that torchrun and srun start (``python -m dist_diffusion.train``) both end
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 from ..errors import TrainingStopped, expected, one_line
 from .distributed import RendezvousFailed, as_communication_failed, as_peer_lost, shutdown
 
 
-def run_rank(work, cfg) -> tuple[object, int]:
-    """``work(cfg)`` in this rank, then leave the process group: (its result, 0), or a
+def run_rank(work: Callable[[], object]) -> tuple[object, int]:
+    """``work()`` in this rank, then leave the process group: (its result, 0), or a
     failure the user can act on as one line on stderr and (None, exit code): 2 for bad
     input (config, storage, data, a refused write), 3 for a run that stopped (a NaN, a
     peer that never came or died)."""
     try:
-        result = work(cfg)
+        result = work()
         shutdown()
         return result, 0
     except expected() as err:  # found once the ranks started (e.g. the run directory is in use)

@@ -41,7 +41,7 @@ def check_free(run_dir: Path) -> None:
 
 def _take(run_dir: Path) -> str | None:
     """Lock ``run_dir`` for this process; the refusal naming the holder if another has it.
-    (A run_dir that is a file was refused before, by checkpoint.check_resumable.)"""
+    (A run_dir that is a file was refused before, by checkpoint.stored_run_config.)"""
     run_dir.mkdir(parents=True, exist_ok=True)
     if any(Path(held.name).parent == run_dir for held in _held):
         return None  # this process has it already (a second run in one process)

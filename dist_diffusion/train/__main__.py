@@ -6,6 +6,7 @@ the recipe's command line, the config, and the rank's one-line ending are below 
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 from ..config import load_config
 from ..config.command_line import recipe_arguments
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..runtime.rank import run_rank
         from .loop import train
 
-        return run_rank(train, cfg)[1]
+        return run_rank(partial(train, cfg))[1]
     except Exception as err:
         line = failure_line(err)
         if line is None:

@@ -8,16 +8,21 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import DiffusionConfig, SampleConfig
 from ..core.generate import decode_on_its_device, generate
-from ..core.models import build_unet, build_vae
+from ..core.models import build_vae
 from ..imaging import save_grid
 from ..runtime.distributed import device
 
 
 class TrainingGrids:
-    def __init__(self, cfg: Config, run_dir: Path, is_main: bool, encoder_vae=None):
-        self.cfg, self.folder, self.is_main = cfg, Path(run_dir) / "samples", is_main
+    """``objective`` builds the UNet the EMA weights load into and holds the model, VAE and
+    data sections (a diffusion objective: the only kind that draws grids)."""
+
+    def __init__(self, objective, sample: SampleConfig, diffusion: DiffusionConfig, run_dir: Path, is_main: bool,
+                 encoder_vae=None):
+        self.objective, self.sample, self.diffusion = objective, sample, diffusion
+        self.folder, self.is_main = Path(run_dir) / "samples", is_main
         self._vae = encoder_vae  # the frozen encoder of on-the-fly encoding decodes as well
 
     def draw(self, step: int, ema) -> Path | None:
@@ -26,13 +31,17 @@ class TrainingGrids:
         state = ema.full_state()
         if not self.is_main:
             return None
-        return ema_grid(self.cfg, state, self._decoder(), self.folder / f"step{step:08d}.png", device())
+        unet = self.objective.build()
+        unet.load_state_dict(state)
+        return ema_grid(unet.to(device()), self.sample, self.diffusion, self._decoder(),
+                        self.folder / f"step{step:08d}.png")
 
     def _decoder(self):
         """The VAE that turns sampled latents into images (None in pixel space). Latent
         shards train without one, so it is loaded once, here, for the grids alone."""
-        if self._vae is None and self.cfg.vae.enabled and self.cfg.vae.pretrained:
-            self._vae = build_vae(self.cfg).to(device()).eval()
+        v = self.objective.vae
+        if self._vae is None and v.enabled and v.pretrained:
+            self._vae = build_vae(v, self.objective.data).to(device()).eval()
         return self._vae
 
 
@@ -42,14 +51,12 @@ def class_rows(num_classes: int, per_class: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ema_grid(cfg: Config, ema_state: dict, vae, path: Path, where: torch.device, per_class: int = 8) -> Path:
-    """A grid of EMA samples on ``where``, one row per class (at most 10 classes), decoded
-    by the VAE."""
-    unet = build_unet(cfg)
-    unet.load_state_dict(ema_state)
-    unet.to(where).eval()
-    labels = class_rows(cfg.model.num_classes, per_class)[: per_class * 10]
-    x = generate(cfg.sample, cfg.diffusion, unet, labels, range(len(labels)))
-    if cfg.vae.enabled and vae is not None:
+def ema_grid(unet, sample: SampleConfig, diffusion: DiffusionConfig, vae, path: Path, per_class: int = 8) -> Path:
+    """A grid of samples of ``unet`` (the EMA weights, on their device), one row per class
+    (at most 10 classes), decoded by ``vae`` (None: the samples are images)."""
+    num_classes = unet.config.num_class_embeds - 1  # the last row is the null label
+    labels = class_rows(num_classes, per_class)[: per_class * 10]
+    x = generate(sample, diffusion, unet.eval(), labels, range(len(labels)))
+    if vae is not None:
         x = decode_on_its_device(vae, x)
     return save_grid(x[:, :3], path, nrow=per_class, scale=2)

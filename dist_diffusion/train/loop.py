@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..config import Config, derive, to_yaml
+from ..config import Config, DataConfig, RuntimeConfig, TrainConfig, VAEConfig, derive, to_yaml
 from ..core.ema import ema_decay
 from ..core.models import build_vae, encode_images
 from ..core.processes import make_process
@@ -34,14 +34,18 @@ from ..runtime.preemption import (NO_STOP, PREEMPTED, REQUEUE_EXIT_CODE, StopReq
 from .checks import preflight
 from .grids import TrainingGrids
 from .log import TrainLogger
-from .objectives import objective
+from .objectives import Objective, objective
 from .state import TrainState, find_resume_tag
 
 @dataclass
 class Run:
-    """Everything the loop touches, built once."""
+    """Everything the loop touches, built once: the sections it reads, not the whole tree."""
 
-    cfg: Config
+    train: TrainConfig
+    runtime: RuntimeConfig
+    data: DataConfig
+    vae_cfg: VAEConfig
+    objective: Objective
     env: object
     engine: object
     ema: EngineEMA
@@ -84,7 +88,7 @@ def train(cfg: Config, on_checkpoint: Callable[[int, Path], None] | None = None)
 
 def _loop(run: Run, batches, stops: StopRequests) -> None:
     """Steps until max_steps; after a stop request, saves and raises Preempted or Interrupted."""
-    t, state = run.cfg.train, run.state
+    t, state = run.train, run.state
     run.last_save = run.clock()
     # a Ctrl-C or SIGTERM while the run was starting: step 0, or the checkpoint it resumed from
     _stop_if_asked(run, stops, saved=True)
@@ -96,7 +100,7 @@ def _loop(run: Run, batches, stops: StopRequests) -> None:
         saved = state.step % t.ckpt_every == 0 or state.step == t.max_steps
         if saved:
             save(run)
-        if t.sample_every and state.step % t.sample_every == 0 and objective(run.cfg).draws_grids:
+        if t.sample_every and state.step % t.sample_every == 0 and run.objective.draws_grids:
             grid = run.grids.draw(state.step, run.ema)
             if grid:
                 run.logger.info(f"EMA samples -> {grid}")
@@ -119,7 +123,7 @@ def _stop_if_asked(run: Run, stops: StopRequests, saved: bool) -> None:
     if not saved:
         save(run)
     if reason == PREEMPTED:
-        mark_requeue(Path(run.cfg.train.run_dir), step, run.env.is_main)
+        mark_requeue(Path(run.train.run_dir), step, run.env.is_main)
         run.logger.info(f"preempted at step {step}: checkpoint saved, exiting {REQUEUE_EXIT_CODE}")
     else:
         kept = f"checkpoint of step {step} saved" if step > 0 else "nothing trained yet, nothing to save"
@@ -128,7 +132,7 @@ def _stop_if_asked(run: Run, stops: StopRequests, saved: bool) -> None:
 
 
 def _timed_checkpoint_due(run: Run) -> bool:
-    minutes = run.cfg.train.ckpt_every_minutes
+    minutes = run.train.ckpt_every_minutes
     return minutes > 0 and run.clock() - run.last_save >= 60 * minutes
 
 
@@ -145,9 +149,10 @@ def build_run(cfg: Config) -> Run:
     resume = find_resume_tag(cfg.train.run_dir, cfg.train.ckpt_url, env.local_rank)
     elastic = resume is not None and checkpoint.saved_world_size(run_dir / "checkpoints", resume) != env.world_size
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    trainable = apply_numerics(cfg.runtime, build_trainable(cfg).to(device()), device())
+    goal = objective(cfg)
+    trainable = apply_numerics(cfg.runtime, goal.build().train().to(device()), device())
     engine = build_engine(cfg.train, cfg.runtime, trainable, env.world_size, run_dir, load_universal=elastic)
-    vae = _frozen_vae(cfg) if objective(cfg).encodes_with_vae(cfg, manifest) else None
+    vae = _frozen_vae(cfg.vae, cfg.data) if goal.encodes_with_vae(manifest["kind"]) else None
     spec = StreamSpec(url=cfg.data.shards, batch_size=micro_batch_size(cfg.train, env.world_size), rank=env.rank,
                       world_size=env.world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
                       hflip=cfg.data.hflip, max_corrupt_fraction=cfg.data.max_corrupt_fraction,
@@ -161,8 +166,9 @@ def build_run(cfg: Config) -> Run:
     if precision.warning:
         logger.warning(precision.warning)
     process = make_process(cfg.diffusion).to(device())
-    return Run(cfg, env, engine, EngineEMA(engine, cfg.runtime.zero_stage), process, vae, spec,
-               manifest, logger, TrainingGrids(cfg, run_dir, env.is_main, vae), resume_tag=resume, elastic=elastic)
+    grids = TrainingGrids(goal, cfg.sample, cfg.diffusion, run_dir, env.is_main, vae)
+    return Run(cfg.train, cfg.runtime, cfg.data, cfg.vae, goal, env, engine, EngineEMA(engine, cfg.runtime.zero_stage),
+               process, vae, spec, manifest, logger, grids, resume_tag=resume, elastic=elastic)
 
 
 def _record_placement(run_dir: Path, env) -> None:
@@ -172,14 +178,8 @@ def _record_placement(run_dir: Path, env) -> None:
     (hosts / f"rank{env.rank:03d}.json").write_text(json.dumps(placement(env)) + "\n")
 
 
-def build_trainable(cfg: Config) -> torch.nn.Module:
-    """The network this run optimises (train.target's objective builds it)."""
-    return objective(cfg).build(cfg).train()
-
-
-def _frozen_vae(cfg: Config):
-    vae = build_vae(cfg).to(device()).eval().requires_grad_(False)
-    return vae
+def _frozen_vae(v: VAEConfig, data: DataConfig):
+    return build_vae(v, data).to(device()).eval().requires_grad_(False)
 
 
 def stream_batches(run: Run):
@@ -191,7 +191,7 @@ def stream_batches(run: Run):
     start = Position(state.position.epoch, state.position.batches, state.position.remaining)
     loader = torch.utils.data.DataLoader(ShardStream(run.spec, start, run.manifest, epochs=None), batch_size=None,
                                          num_workers=run.spec.num_workers, pin_memory=device().type == "cuda",
-                                         worker_init_fn=partial(ignore_stop_signals, run.cfg.train.preempt_signals))
+                                         worker_init_fn=partial(ignore_stop_signals, run.train.preempt_signals))
     for batch in loader:
         if batch["epoch"] != state.position.epoch:
             state.position = Position(batch["epoch"], 0)
@@ -205,22 +205,22 @@ def train_step(run: Run, batches) -> dict:
     Nothing here waits for the GPU: losses, noise levels and the grad norm stay on the device
     (the logger copies them at log steps), and a non-finite step is found by DeepSpeed's
     own overflow check, read once per step from ``was_step_applied``."""
-    cfg, waited, losses, levels, keys, corrupt = run.cfg, 0.0, [], [], [], 0
-    for micro in range(cfg.train.grad_accum):
+    waited, losses, levels, keys, corrupt = 0.0, [], [], [], 0
+    for micro in range(run.train.grad_accum):
         t0 = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - t0
         corrupt += batch.get("corrupt", 0)
         real = len(batch["key"])  # samples not corrupt; 0: every one was (a short batch: the epoch's end)
         batch = _padded(batch if real else _stand_in(run), run.spec.batch_size)
-        gen = _step_generator(cfg.train.seed, run.state.step, micro, run.env.rank)
+        gen = _step_generator(run.train.seed, run.state.step, micro, run.env.rank)
         per_sample, level = _micro_loss(run, batch, gen)
         loss = _mean_of_real(per_sample, real)
-        if not engine_checks_overflow(cfg.runtime) and any_rank(not torch.isfinite(loss).item()):
+        if not engine_checks_overflow(run.runtime) and any_rank(not torch.isfinite(loss).item()):
             return _nonfinite(run, loss)
         run.engine.backward(loss)
         run.engine.step()
-        if micro == cfg.train.grad_accum - 1 and engine_checks_overflow(cfg.runtime) and not run.engine.was_step_applied():
+        if micro == run.train.grad_accum - 1 and engine_checks_overflow(run.runtime) and not run.engine.was_step_applied():
             return _nonfinite(run, loss)  # every rank saw the same reduced overflow flag
         if real:
             losses.append(per_sample[:real].detach().float())
@@ -261,8 +261,8 @@ def _stand_in(run: Run) -> dict:
     if run.manifest["kind"] == "latents":
         return {"latent": torch.zeros(1, *run.manifest["latent_shape"]), "label": torch.zeros(1, dtype=torch.long),
                 "key": []}
-    side = run.cfg.data.resolution
-    return {"image": torch.zeros(1, run.cfg.data.image_channels, side, side), "label": torch.zeros(1, dtype=torch.long),
+    side = run.data.resolution
+    return {"image": torch.zeros(1, run.data.image_channels, side, side), "label": torch.zeros(1, dtype=torch.long),
             "key": []}
 
 
@@ -270,7 +270,7 @@ def _micro_loss(run: Run, batch: dict, gen: torch.Generator):
     """Per-sample loss of one micro-batch, and its noise levels (None outside diffusion)."""
     x0 = model_inputs(run, batch, gen)
     labels = batch["label"].to(x0.device, non_blocking=True)
-    return objective(run.cfg).loss(run, x0, labels, gen)
+    return run.objective.loss(run.engine, run.process, x0, labels, gen)
 
 
 def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -291,17 +291,17 @@ def model_inputs(run: Run, batch: dict, gen: torch.Generator) -> torch.Tensor:
     with torch.no_grad():
         seeds = torch.randint(2**62, (images.shape[0],), generator=gen).tolist()  # CPU draws: no sync
         noise_gen = [torch.Generator(device=images.device).manual_seed(s) for s in seeds]
-        latents = encode_images(run.vae, images, sample=run.cfg.vae.sample_posterior, generator=noise_gen)
+        latents = encode_images(run.vae, images, sample=run.vae_cfg.sample_posterior, generator=noise_gen)
     return _memory_format(run, latents)
 
 
 def _memory_format(run: Run, x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if run.cfg.runtime.channels_last else x
+    return x.contiguous(memory_format=torch.channels_last) if run.runtime.channels_last else x
 
 
 def _nonfinite(run: Run, loss: torch.Tensor) -> dict:
     """A step whose loss or gradients were not finite was not applied: count it or stop."""
-    if run.cfg.train.nan_policy == "skip":
+    if run.train.nan_policy == "skip":
         run.state.skipped_steps += 1
         run.logger.info(f"non-finite loss or gradients at step {run.state.step + 1}: step skipped "
                         f"({run.state.skipped_steps} so far)")
@@ -312,11 +312,11 @@ def _nonfinite(run: Run, loss: torch.Tensor) -> dict:
 
 
 def save(run: Run) -> None:
-    meta = {"world_size": run.env.world_size, "zero_stage": run.cfg.runtime.zero_stage}
-    root = Path(run.cfg.train.run_dir) / "checkpoints"
+    meta = {"world_size": run.env.world_size, "zero_stage": run.runtime.zero_stage}
+    root = Path(run.train.run_dir) / "checkpoints"
     run.logger.flush_samples()  # the record of the steps this checkpoint holds
     try:
-        folder = run.state.save(run.engine, run.ema, root, run.spec, run.cfg.train.keep_last, meta)
+        folder = run.state.save(run.engine, run.ema, root, run.spec, run.train.keep_last, meta)
     except Exception as err:
         last = checkpoint.latest_complete(root)
         refused = write_refused(err, root / checkpoint.tag_for(run.state.step), "the checkpoint",
@@ -328,9 +328,9 @@ def save(run: Run) -> None:
         raise refused from None
     run.last_save = run.clock()
     run.logger.info(f"checkpoint {folder} complete")
-    if run.cfg.train.ckpt_url:
-        checkpoint.upload(root, folder.name, run.cfg.train.ckpt_url, run.env.rank, run.env.world_size)
-        run.logger.info(f"checkpoint uploaded to {run.cfg.train.ckpt_url}/{folder.name}")
+    if run.train.ckpt_url:
+        checkpoint.upload(root, folder.name, run.train.ckpt_url, run.env.rank, run.env.world_size)
+        run.logger.info(f"checkpoint uploaded to {run.train.ckpt_url}/{folder.name}")
     if run.on_checkpoint is not None:
         run.on_checkpoint(run.state.step, folder)
 
@@ -338,7 +338,7 @@ def save(run: Run) -> None:
 def restore(run: Run) -> None:
     if run.resume_tag is None:
         return
-    root = Path(run.cfg.train.run_dir) / "checkpoints"
+    root = Path(run.train.run_dir) / "checkpoints"
     run.state, writers = TrainState.restore(run.engine, run.ema, root, run.resume_tag, run.spec, run.manifest,
                                             run.elastic)
     how = f" (written by {writers} processes, now {run.env.world_size})" if run.elastic else ""
