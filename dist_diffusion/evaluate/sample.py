@@ -34,7 +34,7 @@ from ..data.shards import upload_tar
 from ..core.generate import decode_on_its_device, generate
 from ..core.processes import make_process
 from ..imaging import save_grid, to_uint8
-from ..runtime.distributed import all_reduce_sum, barrier, describe, device, init_process_group
+from ..runtime.distributed import all_reduce_sum, describe, device, init_process_group, shutdown
 from ..runtime.engine import apply_device_numerics
 from ..runtime.preemption import NO_STOP, PREEMPTED, StopRequests, stop_exception
 from .adm_npz import write_adm_npz
@@ -115,27 +115,49 @@ def evaluate(cfg: Config) -> list[dict]:
         extractor = build_extractor(cfg.eval, device()) if cfg.eval.metrics else None
         judge = Judge(cfg.eval.reference or cfg.data.shards, cfg.sample.num_samples, cfg.eval.classifier,
                       extractor, env) if extractor else None
-        return _evaluate_sweep(job, unet, vae, extractor, judge, env, stops)
+        sampled = [_sample_timed(job, point, unet, vae, extractor, env, stops)
+                   for point in sweep(job.sample, job.eval, job.diffusion.num_train_timesteps)]
     finally:
         stops.close()
+    # Scoring is the main rank's work on the CPU (KID and precision/recall grow as N^2): the
+    # ranks leave the process group first, so none waits for it in a collective that times out.
+    shutdown()
+    return _score_and_report(job, sampled, extractor, judge) if env.is_main else []
 
 
-def _evaluate_sweep(job: EvalJob, unet, vae, extractor: Extractor | None, judge: "Judge | None", env,
-                    stops: StopRequests) -> list[dict]:
+@dataclass(frozen=True)
+class Sampled:
+    """One sweep point once every rank wrote its shards."""
+
+    point: Point
+    seconds: float
+    resumed_shards: int
+
+
+def _sample_timed(job: EvalJob, point: Point, unet, vae, extractor, env, stops: StopRequests) -> Sampled:
+    started = time.monotonic()
+    resumed = sample_point(job, point, unet, vae, extractor, env, stops)
+    return Sampled(point, time.monotonic() - started, resumed)
+
+
+def _score_and_report(job: EvalJob, sampled: list[Sampled], extractor: Extractor | None,
+                      judge: "Judge | None") -> list[dict]:
+    """The main rank, alone: each point's figures from its shards' feature files, its row,
+    its grid, and the report."""
     rows = []
-    for point in sweep(job.sample, job.eval, job.diffusion.num_train_timesteps):
-        started = time.monotonic()
-        point_features, resumed = sample_point(job, point, unet, vae, extractor, env, stops)
-        seconds = time.monotonic() - started
-        metrics = judge.score(point_features) if point_features is not None else {}
-        barrier()  # the main rank scored; no rank goes on to the next point's shards before
+    for done in sampled:
+        point = done.point
+        metrics = judge.score(point_features(job, point, extractor)) if judge else {}
         rows.append(result_row(point.applied_to(job.sample), job.diffusion.num_train_timesteps, job.eval, point.name,
-                               metrics, seconds, resumed))
-        if env.is_main:
-            save_point_grid(job, point)
-    if env.is_main:
-        write_report(job.eval, rows, extractor.id if extractor else None, judge.summary() if judge else {})
+                               metrics, done.seconds, done.resumed_shards))
+        save_point_grid(job, point)
+    write_report(job.eval, rows, extractor.id if extractor else None, judge.summary() if judge else {})
     return rows
+
+
+def point_features(job: EvalJob, point: Point, extractor: Extractor) -> "PointFeatures":
+    out = storage.parse(job.eval.out).join(point.name)
+    return shard_order_sums(out, math.ceil(job.sample.num_samples / job.eval.samples_per_shard), extractor)
 
 
 class Judge:
@@ -244,9 +266,9 @@ def _unlike_export(path: Path, want: tuple[int, int, int], diffusion: DiffusionC
 
 
 def sample_point(job: EvalJob, point: Point, unet, vae, extractor: Extractor | None,
-                 env, stops: StopRequests | None = None) -> tuple["PointFeatures | None", int]:
-    """This rank's shards of one sweep point. Returns, on the main rank with an extractor,
-    the point's features and statistics (else None), and on every rank the shards reused.
+                 env, stops: StopRequests | None = None) -> int:
+    """This rank's shards of one sweep point. Returns, on every rank, how many shards of all
+    ranks were reused from an earlier run.
     A stop request (Ctrl-C, SIGTERM) ends the rank after the shard it is writing: every
     finished shard is kept, and the same command resumes from them."""
     out = storage.parse(job.eval.out).join(point.name)
@@ -272,8 +294,7 @@ def sample_point(job: EvalJob, point: Point, unet, vae, extractor: Extractor | N
     resumed = int(all_reduce_sum(np.array([float(resumed)]))[0])  # also: every shard is written now
     if job.eval.npz and env.is_main:
         write_adm_npz(out, shards, n, job.resolution)
-    point_features = shard_order_sums(out, shards, extractor) if extractor is not None and env.is_main else None
-    return point_features, resumed
+    return resumed
 
 
 def _stop_between_shards(point: Point, shard: int, reason: int, is_main: bool) -> None:
