@@ -7,8 +7,14 @@ core from the step itself: measured 1.12 with one worker, against 0.96 in-proces
 Plain: the same UNet, batch and bf16 (autocast) with torch AdamW on tensors already in
 memory. Both run in this process after a warm-up, alternating in 7 rounds of 10 steps; the figure
 is the median over rounds of (framework seconds per step / plain seconds per step), so a
-noisy neighbour slows both sides of a round alike. Prints `train_overhead_ratio=<x>` last
+noisy neighbour slows both sides of a round alike. Prints `train_overhead_ratio=<x>`
 (goal <= 1.10).
+
+Then the cost of checkpoints: the framework's steps with a checkpoint every SAVE_EVERY steps,
+written in the background (train.background_checkpoints) and blocking (each save waits until
+its files are on disk), against the same steps without a save, alternating in rounds that
+end with every checkpoint complete. Prints `train_with_background_checkpoints_ratio`
+(goal <= 1.05) last, and the seconds each save adds in either mode (context).
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ from dist_diffusion.core.losses import diffusion_loss  # noqa: E402
 from dist_diffusion.core.models import as_denoiser, build_unet  # noqa: E402
 from dist_diffusion.data.prepare import prepare  # noqa: E402
 from dist_diffusion.train import build_run, stream_batches, train_step  # noqa: E402
+from dist_diffusion.train.loop import finish_pending, save  # noqa: E402
 
 STEPS = 10
 ROUNDS = 7
+SAVE_EVERY = 5
 
 
 def plain_loop(cfg, run) -> float:
@@ -55,13 +63,31 @@ def plain_loop(cfg, run) -> float:
     return (time.perf_counter() - start) / STEPS
 
 
-def framework_loop(run, batches) -> float:
+def framework_loop(run, batches, saves: str = "none") -> float:
+    """Seconds per step; ``saves``: none, background (every SAVE_EVERY steps, complete by the
+    round's end) or blocking (each save complete before the next step)."""
     start = time.perf_counter()
     for _ in range(STEPS):
         train_step(run, batches)
         run.state.step += 1
         run.ema.update(ema_decay(run.state.step, 0.9999))
+        if saves != "none" and run.state.step % SAVE_EVERY == 0:
+            save(run)
+            if saves == "blocking":
+                finish_pending(run)
+    finish_pending(run)
     return (time.perf_counter() - start) / STEPS
+
+
+def checkpoint_rounds(run, batches) -> list[tuple[float, float, float]]:
+    """(no saves, background saves, blocking saves) seconds per step, alternating per round."""
+    framework_loop(run, batches, "background")  # warm-up: the first save creates the folders
+    return [(framework_loop(run, batches), framework_loop(run, batches, "background"),
+             framework_loop(run, batches, "blocking")) for _ in range(ROUNDS)]
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def main() -> None:
@@ -78,10 +104,16 @@ def main() -> None:
         batches = stream_batches(run)
         framework_loop(run, batches), plain_loop(cfg, run)  # warm-up both
         rounds = [(framework_loop(run, batches), plain_loop(cfg, run)) for _ in range(ROUNDS)]
+        saving = checkpoint_rounds(run, batches)
         run.logger.close()
-    ratios = sorted(f / p for f, p in rounds)
     print("rounds (framework_s, plain_s): " + " ".join(f"({f:.3f},{p:.3f})" for f, p in rounds))
-    print(f"train_overhead_ratio={ratios[len(ratios) // 2]:.3f}")
+    print(f"train_overhead_ratio={median([f / p for f, p in rounds]):.3f}")
+    print("checkpoint rounds (none_s, background_s, blocking_s per step): "
+          + " ".join(f"({n:.3f},{b:.3f},{k:.3f})" for n, b, k in saving))
+    per_save = STEPS / SAVE_EVERY
+    print(f"background_save_cost_s={median([(b - n) * STEPS / per_save for n, b, _ in saving]):.3f}")
+    print(f"blocking_save_cost_s={median([(k - n) * STEPS / per_save for n, _, k in saving]):.3f}")
+    print(f"train_with_background_checkpoints_ratio={median([b / n for n, b, _ in saving]):.3f}")
 
 
 if __name__ == "__main__":

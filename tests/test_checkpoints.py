@@ -101,7 +101,7 @@ def timed_run(minutes: float, saves: list[int], now: list[float]):
                            engine=None, env=SimpleNamespace(world_size=1, rank=0, is_main=True),
                            logger=SimpleNamespace(step=lambda *a: None, info=lambda *a: None,
                                                   flush_samples=lambda: None), on_checkpoint=None,
-                           clock=lambda: now[0], last_save=0.0)
+                           clock=lambda: now[0], last_save=0.0, writer=None, pending=None)
 
 
 def run_loop(monkeypatch, run, now, minutes_per_step):
@@ -134,9 +134,127 @@ def test_a_timed_checkpoint_due_on_any_rank_is_taken_by_every_rank(monkeypatch):
 
     def other_rank_is_due(values):
         sent.append(list(values))
-        return [values[0], 1]
+        return [values[0], 1, *values[2:]]
 
     monkeypatch.setattr(loop, "max_each_over_ranks", other_rank_is_due)
     saves, now = [], [1000.0]
     run_loop(monkeypatch, timed_run(3, saves, now), now, minutes_per_step=0)  # this rank's clock stands still
-    assert saves == [2, 4, 6, 8, 10, 12] and all(due == 0 for _, due in sent)
+    assert saves == [2, 4, 6, 8, 10, 12] and all(due == 0 for _, due, _ in sent)
+
+
+# ---- background checkpoints (train.background_checkpoints): a real DeepSpeed engine, world 1 ----
+
+BACKGROUND_PROBE = r"""
+import json, sys, threading
+from pathlib import Path
+import torch
+from dist_diffusion.config import load_config
+from dist_diffusion.runtime import checkpoint
+from dist_diffusion.runtime.background import BUSY, IDLE, BackgroundWriter, install_background_engine
+from dist_diffusion.runtime.distributed import init_process_group
+from dist_diffusion.runtime.ema import EngineEMA
+from dist_diffusion.runtime.engine import build_engine
+
+root, mode = Path(sys.argv[1]), sys.argv[2]
+cfg = load_config("configs/tiny.yaml", ["train.batch_size=2", "runtime.precision=fp32", "runtime.zero_stage=2"])
+init_process_group("cpu")
+torch.manual_seed(0)
+engine = build_engine(cfg.train, cfg.runtime, torch.nn.Linear(4, 4), 1, root.parent)
+ema = EngineEMA(engine, 2)
+writer = BackgroundWriter()
+install_background_engine(engine, writer)
+meta = {"world_size": 1, "zero_stage": 2}
+
+def step():
+    engine.backward(engine(torch.randn(2, 4)).square().mean())
+    engine.step()
+    ema.update(0.5)
+
+step()
+checkpoint.save(engine, ema, root, 1, {"step": 1}, 2, meta)  # blocking: the resume point
+step()
+saved_weights = {k: v.clone() for k, v in engine.module.state_dict().items()}
+saved_ema = ema.state_dict()
+gate = threading.Event()
+writer.submit(gate.wait)  # the disk is slow: nothing of step 2 is written until the gate opens
+folder = checkpoint.save(engine, ema, root, 2, {"step": 2}, 2, meta, writer)
+print(json.dumps({"returned": True, "complete": (folder / "COMPLETE").exists(), "busy": writer.status() == BUSY,
+                  "latest": checkpoint.latest_complete(root)}), flush=True)
+for _ in range(3):  # training goes on and changes every tensor the save handed over
+    step()
+if mode == "hang":
+    gate.wait()  # the test kills this process here
+gate.set()
+writer.wait()
+checkpoint.mark_complete(root, folder, 2, 2, meta)
+engine.load_checkpoint(str(root), tag="step00000002", load_optimizer_states=True, load_lr_scheduler_states=True)
+ema.load_state_dict(checkpoint._load_file(str(folder / checkpoint.ema_file(0))))
+weights_equal = all(torch.equal(saved_weights[k], v) for k, v in engine.module.state_dict().items())
+ema_equal = all(torch.equal(saved_ema[k], v) for k, v in ema.state_dict().items())
+print(json.dumps({"idle": writer.status() == IDLE, "complete": (folder / "COMPLETE").exists(),
+                  "latest": checkpoint.latest_complete(root), "weights_equal": weights_equal,
+                  "ema_equal": ema_equal, "state": json.loads((folder / "state_rank000.json").read_text())}))
+"""
+
+
+def run_background_probe(tmp_path, mode):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    return subprocess.Popen([sys.executable, "-c", BACKGROUND_PROBE, str(tmp_path / "checkpoints"), mode],
+                            cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_a_background_checkpoint_is_the_saved_step_and_complete_only_once_written(tmp_path):
+    """save() returns before anything is on disk; the next steps change every tensor; the
+    files are still the saved step's, bitwise (weights, optimizer, EMA), and COMPLETE comes
+    only after the writer finished."""
+    import json
+
+    probe = run_background_probe(tmp_path, "finish")
+    out, err = probe.communicate(timeout=300)
+    assert probe.returncode == 0, err[-3000:]
+    during, after = (json.loads(line) for line in out.splitlines() if line.startswith("{"))
+    assert during == {"returned": True, "complete": False, "busy": True, "latest": "step00000001"}
+    assert after == {"idle": True, "complete": True, "latest": "step00000002", "weights_equal": True,
+                     "ema_equal": True, "state": {"step": 2}}
+
+
+def test_a_process_killed_while_its_checkpoint_is_written_resumes_from_the_one_before(tmp_path):
+    import json
+    import signal
+
+    probe = run_background_probe(tmp_path, "hang")
+    try:
+        first = next(json.loads(line) for line in probe.stdout if line.startswith("{"))
+        assert first["returned"] and not first["complete"]
+        probe.send_signal(signal.SIGKILL)
+        probe.wait(timeout=60)
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+        probe.communicate()
+    root = tmp_path / "checkpoints"
+    assert (root / "step00000002").is_dir() and not (root / "step00000002/COMPLETE").exists()
+    assert checkpoint.latest_complete(root) == "step00000001"
+
+
+def test_a_failed_background_write_is_raised_by_status_and_wait():
+    import errno
+
+    from dist_diffusion.runtime.background import BUSY, FAILED, IDLE, BackgroundWriter
+
+    writer = BackgroundWriter()
+    assert writer.status() == IDLE
+    ran = []
+
+    def full_disk():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer.submit(full_disk)
+    writer.submit(lambda: ran.append(1))  # after a failure the rest of the checkpoint is not written
+    with pytest.raises(OSError, match="No space left"):
+        writer.wait()
+    assert writer.status() == FAILED and ran == [] and BUSY not in (writer.status(),)

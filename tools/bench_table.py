@@ -17,6 +17,7 @@ GOALS = {  # figure: (comparison, bound)
     "original_size_stream_vs_webdataset_ratio": (">=", 1.0),
     "stream_rss_growth_mb": ("<=", 50.0),
     "train_overhead_ratio": ("<=", 1.10),
+    "train_with_background_checkpoints_ratio": ("<=", 1.05),
     "gpu_framework_vs_plain_ratio": ("<=", 1.10),
     "two_node_vs_one_node_step_ratio": ("<=", 1.15),
 }

@@ -191,6 +191,10 @@ class TrainConfig(_Section):
     ckpt_every_minutes: float = _f(0.0, "also checkpoint once this many minutes passed since the last "
                                         "save, checked every preempt_check_every steps (all ranks "
                                         "agree); 0 is off", ge=0.0)
+    background_checkpoints: bool = _f(True, "write checkpoints from host copies on a thread while the next steps "
+                                            "run; a checkpoint is marked complete at the first preemption check "
+                                            "after every rank's files (and upload) are durable. false: each save "
+                                            "blocks until it is complete")
     keep_last: int = _f(2, "complete checkpoints kept; older ones are deleted", ge=1)
     sample_every: int = _f(0, "steps between EMA sample grids (DDIM + CFG); 0 is off", ge=0)
     nan_policy: str = _f("stop", "on a NaN/inf loss: stop cleanly, or skip the step and count it",

@@ -74,25 +74,58 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def save(engine, ema, root: Path, step: int, state: dict, keep_last: int, meta: dict) -> Path:
-    rank = _rank()
-    tag = tag_for(step)
+def save(engine, ema, root: Path, step: int, state: dict, keep_last: int, meta: dict, writer=None) -> Path:
+    """Checkpoint ``step`` (every rank calls it). Without ``writer``: written and marked
+    complete before it returns. With a BackgroundWriter (runtime.background): this rank's
+    parts are host copies handed to it, and the caller marks the folder complete
+    (:func:`mark_complete`) once every rank's writer is idle."""
+    folder = write_parts(engine, ema, root, step, state, writer)
+    if writer is None:
+        _barrier()  # every shard of every rank is on disk
+        mark_complete(root, folder, step, keep_last, meta)
+    return folder
+
+
+def write_parts(engine, ema, root: Path, step: int, state: dict, writer=None) -> Path:
+    """This rank's share of checkpoint ``step``: DeepSpeed's shards, its EMA file (see
+    :func:`writes_ema`) and its state."""
+    rank, tag = _rank(), tag_for(step)
     # universal_checkpoint_info: lets ds_to_universal reshard this checkpoint for another world size
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "universal_checkpoint_info": {}},
                            save_latest=False)
     folder = root / tag
-    if writes_ema(rank, ema.sharded):
-        _save_file(ema.state_dict(), str(folder / ema_file(rank)))
-    (folder / f"state_rank{rank:03d}.json").write_text(json.dumps(state))
-    _barrier()  # every shard of every rank is on disk
+    ema_state = ema.state_dict() if writes_ema(rank, ema.sharded) else None
+    state_path, ema_path = folder / f"state_rank{rank:03d}.json", folder / ema_file(rank)
+    if writer is None:
+        if ema_state is not None:
+            _save_file(ema_state, str(ema_path))
+        state_path.write_text(json.dumps(state))
+        return folder
+    from .background import fsync_file, host_copy
+
+    if ema_state is not None:
+        ema_copy = host_copy(ema_state)
+        writer.submit(lambda: (_save_file(ema_copy, str(ema_path)), fsync_file(ema_path)))
+    writer.submit(lambda: (state_path.write_text(json.dumps(state)), fsync_file(state_path), fsync_file(folder)))
+    return folder
+
+
+def mark_complete(root: Path, folder: Path, step: int, keep_last: int, meta: dict) -> None:
+    """Once every rank's parts of ``folder`` are on disk: rank 0 writes COMPLETE (synced, so
+    a machine that crashes after it never resumes from a folder whose marker outlived its
+    files), moves ``latest`` and prunes; then each node prunes its own copies."""
+    from .background import fsync_file
+
+    rank = _rank()
     if rank == 0:
         (folder / COMPLETE).write_text(json.dumps({"step": step, **meta}, indent=2))
-        _atomic_write(root / "latest", tag)
+        fsync_file(folder / COMPLETE)
+        fsync_file(folder)
+        _atomic_write(root / "latest", folder.name)
         _prune(root, keep_last)
     _barrier()
     if rank != 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0:
         prune_node_local(root, folder, keep_last)
-    return folder
 
 
 def prune_node_local(root: Path, folder: Path, keep_last: int) -> None:
@@ -179,16 +212,28 @@ def _convert(root: Path, tag: str, universal: str) -> None:
 def upload(root: Path, tag: str, url: str, rank: int, world_size: int) -> None:
     """Copy a complete local checkpoint to ``url``: the ranks share the files, then rank 0
     uploads COMPLETE last, so a reader never sees a partial checkpoint as complete."""
+    upload_share(root, tag, url, rank, world_size)
+    _barrier()
+    upload_marker(root, tag, url, rank)
+    _barrier()
+
+
+def upload_share(root: Path, tag: str, url: str, rank: int, world_size: int) -> None:
+    """This rank's share of a complete local checkpoint's files (all but COMPLETE)."""
     from ..data import storage
 
     folder, dest = root / tag, storage.parse(url).join(tag)
     files = sorted(p.name for p in folder.iterdir() if p.name != COMPLETE)
     for name in files[rank::world_size]:
         storage.put_file(folder / name, dest.join(name))
-    _barrier()
+
+
+def upload_marker(root: Path, tag: str, url: str, rank: int) -> None:
+    """COMPLETE, by rank 0, after every rank's share is uploaded."""
+    from ..data import storage
+
     if rank == 0:
-        storage.put_file(folder / COMPLETE, dest.join(COMPLETE))
-    _barrier()
+        storage.put_file(root / tag / COMPLETE, storage.parse(url).join(tag).join(COMPLETE))
 
 
 def download_latest(url: str, root: Path, local_rank: int) -> str | None:

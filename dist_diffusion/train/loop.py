@@ -25,6 +25,7 @@ from ..data import storage
 from ..data.stream import Position, ShardStream, StreamSpec
 from ..runtime import checkpoint, run_lock
 from ..runtime.distributed import any_rank, describe, device, init_process_group, max_each_over_ranks, placement
+from ..runtime.background import BUSY, FAILED, IDLE, BackgroundWriter, install_background_engine
 from ..runtime.ema import EngineEMA
 from ..errors import TrainingStopped, write_refused
 from ..runtime.hardware import choose_precision
@@ -61,6 +62,18 @@ class Run:
     on_checkpoint: Callable[[int, Path], None] | None = None
     clock: Callable[[], float] = time.monotonic  # for train.ckpt_every_minutes
     last_save: float = 0.0  # clock() at the last checkpoint (or the loop's start)
+    writer: BackgroundWriter | None = None  # train.background_checkpoints
+    pending: Pending | None = None  # a checkpoint written in the background, not yet complete
+
+
+@dataclass
+class Pending:
+    """A background checkpoint on its way: ``writing`` its files, then (with
+    train.ckpt_url) ``uploading`` them; complete locally once the writing ended everywhere."""
+
+    folder: Path
+    step: int
+    stage: str = "writing"
 
 
 def train(cfg: Config, on_checkpoint: Callable[[int, Path], None] | None = None) -> dict:
@@ -78,6 +91,7 @@ def train(cfg: Config, on_checkpoint: Callable[[int, Path], None] | None = None)
         batches = stream_batches(run)
         try:
             _loop(run, batches, stops)
+            finish_pending(run)
         finally:
             batches.close()  # the loader's workers and downloads end here, not at interpreter exit
             run.logger.close()  # the progress bar ends its line before an error's one line
@@ -113,7 +127,9 @@ def _stop_if_asked(run: Run, stops: StopRequests, saved: bool) -> None:
     """Every rank agrees, in one collective, on whether (and why) to stop and whether a timed
     checkpoint is due (any rank's clock decides for all, so they never disagree); then saves,
     and raises Preempted or Interrupted."""
-    reason, due = max_each_over_ranks([stops.reason(), int(_timed_checkpoint_due(run))])
+    writing = run.writer.status() if run.writer is not None else IDLE
+    reason, due, writing = max_each_over_ranks([stops.reason(), int(_timed_checkpoint_due(run)), writing])
+    _advance_pending(run, writing)
     if due and not saved:
         save(run)
         saved = True
@@ -122,6 +138,7 @@ def _stop_if_asked(run: Run, stops: StopRequests, saved: bool) -> None:
     step = run.state.step
     if not saved:
         save(run)
+    finish_pending(run)  # what was saved is complete before the process ends
     if reason == PREEMPTED:
         mark_requeue(Path(run.train.run_dir), step, run.env.is_main)
         run.logger.info(f"preempted at step {step}: checkpoint saved, exiting {REQUEUE_EXIT_CODE}")
@@ -152,6 +169,9 @@ def build_run(cfg: Config) -> Run:
     goal = objective(cfg)
     trainable = apply_numerics(cfg.runtime, goal.build().train().to(device()), device())
     engine = build_engine(cfg.train, cfg.runtime, trainable, env.world_size, run_dir, load_universal=elastic)
+    writer = BackgroundWriter() if cfg.train.background_checkpoints else None
+    if writer is not None:
+        install_background_engine(engine, writer)
     vae = _frozen_vae(cfg.vae, cfg.data) if goal.encodes_with_vae(manifest["kind"]) else None
     spec = StreamSpec(url=cfg.data.shards, batch_size=micro_batch_size(cfg.train, env.world_size), rank=env.rank,
                       world_size=env.world_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
@@ -168,7 +188,7 @@ def build_run(cfg: Config) -> Run:
     process = make_process(cfg.diffusion).to(device())
     grids = TrainingGrids(goal, cfg.sample, cfg.diffusion, run_dir, env.is_main, vae)
     return Run(cfg.train, cfg.runtime, cfg.data, cfg.vae, goal, env, engine, EngineEMA(engine, cfg.runtime.zero_stage),
-               process, vae, spec, manifest, logger, grids, resume_tag=resume, elastic=elastic)
+               process, vae, spec, manifest, logger, grids, resume_tag=resume, elastic=elastic, writer=writer)
 
 
 def _record_placement(run_dir: Path, env) -> None:
@@ -312,27 +332,81 @@ def _nonfinite(run: Run, loss: torch.Tensor) -> dict:
 
 
 def save(run: Run) -> None:
+    """Checkpoint this step: complete before it returns, or (train.background_checkpoints)
+    written from host copies while the next steps run. The last step's always completes
+    here. A pending checkpoint completes before its successor starts."""
     meta = {"world_size": run.env.world_size, "zero_stage": run.runtime.zero_stage}
     root = Path(run.train.run_dir) / "checkpoints"
     run.logger.flush_samples()  # the record of the steps this checkpoint holds
+    finish_pending(run)
     try:
-        folder = run.state.save(run.engine, run.ema, root, run.spec, run.train.keep_last, meta)
+        folder = run.state.save(run.engine, run.ema, root, run.spec, run.train.keep_last, meta, run.writer)
     except Exception as err:
-        last = checkpoint.latest_complete(root)
-        refused = write_refused(err, root / checkpoint.tag_for(run.state.step), "the checkpoint",
-                                f"it is not marked complete, and the last complete checkpoint, "
-                                f"{root / last if last else 'none yet'}, stays the resume point: rerun the same "
-                                f"command once there is room")
-        if refused is None:
-            raise
-        raise refused from None
+        raise _refused(run, err, root, checkpoint.tag_for(run.state.step)) from None
     run.last_save = run.clock()
-    run.logger.info(f"checkpoint {folder} complete")
-    if run.train.ckpt_url:
-        checkpoint.upload(root, folder.name, run.train.ckpt_url, run.env.rank, run.env.world_size)
-        run.logger.info(f"checkpoint uploaded to {run.train.ckpt_url}/{folder.name}")
+    if run.writer is None:
+        run.logger.info(f"checkpoint {folder} complete")
+        if run.train.ckpt_url:
+            checkpoint.upload(root, folder.name, run.train.ckpt_url, run.env.rank, run.env.world_size)
+            run.logger.info(f"checkpoint uploaded to {run.train.ckpt_url}/{folder.name}")
+        _report(run, folder)
+        return
+    run.pending = Pending(folder, run.state.step)
+    if run.state.step == run.train.max_steps:
+        finish_pending(run)
+
+
+def _refused(run: Run, err: BaseException, root: Path, tag: str) -> BaseException:
+    """A write the disk refused, as one line that says what is kept; any other error as it is."""
+    last = checkpoint.latest_complete(root)
+    refused = write_refused(err, root / tag, "the checkpoint",
+                            f"it is not marked complete, and the last complete checkpoint, "
+                            f"{root / last if last else 'none yet'}, stays the resume point: rerun the same "
+                            f"command once there is room")
+    return err if refused is None else refused
+
+
+def _report(run: Run, folder: Path) -> None:
     if run.on_checkpoint is not None:
-        run.on_checkpoint(run.state.step, folder)
+        run.on_checkpoint(int(folder.name.removeprefix("step")), folder)
+
+
+def finish_pending(run: Run) -> None:
+    """Wait for this rank's writer, agree with the others, and complete the pending
+    checkpoint (every rank calls it at the same step)."""
+    while run.pending is not None:
+        try:
+            run.writer.wait()
+        except Exception:
+            pass  # the writer's status is FAILED now: raised below, on every rank at once
+        _advance_pending(run, max_each_over_ranks([run.writer.status()])[0])
+
+
+def _advance_pending(run: Run, writing: int) -> None:
+    """One stage of the pending checkpoint, once every rank's writer is idle (``writing``: the
+    maximum of their statuses)."""
+    if run.pending is None or writing == BUSY:
+        return
+    pending, root = run.pending, Path(run.train.run_dir) / "checkpoints"
+    if writing == FAILED:
+        run.pending = None
+        err = run.writer.error or TrainingStopped(f"another rank could not write checkpoint {pending.folder}; "
+                                                  f"its error is in that rank's log")
+        raise _refused(run, err, root, pending.folder.name) from None
+    if pending.stage == "uploading":
+        checkpoint.upload_marker(root, pending.folder.name, run.train.ckpt_url, run.env.rank)
+        run.logger.info(f"checkpoint uploaded to {run.train.ckpt_url}/{pending.folder.name}")
+        run.pending = None
+        return
+    meta = {"world_size": run.env.world_size, "zero_stage": run.runtime.zero_stage}
+    checkpoint.mark_complete(root, pending.folder, pending.step, run.train.keep_last, meta)
+    run.logger.info(f"checkpoint {pending.folder} complete")
+    _report(run, pending.folder)
+    run.pending = None
+    if run.train.ckpt_url:  # the files in the background too; COMPLETE goes up once every share did
+        url, env = run.train.ckpt_url, run.env
+        run.writer.submit(lambda: checkpoint.upload_share(root, pending.folder.name, url, env.rank, env.world_size))
+        run.pending = Pending(pending.folder, pending.step, "uploading")
 
 
 def restore(run: Run) -> None:

@@ -36,9 +36,10 @@ class TrainState:
         position = _merge_positions(states, spec, manifest) if elastic else Position(**first["position"])
         return cls(first["step"], position, first["skipped_steps"])
 
-    def save(self, engine, ema, root: Path, spec: StreamSpec, keep_last: int, meta: dict) -> Path:
-        """A complete checkpoint folder of this step (every rank calls it)."""
-        return checkpoint.save(engine, ema, root, self.step, self.to_dict(spec), keep_last, meta)
+    def save(self, engine, ema, root: Path, spec: StreamSpec, keep_last: int, meta: dict, writer=None) -> Path:
+        """The checkpoint folder of this step (every rank calls it): complete when it returns,
+        or, with a background ``writer``, once the loop marks it so."""
+        return checkpoint.save(engine, ema, root, self.step, self.to_dict(spec), keep_last, meta, writer)
 
     @classmethod
     def restore(cls, engine, ema, root: Path, tag: str, spec: StreamSpec, manifest: dict,
