@@ -302,7 +302,7 @@ def test_only_entry_points_and_launchers_take_the_whole_config():
                if s.startswith(WHOLE_CONFIG_MODULES) or s.split(":")[1] in JOB_ENTRY_POINTS.get(s.split(":")[0], ())]
     others = [s for s in whole_config_signatures(ROOT / "dist_diffusion") if s not in allowed]
     assert others == [], f"{others}: pass the sections they read (cfg.sample, cfg.diffusion, ...), not the tree"
-    assert len(allowed) <= 25, allowed  # config/ 11, cli 3, demo 5, one per job entry 9
+    assert len(allowed) <= 24, allowed  # config/ 8, cli 3, demo 5, the job entries 8
 
 
 def test_the_whole_config_detector_finds_both_spellings(tmp_path):
