@@ -4,8 +4,9 @@ Framework: `train.train_step` (DeepSpeed engine with bf16 and ZeRO-2, the stream
 and decoding a local shard directory in-process, CFG label dropout, per-step generators)
 plus the EMA update. (In-process because on a 2-core machine a dataloader worker takes a
 core from the step itself: measured 1.12 with one worker, against 0.96 in-process.)
-Plain: the same UNet, batch and bf16 (autocast) with torch AdamW on tensors already in
-memory. Both run in this process after a warm-up, alternating in 7 rounds of 10 steps; the figure
+Plain: the same UNet, batch and precision (bf16 autocast where runtime.precision=auto
+resolved to bf16, fp32 on a CPU without native bf16, as the framework) with torch AdamW on
+tensors already in memory. Both run in this process after a warm-up, alternating in 7 rounds of 10 steps; the figure
 is the median over rounds of (framework seconds per step / plain seconds per step), so a
 noisy neighbour slows both sides of a round alike. Prints `train_overhead_ratio=<x>`
 (goal <= 1.10).
@@ -53,7 +54,7 @@ def plain_loop(cfg, run) -> float:
     start = time.perf_counter()
     for _ in range(STEPS):
         t = torch.randint(0, 1000, (x0.shape[0],))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.runtime.precision == "bf16"):
             loss = diffusion_loss(as_denoiser(unet), run.process.schedule, x0, labels, t,
                                   torch.randn_like(x0)).mean()
         opt.zero_grad(set_to_none=True)
