@@ -258,3 +258,26 @@ def test_a_failed_background_write_is_raised_by_status_and_wait():
     with pytest.raises(OSError, match="No space left"):
         writer.wait()
     assert writer.status() == FAILED and ran == [] and BUSY not in (writer.status(),)
+
+
+def test_a_host_copy_keeps_every_type_the_loaders_rely_on():
+    """ZeRO-3's model states hold torch.Size shapes (DeepSpeed's zero_to_fp32 calls .numel()
+    on them) and a module's state_dict its _metadata: a copy that rebuilt them as plain
+    tuples and dicts broke `export --raw` of a ZeRO-3 run."""
+    from collections import OrderedDict, namedtuple
+
+    from dist_diffusion.runtime.background import host_copy
+
+    weights = OrderedDict(w=torch.ones(2))
+    weights._metadata = {"": {"version": 1}}
+    Pair = namedtuple("Pair", "a b")
+    state = {"param_shapes": [OrderedDict(w=torch.Size([2, 3]))], "module": weights, "pair": Pair(1, torch.zeros(1)),
+             "groups": [{"lr": 0.1, "params": [0, 1]}], "tensors": (torch.arange(3),)}
+    copied = host_copy(state)
+    assert type(copied["param_shapes"][0]["w"]) is torch.Size and copied["param_shapes"][0]["w"].numel() == 6
+    assert isinstance(copied["module"], OrderedDict) and copied["module"]._metadata == {"": {"version": 1}}
+    assert type(copied["pair"]) is Pair and copied["pair"].b is not state["pair"].b
+    state["groups"][0]["lr"] = 0.2  # the scheduler changes it in place after the save
+    state["module"]["w"].add_(1)
+    assert copied["groups"][0]["lr"] == 0.1 and torch.equal(copied["module"]["w"], torch.ones(2))
+    assert torch.equal(copied["tensors"][0], torch.arange(3)) and copied["tensors"][0] is not state["tensors"][0]

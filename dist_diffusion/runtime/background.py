@@ -87,10 +87,14 @@ def host_copy(state: Any) -> Any:
             if hasattr(value, "_metadata"):  # a module's state_dict carries its versions there
                 copy._metadata = value._metadata
             return copy
-        if isinstance(value, list):
+        # containers are rebuilt with their own type; a torch.Size (ZeRO-3's shapes, read
+        # back with .numel()) holds no tensor and is kept as it is
+        if type(value) is list:
             return [visit(v) for v in value]
-        if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        if type(value) is tuple:
             return tuple(visit(v) for v in value)
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+            return type(value)(*(visit(v) for v in value))
         return value
 
     copied = visit(state)
