@@ -24,7 +24,10 @@ from pathlib import Path
 
 import torch
 
-from dist_diffusion.config import load_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import diffusers_cfg_loop  # noqa: E402  (the loop test_export compares against)
+
+from dist_diffusion.config import load_config  # noqa: E402
 from dist_diffusion.core.guidance import Guidance
 from dist_diffusion.core.models import as_denoiser, build_unet, null_label
 from dist_diffusion.config.shapes import unet_input_shape
@@ -80,29 +83,18 @@ def sampler_vs_diffusers(cfg, tmp: str, n: int = 16, rounds: int = 5) -> float:
     ratios = []
     with torch.no_grad():  # warm-up of both loops: allocator, kernels
         run_sampler("ddim", as_denoiser(unet), make_schedule(), noise, labels, guidance, steps=5, generators=gens)
-    diffusers_ddim_cfg(unet, scheduler, noise, labels, null_label(cfg.model), 3.0, steps=5)
+    diffusers_cfg_loop(unet, scheduler, noise, labels, null_label(cfg.model), 3.0, steps=5)
     for _ in range(rounds):
         start = time.perf_counter()
         with torch.no_grad():
             ours = run_sampler("ddim", as_denoiser(unet), make_schedule(), noise, labels, guidance, steps=50,
                                generators=gens)
         mid = time.perf_counter()
-        theirs = diffusers_ddim_cfg(unet, scheduler, noise, labels, null_label(cfg.model), 3.0, steps=50)
+        theirs = diffusers_cfg_loop(unet, scheduler, noise, labels, null_label(cfg.model), 3.0, steps=50)
         ratios.append((time.perf_counter() - mid) / (mid - start))
     assert (ours - theirs).abs().max() < 1e-3, "the two loops sample different images"
     print(f"sampler_vs_diffusers_rounds={','.join(f'{r:.3f}' for r in ratios)}")
     return sorted(ratios)[len(ratios) // 2]
-
-
-@torch.no_grad()
-def diffusers_ddim_cfg(unet, scheduler, noise, labels, null: int, scale: float, steps: int) -> torch.Tensor:
-    """The loop a diffusers user writes: set_timesteps, one batched cond+uncond call, step."""
-    scheduler.set_timesteps(steps)
-    x, both = noise.clone(), torch.cat([labels, torch.full_like(labels, null)])
-    for t in scheduler.timesteps:
-        cond, uncond = unet(torch.cat([x, x]), t, class_labels=both).sample.chunk(2)
-        x = scheduler.step(uncond + scale * (cond - uncond), t, x).prev_sample
-    return x
 
 
 def sampling_job_seconds(nproc: int, tmp: str, threads: int) -> float:

@@ -120,11 +120,6 @@ def fsync_file(path: str | Path) -> None:
         os.close(fd)
 
 
-def fsync_dir(path: str | Path) -> None:
-    """A new file's name is durable once its directory is synced as well."""
-    fsync_file(path)
-
-
 def torch_save_durably(state: Any, path: str) -> None:
     with open(path, "wb") as f:
         torch.save(state, f)

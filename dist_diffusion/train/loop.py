@@ -73,6 +73,7 @@ class Pending:
 
     folder: Path
     step: int
+    meta: dict  # what COMPLETE records
     stage: str = "writing"
 
 
@@ -351,7 +352,7 @@ def save(run: Run) -> None:
             run.logger.info(f"checkpoint uploaded to {run.train.ckpt_url}/{folder.name}")
         _report(run, folder)
         return
-    run.pending = Pending(folder, run.state.step)
+    run.pending = Pending(folder, run.state.step, meta)
     if run.state.step == run.train.max_steps:
         finish_pending(run)
 
@@ -398,15 +399,14 @@ def _advance_pending(run: Run, writing: int) -> None:
         run.logger.info(f"checkpoint uploaded to {run.train.ckpt_url}/{pending.folder.name}")
         run.pending = None
         return
-    meta = {"world_size": run.env.world_size, "zero_stage": run.runtime.zero_stage}
-    checkpoint.mark_complete(root, pending.folder, pending.step, run.train.keep_last, meta)
+    checkpoint.mark_complete(root, pending.folder, pending.step, run.train.keep_last, pending.meta)
     run.logger.info(f"checkpoint {pending.folder} complete")
     _report(run, pending.folder)
     run.pending = None
     if run.train.ckpt_url:  # the files in the background too; COMPLETE goes up once every share did
         url, env = run.train.ckpt_url, run.env
         run.writer.submit(lambda: checkpoint.upload_share(root, pending.folder.name, url, env.rank, env.world_size))
-        run.pending = Pending(pending.folder, pending.step, "uploading")
+        run.pending = Pending(pending.folder, pending.step, pending.meta, "uploading")
 
 
 def restore(run: Run) -> None:
