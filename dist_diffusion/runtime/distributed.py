@@ -258,7 +258,9 @@ def _share_cpu_cores() -> None:
         torch.set_num_threads(max(1, int(os.environ["SLURM_CPUS_PER_TASK"])))
         return
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", 1)))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    # the cores this process may run on (a launcher may have pinned it), not all the machine's
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, usable // max(1, local_world)))
 
 
 def pin_op_build() -> None:

@@ -22,6 +22,9 @@ def preflight(cfg: Config, check_lock: bool = True) -> dict:
     are there and fit the model. Returns the shards' manifest."""
     goal = objective(cfg)
     goal.check()
+    if cfg.eval.during_training and not goal.draws_grids:
+        raise ConfigError(f"eval.during_training scores sampled images, but train.target={goal.name} samples none; "
+                          f"turn it on for UNet runs (train.target=unet)")
     run_dir = Path(cfg.train.run_dir)
     stored = checkpoint.stored_run_config(run_dir)
     refuse_other_model(run_dir, fingerprint_changes(stored, cfg) if stored is not None else [])

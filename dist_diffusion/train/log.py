@@ -1,6 +1,6 @@
 """What a training run tells people: a readable line on stdout (rank 0), metrics.jsonl and
-TensorBoard (rank 0), a per-rank record of which samples each step saw, and EMA sample
-grids."""
+the trackers (rank 0: TensorBoard, W&B, MLflow; ``log.trackers``), a per-rank record of
+which samples each step saw, and EMA sample grids (in the trackers as images too)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import TrainConfig
+from ..config import LogConfig, TrainConfig
 from ..logs import get_logger
+from ..trackers import Trackers
 
 LOG = get_logger("train")
 
 
 class TrainLogger:
-    def __init__(self, train: TrainConfig, env, run_dir: Path):
+    def __init__(self, train: TrainConfig, env, run_dir: Path, log: LogConfig | None = None,
+                 hyperparams: dict | None = None):
         self.train, self.env, self.run_dir = train, env, run_dir
         self.main = env.is_main
         self.window_start, self.window_images, self.window_wait = time.perf_counter(), 0, 0.0
@@ -28,7 +30,7 @@ class TrainLogger:
         self.seen = open(run_dir / f"samples_rank{env.rank:03d}.jsonl", "a")
         self.unwritten: list[str] = []  # sample-key lines since the last flush_samples()
         self.metrics = open(run_dir / "metrics.jsonl", "a") if self.main else None
-        self.tb = self._tensorboard() if self.main else None
+        self.trackers = Trackers(log or LogConfig(), run_dir, hyperparams or {}) if self.main else None
         self.bar = tqdm(total=train.max_steps, desc="train", unit="step", disable=not self.main,
                         dynamic_ncols=True)
 
@@ -37,11 +39,6 @@ class TrainLogger:
         self.bar.n = step
         self.bar.refresh()
 
-    def _tensorboard(self):
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
-
     def info(self, message: str) -> None:
         if self.main:
             LOG.info(message)
@@ -49,6 +46,12 @@ class TrainLogger:
     def warning(self, message: str) -> None:
         if self.main:
             LOG.warning(message)
+
+    def grid(self, step: int, path: Path) -> None:
+        """An EMA sample grid rank 0 drew: its path on stdout, the picture in the trackers."""
+        if self.main:
+            LOG.info(f"EMA samples -> {path}")
+            self.trackers.image("train/samples", path, step)
 
     def step(self, step: int, m: dict) -> None:
         self.bar.update(1)
@@ -98,9 +101,7 @@ class TrainLogger:
         clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
         self.metrics.write(json.dumps(clean) + "\n")
         self.metrics.flush()
-        for key, value in row.items():
-            if key != "step":
-                self.tb.add_scalar(f"train/{key}", value, step)
+        self.trackers.scalars(step, {f"train/{key}": value for key, value in row.items() if key != "step"})
         LOG.info(f"step {step}/{self.train.max_steps} loss {row['loss']:.4f} grad {row['grad_norm']:.3f} "
                  f"lr {row['lr']:.2e} {row['images_per_s']:.1f} img/s data-wait {100 * row['data_wait_fraction']:.0f}%")
 
@@ -110,7 +111,7 @@ class TrainLogger:
         self.seen.close()
         if self.main:
             self.metrics.close()
-            self.tb.close()
+            self.trackers.close()
 
 
 def _as_float(value) -> float:

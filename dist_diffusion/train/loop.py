@@ -7,6 +7,7 @@ DeepSpeed step -> EMA -> log -> checkpoint / sample grid / preemption check.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from functools import partial
@@ -118,7 +119,7 @@ def _loop(run: Run, batches, stops: StopRequests) -> None:
         if t.sample_every and state.step % t.sample_every == 0 and run.objective.draws_grids:
             grid = run.grids.draw(state.step, run.ema)
             if grid:
-                run.logger.info(f"EMA samples -> {grid}")
+                run.logger.grid(state.step, grid)
         # a collective: every N steps (and beside a save), not every step, so GPUs never idle on it
         if saved or state.step % t.preempt_check_every == 0:
             _stop_if_asked(run, stops, saved)
@@ -181,7 +182,7 @@ def build_run(cfg: Config) -> Run:
     if env.is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     _record_placement(run_dir, env)
-    logger = TrainLogger(cfg.train, env, run_dir)
+    logger = TrainLogger(cfg.train, env, run_dir, cfg.log, dataclasses.asdict(cfg))
     logger.info(describe(env))
     logger.info(f"training in {precision.precision}: {precision.reason}")
     if precision.warning:
