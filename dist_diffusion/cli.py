@@ -252,12 +252,15 @@ def _export_best(run_dir: Path, out: Path) -> int:
 def _cmd_watch(args: argparse.Namespace) -> int:
     from .evaluate.beside import Watcher, check_beside_training, run_config
 
-    cfg = run_config(Path(args.run_dir))
-    if cfg is not None:
-        check_beside_training(cfg)
+    if not args.run_dir and not (args.check and args.config):
+        raise ConfigError("watch needs --run-dir RUN (or --check --config CONFIG to check a recipe)")
+    if args.config:  # a launcher's check before training: the recipe, not a stored config
+        check_beside_training(load_config(args.config, args.overrides))
+    elif run_config(Path(args.run_dir)) is not None:
+        check_beside_training(run_config(Path(args.run_dir)))
     if args.check:
         return 0
-    summary = Watcher(Path(args.run_dir), args.nproc or None, args.poll_seconds).run()
+    summary = Watcher(Path(args.run_dir), args.nproc or None, args.poll_seconds, args.until_marked).run()
     print(f"evaluated steps {summary['evaluated']}" + (f"; skipped {summary['skipped']}" if summary['skipped'] else "")
           + f" -> {Path(args.run_dir) / 'eval'}")
     return 0
@@ -266,10 +269,15 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 def _add_watch_parser(sub) -> None:
     p = sub.add_parser("watch", help="evaluate a run's checkpoints as they appear, beside training "
                                      "(eval.during_training; the launchers start it for you)")
-    p.add_argument("--run-dir", required=True, help="the training run directory to follow")
+    p.add_argument("--run-dir", help="the training run directory to follow (required unless --check)")
+    p.add_argument("--config", help="with --check: the training recipe to check (with key=value overrides)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of --config")
     p.add_argument("--nproc", type=_count(0), default=0, help="sampling processes (default, 0: eval.nproc)")
     p.add_argument("--poll-seconds", type=float, default=2.0, help="how often to look for new checkpoints")
     p.add_argument("--check", action="store_true", help="only check what the watcher needs, then exit")
+    p.add_argument("--until-marked", action="store_true",
+                   help="end only once RUN/eval/TRAINING_ENDED exists (the launchers write it), or after "
+                        "eval.idle_minutes without a checkpoint; not when the stored config's last step is done")
     p.set_defaults(func=_cmd_watch)
 
 

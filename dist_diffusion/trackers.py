@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import uuid
 from pathlib import Path
 
 from .config import LogConfig
@@ -105,7 +106,7 @@ class _WandB:
     def __init__(self, log: LogConfig, run_dir: Path, hyperparams: dict, role: str):
         wandb = require("wandb", "wandb", "log.trackers: [wandb]")
         self.wandb = wandb
-        run_id = tracker_run_id(run_dir, "wandb", wandb.util.generate_id)
+        run_id = tracker_run_id(run_dir, "wandb", lambda: uuid.uuid4().hex[:12])
         settings = wandb.Settings(silent=True, **({"mode": log.wandb_mode} if log.wandb_mode else {}))
         self.run = wandb.init(project=log.project, id=run_id, resume="allow", name=run_dir.name, dir=str(run_dir),
                               config=hyperparams if role == "train" else None, job_type=role, settings=settings,
@@ -127,6 +128,8 @@ class _MLflow:
     def __init__(self, log: LogConfig, run_dir: Path, hyperparams: dict, role: str):
         mlflow = require("mlflow", "mlflow", "log.trackers: [mlflow]")
         uri = log.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+        if uri.startswith("file:"):  # MLflow 3 keeps the file store, behind this opt-in; a server needs none
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         self.metric, self.param = mlflow.entities.Metric, mlflow.entities.Param
         self.run_id = tracker_run_id(run_dir, "mlflow", lambda: self._create(log, run_dir, hyperparams))

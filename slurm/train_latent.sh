@@ -29,6 +29,21 @@ python="${DD_PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || comm
 
 # Bad config: one message here, before any rank starts or any GPU is touched.
 run_dir=$("$python" -m dist_diffusion.cli config "$config" "$@" --get train.run_dir) || exit 2
+beside=$("$python" -m dist_diffusion.cli config "$config" "$@" --get eval.during_training) || exit 2
+
+# eval.during_training: the eval watcher as a companion job on its own allocation (eval.cpus,
+# eval.gpus), submitted once per training job (a requeued one finds it in the queue).
+if [ "$beside" = "True" ]; then
+  "$python" -m dist_diffusion.cli watch --check --config "$config" "$@" || exit 2
+  mkdir -p "$run_dir/eval" && rm -f "$run_dir/eval/TRAINING_ENDED"
+  companion="dd-eval-beside-$SLURM_JOB_ID"
+  if [ -z "$(squeue -h -o %i --name "$companion")" ]; then
+    cpus=$("$python" -m dist_diffusion.cli config "$config" "$@" --get eval.cpus)
+    gpus=$("$python" -m dist_diffusion.cli config "$config" "$@" --get eval.gpus)
+    sbatch --job-name="$companion" --cpus-per-task="$cpus" $( [ "$gpus" -gt 0 ] && echo "--gpus=$gpus" ) \
+      --output="$run_dir/eval/slurm-%j.out" slurm/eval_beside.sh "$run_dir"
+  fi
+fi
 
 # SLURM 22.05 to 23.02: srun does not inherit --cpus-per-task from the allocation, and
 # each task would get one CPU (one core for the rank and all its loader workers).
@@ -47,4 +62,6 @@ if [ "$status" -eq 124 ] || grep -qs "\"slurm_job_id\": \"$SLURM_JOB_ID\"" "$mar
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
 fi
+# Ended (done or failed): the companion watcher evaluates what is complete, then ends too.
+[ "$beside" != "True" ] || date -Is > "$run_dir/eval/TRAINING_ENDED"
 exit "$status"

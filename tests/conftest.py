@@ -35,7 +35,7 @@ SLOW_MODULES = CLUSTER_MODULES | {"test_train", "test_evaluate", "test_demo", "t
 # for processes by name (Ray Train workers, ranks) look only in their own cluster's
 # network namespaces (`net_namespace`), since the other worker may run a cluster too.
 LONGEST_FIRST = ["test_cluster", "test_train", "test_ablation", "test_slurm", "test_signals", "test_demo",
-                 "test_evaluate", "test_ray", "test_stream", "test_full_disk", "test_models"]
+                 "test_evaluate", "test_eval_beside", "test_ray", "test_stream", "test_full_disk", "test_models"]
 
 
 def unit_rank(item) -> int:

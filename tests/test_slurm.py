@@ -226,3 +226,30 @@ def test_submitit_local_two_tasks_are_two_distinct_ranks(tmp_path, pixel_shards)
     keys = [set(json.loads(line)["keys"]) for lines in records.values() for line in lines[:1]]
     assert keys[0].isdisjoint(keys[1])  # each rank its own half of the batch
     assert json.loads((run / "checkpoints/step00000004/COMPLETE").read_text())["world_size"] == 2
+
+
+def test_sbatch_evaluates_beside_training_in_a_companion_job(slurm, tmp_path, pixel_shards, random_models):
+    """eval.during_training under sbatch: train_latent.sh submits the watcher as a job of its
+    own (here it waits for the training job's cores, as on a full cluster) and marks the run
+    ended; the companion evaluates every checkpoint, draws the curve, names the best, ends."""
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    beside = ["eval.during_training=true", f"eval.classifier={random_models / 'classifier'}",
+              f"eval.reference={pixel_shards}", "sample.num_samples=8", "eval.samples_per_shard=4",
+              "sample.batch_size=4", "sample.steps=4", "eval.guidance_scales=[3]", "train.keep_last=5", "eval.cpus=1"]
+    out = sbatch_and_wait(train_job(log, run, pixel_shards, steps=8, ckpt_every=4) + beside, slurm, timeout=400)
+    assert out.returncode == 0, out.stderr + log.read_text(errors="replace")[-3000:]
+    companion = f"dd-eval-beside-{out.stdout.strip().split(';')[0]}"
+
+    def companion_state() -> str:
+        listed = subprocess.run(["sacct", "-n", "-X", "-P", "--name", companion, "-o", "State"], env=slurm,
+                                capture_output=True, text=True, timeout=30)
+        return listed.stdout.strip().split("\n")[-1].split(" ")[0]
+
+    state = wait_until(lambda: (s := companion_state()) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") and s,
+                       400, f"the companion job {companion} to end")
+    logs = "".join(p.read_text(errors="replace") for p in (run / "eval").glob("slurm-*.out"))
+    assert state == "COMPLETED", logs[-3000:]
+    assert (run / "eval/TRAINING_ENDED").exists()
+    assert sorted(p.parent.name for p in (run / "eval").glob("step-*/report.json")) == ["step-000004", "step-000008"]
+    best = json.loads((run / "eval/best.json").read_text())
+    assert best["step"] in (4, 8) and (run / "eval/curve.png").is_file()

@@ -21,9 +21,9 @@ keyed by the training step), the trackers (``log.trackers``), ``RUN/eval/curve.p
 figures against step) and ``RUN/eval/best.json`` (the best step by ``eval.best_metric`` of the
 sweep's first point; ``dist-diffusion export --best`` exports it).
 
-The watcher ends when the last step is evaluated, when the launcher marks training ended
-(``RUN/eval/TRAINING_ENDED``) and nothing complete is left, or after ``eval.idle_minutes``
-without a new checkpoint. The evaluation of a step runs as ``dist-diffusion export`` and
+The watcher ends when the launcher marks training ended (``RUN/eval/TRAINING_ENDED``) and
+nothing complete is left, or after ``eval.idle_minutes`` without a new checkpoint; one that a
+person started (no launcher to mark the end) also when the last step is evaluated. The evaluation of a step runs as ``dist-diffusion export`` and
 ``dist-diffusion eval --nproc eval.nproc`` commands: the watcher itself stays free of tensor
 math, and a stop signal reaches the command, which stops at a shard boundary.
 """
@@ -133,8 +133,11 @@ def run_config(run_dir: Path) -> Config | None:
 class Watcher:
     """Follows one run directory (see the module's doc); :meth:`run` until training ended."""
 
-    def __init__(self, run_dir: Path, nproc: int | None = None, poll_s: float = 2.0):
+    def __init__(self, run_dir: Path, nproc: int | None = None, poll_s: float = 2.0, until_marked: bool = False):
         self.run_dir, self.nproc, self.poll_s = Path(run_dir), nproc, poll_s
+        # started by a launcher: the stored config may be the previous attempt's (a resume to
+        # more steps rewrites it later), so only the launcher's mark says no step is to come
+        self.until_marked = until_marked
         self.last_news = time.monotonic()  # a new complete checkpoint, or the watcher's start
         self.seen_complete: set[int] = set()
         self.stops = StopRequests(["SIGTERM", "SIGUSR1"])
@@ -161,10 +164,10 @@ class Watcher:
         if progress.complete - self.seen_complete:
             self.seen_complete |= progress.complete
             self.last_news = time.monotonic()
-        if progress.finished():
-            return True
         ended = (eval_root(self.run_dir) / ENDED).exists()
-        return ended and not progress.waiting() or self._idle_too_long(cfg.eval.idle_minutes)
+        if ended and not progress.waiting() or not self.until_marked and progress.finished():
+            return True
+        return self._idle_too_long(cfg.eval.idle_minutes)
 
     def _idle_too_long(self, minutes: float) -> bool:
         if time.monotonic() - self.last_news < minutes * 60:

@@ -44,18 +44,19 @@ class WatcherBeside:
         else:
             LOG.info(f"eval.during_training: training on cores {trainer}, the watcher on {watcher}")
         self.proc = subprocess.Popen([sys.executable, "-m", "dist_diffusion.cli", "watch", "--run-dir",
-                                      str(self.run_dir), "--nproc", str(self.eval.nproc)],
+                                      str(self.run_dir), "--nproc", str(self.eval.nproc), "--until-marked"],
                                      preexec_fn=lambda: os.sched_setaffinity(0, watcher))
         os.sched_setaffinity(0, trainer)
         return self
 
     def training_ended(self, code: int) -> int:
-        """Training returned ``code``: 0, the watcher evaluates the last step and ends; a
-        stop (preemption, Ctrl-C), it stops too, resumable; a failure, it evaluates what is
-        complete and ends. Returns the command's exit code: training's, else the watcher's."""
-        if code in (REQUEUE_EXIT_CODE, INTERRUPT_EXIT_CODE) and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        elif code != 0:
+        """Training returned ``code``: after a stop (preemption, Ctrl-C) the watcher stops too,
+        resumable; otherwise it evaluates what is complete, and ends. Returns the command's
+        exit code: training's, else the watcher's."""
+        if code in (REQUEUE_EXIT_CODE, INTERRUPT_EXIT_CODE):
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+        else:
             mark_training_ended(self.run_dir)
         if self.proc.poll() is None:
             LOG.info("training ended; waiting for the eval watcher to finish the remaining checkpoints")
