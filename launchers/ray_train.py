@@ -11,6 +11,12 @@ worker dies, Ray restarts the group (at most ``launch.max_failures`` times) and 
 run resumes from the newest checkpoint there. ``--working-dir .`` ships this checkout,
 so the workers import the same ``dist_diffusion``; its dependencies come from the
 cluster image (``infra/Dockerfile``).
+
+With ``eval.during_training`` an actor with resources of its own (``eval.cpus``,
+``eval.gpus``) evaluates the checkpoints beside training: rank 0 sends it each complete
+checkpoint's step, and after training it evaluates what is left, then the driver prints its
+summary. It reads the checkpoints from ``train.run_dir``, so that directory must be one
+every node sees (a shared file system), as the actor may run on any node.
 """
 
 from __future__ import annotations
@@ -36,12 +42,16 @@ def train_worker(loop_config: dict) -> None:
     cfg = derive(worker_config(loop_config), {"train.preempt_signals": []}, "the Ray worker's config")
     restore_from_ray_storage(cfg, ray.train.get_checkpoint(), ray.train.get_context().get_local_rank())
 
+    evaluator = loop_config.get("evaluator")  # eval.during_training: the actor beside training
+
     def report(step: int, folder: Path) -> None:
         # One upload per node: its local rank 0 hands over the folder with that node's
         # shards; Ray merges the nodes' folders into one checkpoint in storage.
         local_main = ray.train.get_context().get_local_rank() == 0
         checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if local_main else None
         ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=folder.name)
+        if evaluator is not None and ray.train.get_context().get_world_rank() == 0:
+            evaluator.checkpoint_complete.remote(step)  # an event: the actor never polls storage
 
     summary = train(cfg, on_checkpoint=report)
     print(json.dumps(summary), flush=True)
@@ -88,13 +98,16 @@ def connect_and_check(cfg: Config) -> None:
                           f"one (infra/local/ray.sh up) or submit with `ray job submit --address "
                           f"http://HEAD:8265 --working-dir . -- python launchers/ray_train.py ...`") from None
     have = ray.cluster_resources()
-    launch = cfg.launch
+    launch, beside = cfg.launch, cfg.eval.during_training
     for name, per_worker in (("CPU", launch.cpus_per_worker), ("GPU", launch.gpus_per_worker)):
         need = per_worker * launch.world_size
-        if need > have.get(name, 0):
-            raise ConfigError(f"{launch.world_size} workers x {per_worker} {name} = {need} {name}s, but the Ray "
-                              f"cluster has {have.get(name, 0):g}; lower launch.nodes, launch.workers_per_node "
-                              f"or launch.{name.lower()}s_per_worker, or grow the cluster")
+        evaluator = getattr(cfg.eval, f"{name.lower()}s") if beside else 0
+        if need + evaluator > have.get(name, 0):
+            plus = f" + the evaluator's eval.{name.lower()}s={evaluator}" if evaluator else ""
+            raise ConfigError(f"{launch.world_size} workers x {per_worker} {name} = {need} {name}s{plus}, but the "
+                              f"Ray cluster has {have.get(name, 0):g}; lower launch.nodes, launch.workers_per_node "
+                              f"or launch.{name.lower()}s_per_worker{' or eval.' + name.lower() + 's' if beside else ''}"
+                              f", or grow the cluster")
 
 
 def _check_reachable(address: str) -> None:
@@ -136,7 +149,50 @@ def config_from_argv(argv: list[str] | None, doc: str, prog: str) -> Config:
     return cfg
 
 
-def make_trainer(cfg: Config):
+class EvalBeside:
+    """The Ray actor of eval.during_training: an EventWatcher on a thread of its own, fed
+    by rank 0's checkpoint events (dist_diffusion.evaluate.beside)."""
+
+    def __init__(self, run_dir: str, nproc: int):
+        import threading
+
+        from dist_diffusion.evaluate.beside import EventWatcher
+
+        self.watcher = EventWatcher(Path(run_dir), nproc)
+        self.summary: dict = {}
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.summary = self.watcher.run()
+        except BaseException as err:  # raised again by finish(), in the driver
+            self.failure = err
+
+    def checkpoint_complete(self, step: int) -> None:
+        self.watcher.checkpoint_complete(step)
+
+    def finish(self) -> dict:
+        """Training ended: evaluate what is left, then return what was evaluated."""
+        self.watcher.end()
+        self.thread.join()
+        if self.failure is not None:
+            raise RuntimeError(f"evaluation beside training failed: {self.failure!r}") from self.failure
+        return self.summary
+
+
+def start_evaluator(cfg: Config):
+    """The actor beside training, on its own resources (None when eval.during_training is off)."""
+    import ray
+
+    if not cfg.eval.during_training:
+        return None
+    options = {"num_cpus": cfg.eval.cpus, "num_gpus": cfg.eval.gpus, "max_concurrency": 4}
+    return ray.remote(EvalBeside).options(**options).remote(cfg.train.run_dir, cfg.eval.nproc)
+
+
+def make_trainer(cfg: Config, evaluator=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -144,7 +200,7 @@ def make_trainer(cfg: Config):
     storage = launch.storage_path or str(run_dir / "ray")
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config_yaml": to_yaml(cfg)},
+        train_loop_config={"config_yaml": to_yaml(cfg), "evaluator": evaluator},
         scaling_config=scaling(cfg),
         run_config=RunConfig(name=run_dir.name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=launch.max_failures),
@@ -152,19 +208,28 @@ def make_trainer(cfg: Config):
 
 
 def main(argv: list[str] | None = None) -> int:
+    import ray
+
     from dist_diffusion.errors import expected, one_line
+    from dist_diffusion.evaluate.beside import check_beside_training
     from dist_diffusion.train.checks import preflight
 
     cfg = config_from_argv(argv, __doc__, "launchers/ray_train.py")
     try:
         preflight(cfg)
+        check_beside_training(cfg)
     except expected() as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     cfg = derive(cfg, {"train.run_dir": str(Path(cfg.train.run_dir).resolve())})  # the same place after a restart
-    result = make_trainer(cfg).fit()
+    evaluator = start_evaluator(cfg)
+    try:
+        result = make_trainer(cfg, evaluator).fit()
+    finally:
+        evaluated = ray.get(evaluator.finish.remote()) if evaluator is not None else None
     print(json.dumps({"step": (result.metrics or {}).get("step"), "checkpoint": str(result.checkpoint.path)
-                      if result.checkpoint else None, "run_dir": cfg.train.run_dir}))
+                      if result.checkpoint else None, "run_dir": cfg.train.run_dir,
+                      **({"evaluated": evaluated} if evaluated is not None else {})}))
     return 0
 
 

@@ -21,7 +21,8 @@ RAY = str(Path(sys.executable).parent / "ray")
 def ray_head(tmp_path_factory, pixel_shards):
     """A head on loopback whose workers see the test S3 (the env is set by s3_server)."""
     state = tmp_path_factory.mktemp("ray")
-    env = {**os.environ, "RAY_STACK_DIR": str(state), "RAY_NUM_CPUS": "2"}
+    # 3 CPUs: 2 training workers and the evaluator beside them (eval.during_training)
+    env = {**os.environ, "RAY_STACK_DIR": str(state), "RAY_NUM_CPUS": "3"}
     script = str(ROOT / "infra/local/ray.sh")
     try:
         up = subprocess.run([script, "up"], env=env, capture_output=True, text=True, timeout=180)
@@ -102,7 +103,7 @@ def test_bad_input_is_one_clear_error(ray_head, tmp_path):
                                "launch.workers_per_node=8", f"launch.ray_address={ray_head['GCS_ADDRESS']}"],
                               cwd=ROOT, env={**ray_head, "RAY_ADDRESS": ""}, capture_output=True, text=True, timeout=120)
     assert too_many.returncode == 2, too_many.stderr[-2000:]
-    assert "8 workers x 1 CPU = 8 CPUs, but the Ray cluster has 2" in too_many.stderr
+    assert "8 workers x 1 CPU = 8 CPUs, but the Ray cluster has 3" in too_many.stderr
     no_head = subprocess.run([sys.executable, "launchers/ray_train.py", "configs/tiny.yaml",
                               "launch.ray_address=127.0.0.1:1"], cwd=ROOT, env={**ray_head, "RAY_ADDRESS": ""},
                              capture_output=True, text=True, timeout=120)
@@ -123,3 +124,20 @@ def test_ray_sample_job_writes_the_report(ray_head, tmp_path, pixel_shards, rand
     result = json.loads((out / "report.json").read_text())["results"][0]
     assert result["num_samples"] == 16 and 0 <= result["class_accuracy"] <= 1 and result["fid"] > 0
     assert len(list(out.glob("cfg3_steps5/samples-*.tar"))) == 4
+
+
+def test_ray_evaluates_beside_training_from_checkpoint_events(ray_head, tmp_path, pixel_shards, random_models):
+    """eval.during_training under Ray: an actor with its own CPU, fed by rank 0's checkpoint
+    events, evaluates every checkpoint; the driver waits for it and prints what it did."""
+    run = tmp_path / "run"
+    out = submit(ray_head, ["train.max_steps=8", "train.ckpt_every=4", f"train.run_dir={run}", "train.keep_last=5",
+                            f"data.shards={pixel_shards}", "launch.max_failures=0", "eval.during_training=true",
+                            f"eval.classifier={random_models / 'classifier'}", f"eval.reference={pixel_shards}",
+                            "sample.num_samples=8", "eval.samples_per_shard=4", "sample.batch_size=4",
+                            "sample.steps=4", "eval.guidance_scales=[3]", "eval.cpus=1"])
+    assert out.returncode == 0 and "succeeded" in out.stdout + out.stderr, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads(next(line for line in out.stdout.splitlines() if line.startswith('{"step": 8, "checkpoint"')))
+    assert summary["evaluated"] == {"evaluated": [4, 8], "skipped": {}}
+    assert sorted(p.parent.name for p in (run / "eval").glob("step-*/report.json")) == ["step-000004", "step-000008"]
+    assert json.loads((run / "eval/best.json").read_text())["step"] in (4, 8) and (run / "eval/curve.png").is_file()
+    assert "eval/cfg3_steps4/fid" in (run / "metrics.jsonl").read_text()

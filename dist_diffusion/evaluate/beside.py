@@ -100,9 +100,13 @@ class Progress:
         return self.due[-1] in self.done and not self.waiting()
 
 
-def look(run_dir: Path, cfg: Config) -> Progress:
+def complete_on_disk(run_dir: Path) -> set[int]:
+    """The steps whose checkpoints in the run directory are complete now."""
     root = Path(run_dir) / "checkpoints"
-    complete = {int(p.name[4:]) for p in root.glob("step*") if p.name[4:].isdigit() and (p / COMPLETE).is_file()}
+    return {int(p.name[4:]) for p in root.glob("step*") if p.name[4:].isdigit() and (p / COMPLETE).is_file()}
+
+
+def look(run_dir: Path, cfg: Config, complete: set[int]) -> Progress:
     done = set(evaluated_steps(run_dir)) | set(map(int, _skipped(run_dir)))
     return Progress(due_steps(cfg.train, cfg.eval), complete, done)
 
@@ -160,14 +164,21 @@ class Watcher:
         cfg = run_config(self.run_dir)
         if cfg is None:
             return self._idle_too_long(120.0)
-        progress = look(self.run_dir, cfg)
+        progress = look(self.run_dir, cfg, self.complete_steps())
         if progress.complete - self.seen_complete:
             self.seen_complete |= progress.complete
             self.last_news = time.monotonic()
-        ended = (eval_root(self.run_dir) / ENDED).exists()
-        if ended and not progress.waiting() or not self.until_marked and progress.finished():
+        if self.training_ended() and not progress.waiting() or not self.until_marked and progress.finished():
             return True
         return self._idle_too_long(cfg.eval.idle_minutes)
+
+    def complete_steps(self) -> set[int]:
+        """The complete checkpoints there are to evaluate: here, those on disk."""
+        return complete_on_disk(self.run_dir)
+
+    def training_ended(self) -> bool:
+        """Whether the launcher said no further checkpoint will come."""
+        return (eval_root(self.run_dir) / ENDED).exists()
 
     def _idle_too_long(self, minutes: float) -> bool:
         if time.monotonic() - self.last_news < minutes * 60:
@@ -181,7 +192,7 @@ class Watcher:
         cfg = run_config(self.run_dir)
         if cfg is None:  # the trainer has not written it yet
             return False
-        progress = look(self.run_dir, cfg)
+        progress = look(self.run_dir, cfg, self.complete_steps())
         for step in progress.lost():
             record_skipped(self.run_dir, step, f"its checkpoint was pruned before the watcher reached it "
                                                f"(train.keep_last={cfg.train.keep_last})")
@@ -247,6 +258,31 @@ class Watcher:
         if reason != NO_STOP:
             LOG.info(f"stopped: evaluated steps are kept; `dist-diffusion watch --run-dir {self.run_dir}` resumes")
             raise stop_exception(reason)
+
+
+class EventWatcher(Watcher):
+    """A watcher fed by checkpoint events instead of looking for COMPLETE markers (the Ray
+    launcher's actor: rank 0 announces each complete checkpoint). Runs :meth:`run` on a
+    thread of its own while the events arrive."""
+
+    def __init__(self, run_dir: Path, nproc: int | None = None):
+        super().__init__(run_dir, nproc, poll_s=0.5, until_marked=True)
+        self.stops.close()  # Ray owns its workers' signals, and a thread may not change handlers
+        self.announced: set[int] = set()
+        self.ended = False
+
+    def checkpoint_complete(self, step: int) -> None:
+        self.announced.add(step)
+
+    def end(self) -> None:
+        self.ended = True
+
+    def complete_steps(self) -> set[int]:
+        """Announced and still there (not pruned since)."""
+        return {step for step in self.announced if (self.run_dir / "checkpoints" / tag_for(step) / COMPLETE).exists()}
+
+    def training_ended(self) -> bool:
+        return self.ended
 
 
 class _only_watcher:
