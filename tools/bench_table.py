@@ -18,11 +18,13 @@ GOALS = {  # figure: (comparison, bound)
     "stream_rss_growth_mb": ("<=", 50.0),
     "train_overhead_ratio": ("<=", 1.10),
     "train_with_background_checkpoints_ratio": ("<=", 1.05),
+    "train_step_with_eval_vs_alone_ratio": ("<=", 1.05),
     "gpu_framework_vs_plain_ratio": ("<=", 1.10),
     "two_node_vs_one_node_step_ratio": ("<=", 1.15),
 }
 SKIP = re.compile(r"^(\S+) bench skipped: (.+)$", re.MULTILINE)  # e.g. "gpu bench skipped: no CUDA"
-NEEDS = {"gpu_framework_vs_plain_ratio": "gpu", "two_node_vs_one_node_step_ratio": "multinode"}  # figure -> the bench that may skip it
+NEEDS = {"gpu_framework_vs_plain_ratio": "gpu", "two_node_vs_one_node_step_ratio": "multinode",
+         "train_step_with_eval_vs_alone_ratio": "eval_beside"}  # figure -> the bench that may skip it
 FIGURE = re.compile(r"([a-z0-9_]+)=([-+0-9.eE]+)")
 
 
