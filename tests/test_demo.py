@@ -29,7 +29,10 @@ def test_short_demo_runs_every_stage_and_holds_itself_to_the_bar(tmp_path):
         assert row["fid_domain"] > 0 and 0 <= row["class_accuracy"] <= 1
     assert report["fid_domain_untrained"] > 0 and report["num_real_images"] == 1797
     assert report["quality"]["passed"] is False and not all(report["quality"]["checks"].values())
-    for name in ("real.png", "samples_cfg1.png", "samples_cfg3.png", "loss.png"):
+    during = report["during_training"]  # evaluated beside training: the last step (15) is always due
+    assert [s["step"] for s in during["steps"]] == [15] and during["best"]["step"] == 15
+    assert during["steps"][0]["num_samples"] == 200 and during["steps"][0]["fid_domain"] > 0
+    for name in ("real.png", "samples_cfg1.png", "samples_cfg3.png", "loss.png", "fid_curve.png"):
         assert Image.open(run_dir / name).size[0] > 100
     assert "| CFG |" in (run_dir / "report.md").read_text() and "quality bar MISSED" in out.stdout
     assert "[stack down]" in out.stdout

@@ -47,7 +47,7 @@ from ..stack import start_s3, stop_s3, weed_binary
 # Sampled with UniPC-10: on both data sets it scores better than DDIM-50 at a fifth of the
 # network evaluations (the ablation's table; README "What the demo shows").
 UNET_OVERRIDES = ["data.samples_per_shard=256", "data.hflip=false",
-                  "data.num_workers=1", "train.ckpt_every=200", "train.lr=2e-3",
+                  "data.num_workers=1", "train.ckpt_every=150", "train.lr=2e-3",
                   "train.warmup_steps=20", "train.ema_half_life_steps=50", "sample.sampler=unipc", "sample.steps=10",
                   "train.log_every=10"]
 VAE_OVERRIDES = ["data.hflip=false", "data.num_workers=1", "train.warmup_steps=20"]
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-steps", type=int, help="VAE training steps (default: the data set's)")
     parser.add_argument("--classifier-steps", type=int, default=300, help="domain classifier training steps")
     parser.add_argument("--eval-samples", type=int, default=500, help="samples per evaluated CFG scale")
+    parser.add_argument("--beside-samples", type=int, default=200,
+                        help="samples of each checkpoint evaluated during training (every 150 steps, CFG 3)")
     parser.add_argument("--nproc", type=int, default=2, help="processes of every training and sampling job")
     args = parser.parse_args(argv)
     for module in ("sklearn", "skimage", "matplotlib"):  # missing extras: one line now, not after training
@@ -126,6 +128,11 @@ class DemoRuns:
                                                   f"train.run_dir={out / 'classifier'}"]
         self.eval = [f"sample.num_samples={args.eval_samples}", "eval.samples_per_shard=100",
                      "sample.batch_size=100"]
+        # evaluation beside training: the watcher shares this machine's cores with the trainer
+        # (a 2-core machine has none to give it alone), so eval.cpus asks for all of them
+        self.beside = ["eval.during_training=true", "eval.every_steps=150", f"eval.cpus={len(os.sched_getaffinity(0))}",
+                       f"sample.num_samples={args.beside_samples}", "eval.samples_per_shard=100",
+                       "sample.batch_size=100", "eval.guidance_scales=[3]"]
 
 
 @dataclass(frozen=True)
@@ -172,11 +179,12 @@ def train_unet(name: str, overrides: list[str], out: Path, stages: dict, nproc: 
 def _run_stages(cfg: Config, runs: DemoRuns, out: Path, stages: dict) -> dict:
     data = prepare_judge_and_latents(cfg, runs, out, stages)
     with_vae = [f"vae.pretrained={data.vae}"]
-    unet_dir = train_unet("unet", [*runs.unet, *with_vae, f"data.shards={data.latents_url}"], out, stages, runs.nproc)
-    losses = [json.loads(line)["loss"] for line in (out / "unet/metrics.jsonl").read_text().splitlines()]
+    judge = [f"eval.classifier={data.classifier}", f"eval.reference={data.reference_url}"]
+    unet_dir = train_unet("unet", [*runs.unet, *with_vae, f"data.shards={data.latents_url}", *runs.beside, *judge],
+                          out, stages, runs.nproc)
+    losses = [row["loss"] for row in training_rows(out / "unet/metrics.jsonl")]
     print(f"        {cfg.train.max_steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    judged = [*runs.unet, *with_vae, *runs.eval, f"eval.classifier={data.classifier}",
-              f"eval.reference={data.reference_url}"]
+    judged = [*runs.unet, *with_vae, *runs.eval, *judge]
     untrained = stage(stages, "eval untrained", lambda: evaluate(
         out / "eval_untrained", [*judged, f"eval.unet={_untrained_unet(cfg, out)}", "eval.guidance_scales=[3]"], runs.nproc))
     results = stage(stages, "sample + eval", lambda: evaluate(
@@ -186,14 +194,26 @@ def _run_stages(cfg: Config, runs: DemoRuns, out: Path, stages: dict) -> dict:
         shutil.copy(out / "eval" / f"cfg{row['guidance_scale']:g}_steps{row['steps']}/grid.png",
                     out / f"samples_cfg{row['guidance_scale']:g}.png")
     plot_loss(out / "unet/metrics.jsonl", out / "loss.png")
+    shutil.copy(out / "unet/eval/curve.png", out / "fid_curve.png")
     judging = json.loads((out / "eval/report.json").read_text())
-    return {"dataset": runs.dataset.name, "what": runs.dataset.what, "accuracy_bar": runs.dataset.accuracy_bar,
+    return {"dataset": runs.dataset.name, "during_training": during_training(out / "unet"), "what": runs.dataset.what, "accuracy_bar": runs.dataset.accuracy_bar,
             "results": [_demo_row(r) for r in results], "fid_domain_untrained": untrained[0]["fid"],
             "fid_real_floor": judging["fid_real_floor"], "fid_real_floor_n": judging["fid_real_floor_n"],
             "classifier_heldout_accuracy": judging["classifier_accuracy"]["top1"],
             "vae": json.loads((data.vae / "dist_diffusion.json").read_text())["reconstruction"],
             "loss_first": losses[0], "loss_last": losses[-1], "num_real_images": data.manifest["source_files"],
             "num_heldout_images": data.manifest["holdout"]["num_samples"]}
+
+
+def during_training(run_dir: Path) -> dict:
+    """What the watcher measured beside training: each evaluated step's figures, the best."""
+    steps = []
+    for path in sorted((run_dir / "eval").glob("step-*/report.json")):
+        row = json.loads(path.read_text())["results"][0]
+        steps.append({"step": int(path.parent.name.split("-")[1]), "guidance_scale": row["guidance_scale"],
+                      "num_samples": row["num_samples"], "fid_domain": row["fid"],
+                      "class_accuracy": row["class_accuracy"]})
+    return {"steps": steps, "best": json.loads((run_dir / "eval/best.json").read_text())}
 
 
 def _untrained_unet(cfg: Config, out: Path) -> Path:
@@ -234,11 +254,17 @@ def quality_bar(report: dict) -> dict:
     return {"checks": checks, "passed": all(checks.values())}
 
 
+def training_rows(metrics: Path) -> list[dict]:
+    """The training steps' rows of metrics.jsonl (evaluation during training adds rows of its own)."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [row for row in rows if "loss" in row]
+
+
 def plot_loss(metrics: Path, path: Path) -> None:
     require("matplotlib", "demo", "the demo's loss plot").use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = training_rows(metrics)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set(xlabel="step", ylabel="loss (epsilon MSE)", title="latent UNet training loss", yscale="log")
@@ -262,6 +288,7 @@ def write_demo_report(report: dict, out: Path) -> None:
               f"the held-out reference). Judging classifier: accuracy {report['classifier_heldout_accuracy']:.3f} on "
               f"held-out images. VAE: reconstruction PSNR {report['vae']['psnr_db']:.1f} dB on held-out images.", "",
               f"Untrained model (step 0, CFG 3): domain FID {report['fid_domain_untrained']:.3f}.", "",
+              *_during_training_lines(report["during_training"]),
               "| stage | seconds |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in report["stages"].items()], "",
               "Quality bar:", *[f"- [{'x' if ok else ' '}] {name}" for name, ok in report["quality"]["checks"].items()]]
     text = "\n".join(lines) + "\n"
@@ -269,7 +296,18 @@ def write_demo_report(report: dict, out: Path) -> None:
     print(text)
     verdict = "met" if report["quality"]["passed"] else "MISSED"
     print(f"[done] {report['total_seconds']:.0f}s; quality bar {verdict}; files in {out}: report.md, "
-          f"report.json, real.png, samples_cfg*.png, loss.png")
+          f"report.json, real.png, samples_cfg*.png, loss.png, fid_curve.png")
+
+
+def _during_training_lines(during: dict) -> list[str]:
+    steps, best = during["steps"], during["best"]
+    if not steps:
+        return []
+    first = steps[0]
+    lines = [f"Evaluated beside training ({first['num_samples']} samples at CFG {first['guidance_scale']:g} per "
+             f"checkpoint; fid_curve.png):", "", "| step | domain FID | class accuracy |", "|---|---|---|"]
+    lines += [f"| {s['step']} | {s['fid_domain']:.3f} | {s['class_accuracy']:.3f} |" for s in steps]
+    return lines + ["", f"Best step by {best['metric']}: {best['step']} (`dist-diffusion export --best`).", ""]
 
 
 def _prepare_data(cfg: Config, dataset, out: Path, url: str, stages: dict) -> dict:
