@@ -171,31 +171,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     launching = process_env().world_size == 1  # not a rank of a launched job
     if launching:  # a rank of a launched job: build_run checks the same, once
         preflight(cfg, check_lock=nproc > 1)  # a single process takes the lock itself, at once
+
+    def train_here() -> int:
+        """Train in this process, or as ``nproc`` local ranks forked from it."""
+        if nproc > 1:
+            return _spawn_ranks(["train", "--config", args.config, "--nproc", "1", *args.overrides], nproc, "train")
+        from .runtime.rank import run_rank
+        from .train import train
+
+        summary, code = run_rank(partial(train, cfg))
+        if not code and process_env().is_main:
+            print(f"trained to step {summary['step']} in {summary['run_dir']}")
+        return code
+
     if not (launching and cfg.eval.during_training):
-        return _train_here(cfg, args, nproc)
+        return train_here()
     from .evaluate.beside import check_beside_training
     from .launch.beside import WatcherBeside
 
-    check_beside_training(cfg)
+    check_beside_training(cfg.eval)
     with WatcherBeside(Path(cfg.train.run_dir), cfg.eval) as watcher:
-        return watcher.training_ended(_train_here(cfg, args, nproc))
-
-
-def _train_here(cfg, args: argparse.Namespace, nproc: int) -> int:
-    """Train in this process, or as ``nproc`` local ranks forked from it."""
-    from .runtime.env import process_env
-
-    if nproc > 1:
-        return _spawn_ranks(["train", "--config", args.config, "--nproc", "1", *args.overrides], nproc, "train")
-    from .runtime.rank import run_rank
-    from .train import train
-
-    summary, code = run_rank(partial(train, cfg))
-    if code:
-        return code
-    if process_env().is_main:
-        print(f"trained to step {summary['step']} in {summary['run_dir']}")
-    return 0
+        return watcher.training_ended(train_here())
 
 
 def _check_device(cfg) -> None:
@@ -255,9 +251,9 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     if not args.run_dir and not (args.check and args.config):
         raise ConfigError("watch needs --run-dir RUN (or --check --config CONFIG to check a recipe)")
     if args.config:  # a launcher's check before training: the recipe, not a stored config
-        check_beside_training(load_config(args.config, args.overrides))
+        check_beside_training(load_config(args.config, args.overrides).eval)
     elif run_config(Path(args.run_dir)) is not None:
-        check_beside_training(run_config(Path(args.run_dir)))
+        check_beside_training(run_config(Path(args.run_dir)).eval)
     if args.check:
         return 0
     summary = Watcher(Path(args.run_dir), args.nproc or None, args.poll_seconds, args.until_marked).run()

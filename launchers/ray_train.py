@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_argv(argv, __doc__, "launchers/ray_train.py")
     try:
         preflight(cfg)
-        check_beside_training(cfg)
+        check_beside_training(cfg.eval)
     except expected() as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2

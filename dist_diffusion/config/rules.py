@@ -8,7 +8,7 @@ import dataclasses
 from typing import Any, List
 
 from .registry import PROCESSES, SAMPLERS, samplers_of
-from .schema import TRACKERS, Config, ConfigError, DiffusionConfig, EvalConfig, SampleConfig, _most_steps, parse_sampler_entry
+from .schema import TRACKERS, Config, ConfigError, DiffusionConfig, EvalConfig, LogConfig, SampleConfig, _most_steps, parse_sampler_entry
 from .shapes import latent_downsample, pretrained_vae_config
 
 
@@ -63,7 +63,7 @@ def _cross_problems(cfg: Config) -> List[str]:
     problems += _sweep_problems(cfg)
     problems += _signal_problems(cfg.train.preempt_signals)
     problems += _interval_problems(s.guidance_interval, d.num_train_timesteps)
-    problems += _beside_training_problems(cfg)
+    problems += _beside_training_problems(cfg.eval, cfg.log)
     if cfg.runtime.device == "cpu" and cfg.launch.gpus_per_worker > 0:
         problems.append(f"runtime.device=cpu but launch.gpus_per_worker={cfg.launch.gpus_per_worker}; "
                         f"set one of them to match the other")
@@ -136,12 +136,12 @@ def _interval_problems(interval: List[int], num_timesteps: int) -> List[str]:
     return []
 
 
-def _beside_training_problems(cfg: Config) -> List[str]:
+def _beside_training_problems(e: EvalConfig, log: LogConfig) -> List[str]:
     """Evaluation during training has figures to plot; trackers are named ones."""
     problems = []
-    unknown = [name for name in cfg.log.trackers if name not in TRACKERS]
+    unknown = [name for name in log.trackers if name not in TRACKERS]
     if unknown:
         problems.append(f"log.trackers has {unknown}: choose from {TRACKERS}")
-    if cfg.eval.during_training and not cfg.eval.metrics:
+    if e.during_training and not e.metrics:
         problems.append("eval.during_training needs eval.metrics=true: the curve and the best step are its figures")
     return problems

@@ -38,17 +38,14 @@ from ..data import storage
 from ..data.prepare import prepare
 from ..data.stream import ShardStream, StreamSpec
 from ..export import export_model
-from .datasets import DATASETS
+from .datasets import DATASETS, folder_dataset
 from ..extras import require
 from ..imaging import save_grid
 from ..stack import start_s3, stop_s3, weed_binary
 
-# The latent UNet run (configs/tiny.yaml: 32 px images -> 8x8x4 latents) and its VAE run.
-# Sampled with UniPC-10: on both data sets it scores better than DDIM-50 at a fifth of the
-# network evaluations (the ablation's table; README "What the demo shows").
-UNET_OVERRIDES = ["data.samples_per_shard=256", "data.hflip=false",
-                  "data.num_workers=1", "train.ckpt_every=150", "train.lr=2e-3",
-                  "train.warmup_steps=20", "train.ema_half_life_steps=50", "sample.sampler=unipc", "sample.steps=10",
+# How the demo runs its data set's recipes (DemoDataset.unet_config, vae_config): the shards,
+# the loader, a checkpoint (each evaluated beside training) every 150 steps.
+UNET_OVERRIDES = ["data.samples_per_shard=256", "data.hflip=false", "data.num_workers=1", "train.ckpt_every=150",
                   "train.log_every=10"]
 VAE_OVERRIDES = ["data.hflip=false", "data.num_workers=1", "train.warmup_steps=20"]
 CLASSIFIER_OVERRIDES = ["data.num_workers=1"]
@@ -60,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the UNet run")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="digits", help="the real image set")
+    parser.add_argument("--src", help="your own class-folder tree (SRC/<class>/<images>) instead of --dataset: "
+                                      "the whole demo on it, with the recipe that fits its image size")
     parser.add_argument("--out", help="where the demo writes everything (default: runs/demo, or "
                                       "runs/demo-DATASET for another data set)")
     parser.add_argument("--vae-steps", type=int, help="VAE training steps (default: the data set's)")
@@ -72,10 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     for module in ("sklearn", "skimage", "matplotlib"):  # missing extras: one line now, not after training
         require(module, "demo", "the demo")
     weed_binary()
-    out = Path(args.out or ("runs/demo" if args.dataset == "digits" else f"runs/demo-{args.dataset}"))
-    runs = DemoRuns(out, args)
-    cfg = load_config("configs/tiny.yaml", runs.unet)  # every recipe validated before anything starts
-    load_config("configs/vae_tiny.yaml", runs.vae)
+    dataset = folder_dataset(Path(args.src)) if args.src else DATASETS[args.dataset]
+    out = Path(args.out or ("runs/demo" if dataset.name == "digits" else f"runs/demo-{dataset.name}"))
+    runs = DemoRuns(out, args, dataset)
+    cfg = load_config(dataset.unet_config, runs.unet)  # every recipe validated before anything starts
+    load_config(dataset.vae_config, runs.vae)
     load_config("configs/classifier_tiny.yaml", runs.classifier)
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
@@ -115,13 +115,13 @@ class DemoRuns:
     """The overrides of the demo's three training runs and its evaluation, and the
     processes each training and sampling job starts."""
 
-    def __init__(self, out: Path, args):
-        self.nproc, self.dataset = str(args.nproc), DATASETS[args.dataset]
+    def __init__(self, out: Path, args, dataset=None):
+        self.nproc, self.dataset = str(args.nproc), dataset or DATASETS[args.dataset]
         classes = f"model.num_classes={self.dataset.num_classes}"
         vae_steps = self.dataset.vae_steps if args.vae_steps is None else args.vae_steps
         self.unet = [*UNET_OVERRIDES, f"train.max_steps={self.dataset.unet_steps}", classes,
                      *self.dataset.unet_overrides, *args.overrides]
-        self.vae = [*VAE_OVERRIDES, *self.dataset.vae_overrides, f"train.max_steps={vae_steps}",
+        self.vae = [*VAE_OVERRIDES, classes, f"train.max_steps={vae_steps}",
                     f"train.ckpt_every={vae_steps}", f"train.run_dir={out / 'vae'}"]
         self.classifier = CLASSIFIER_OVERRIDES + [classes, f"train.max_steps={args.classifier_steps}",
                                                   f"train.ckpt_every={args.classifier_steps}",
@@ -160,18 +160,19 @@ def prepare_judge_and_latents(cfg: Config, runs: DemoRuns, out: Path, stages: di
     stage(stages, "train classifier", lambda: _cli("train", "--config", "configs/classifier_tiny.yaml", "--nproc",
                                                     runs.nproc, *runs.classifier, f"data.shards={images_url}"))
     clf_dir = stage(stages, "export classifier", lambda: export_model(out / "classifier", out / "classifier_model"))
-    stage(stages, "train vae", lambda: _cli("train", "--config", "configs/vae_tiny.yaml", "--nproc", runs.nproc,
+    stage(stages, "train vae", lambda: _cli("train", "--config", runs.dataset.vae_config, "--nproc", runs.nproc,
                                              *runs.vae, f"data.shards={images_url}"))
     vae_dir = stage(stages, "export vae", lambda: export_model(out / "vae", out / "vae_model"))
     stage(stages, "encode", lambda: _cli("encode", "--nproc", runs.nproc, "--shards", images_url, "--out", latents_url,
-                                          "--config", "configs/tiny.yaml", f"vae.pretrained={vae_dir}"))
+                                          "--config", runs.dataset.unet_config, f"vae.pretrained={vae_dir}"))
     return Prepared(manifest, images_url, latents_url, clf_dir, vae_dir)
 
 
-def train_unet(name: str, overrides: list[str], out: Path, stages: dict, nproc: str = "2") -> Path:
-    """``configs/tiny.yaml`` with ``overrides`` trained by ``nproc`` processes into OUT/NAME,
-    then its EMA exported to OUT/NAME_model."""
-    stage(stages, f"train {name}", lambda: _cli("train", "--config", "configs/tiny.yaml", "--nproc", nproc,
+def train_unet(name: str, overrides: list[str], out: Path, stages: dict, nproc: str = "2",
+               config: str = "configs/tiny.yaml") -> Path:
+    """``config`` with ``overrides`` trained by ``nproc`` processes into OUT/NAME, then its EMA
+    exported to OUT/NAME_model."""
+    stage(stages, f"train {name}", lambda: _cli("train", "--config", config, "--nproc", nproc,
                                                  *overrides, f"train.run_dir={out / name}"))
     return stage(stages, f"export {name}", lambda: export_model(out / name, out / f"{name}_model"))
 
@@ -181,15 +182,17 @@ def _run_stages(cfg: Config, runs: DemoRuns, out: Path, stages: dict) -> dict:
     with_vae = [f"vae.pretrained={data.vae}"]
     judge = [f"eval.classifier={data.classifier}", f"eval.reference={data.reference_url}"]
     unet_dir = train_unet("unet", [*runs.unet, *with_vae, f"data.shards={data.latents_url}", *runs.beside, *judge],
-                          out, stages, runs.nproc)
+                          out, stages, runs.nproc, runs.dataset.unet_config)
     losses = [row["loss"] for row in training_rows(out / "unet/metrics.jsonl")]
     print(f"        {cfg.train.max_steps} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     judged = [*runs.unet, *with_vae, *runs.eval, *judge]
+    recipe = runs.dataset.unet_config
     untrained = stage(stages, "eval untrained", lambda: evaluate(
-        out / "eval_untrained", [*judged, f"eval.unet={_untrained_unet(cfg, out)}", "eval.guidance_scales=[3]"], runs.nproc))
+        out / "eval_untrained", [*judged, f"eval.unet={_untrained_unet(cfg, out)}", "eval.guidance_scales=[3]"],
+        runs.nproc, recipe))
     results = stage(stages, "sample + eval", lambda: evaluate(
         out / "eval", [*judged, f"eval.unet={unet_dir}", f"eval.guidance_scales=[1,{cfg.sample.guidance_scale:g}]"],
-        runs.nproc))
+        runs.nproc, recipe))
     for row in results:
         shutil.copy(out / "eval" / f"cfg{row['guidance_scale']:g}_steps{row['steps']}/grid.png",
                     out / f"samples_cfg{row['guidance_scale']:g}.png")
@@ -224,10 +227,10 @@ def _untrained_unet(cfg: Config, out: Path) -> Path:
     return path
 
 
-def evaluate(eval_out: Path, overrides: list[str], nproc: str = "2") -> list[dict]:
-    """`dist-diffusion eval` on ``nproc`` processes into a fresh ``eval_out``; its report rows."""
+def evaluate(eval_out: Path, overrides: list[str], nproc: str = "2", config: str = "configs/tiny.yaml") -> list[dict]:
+    """`dist-diffusion eval` of ``config`` on ``nproc`` processes into a fresh ``eval_out``; its report rows."""
     shutil.rmtree(eval_out, ignore_errors=True)  # a fresh demo measures afresh
-    _cli("eval", "--config", "configs/tiny.yaml", "--nproc", nproc, *overrides, f"eval.out={eval_out}")
+    _cli("eval", "--config", config, "--nproc", nproc, *overrides, f"eval.out={eval_out}")
     return json.loads((eval_out / "report.json").read_text())["results"]
 
 

@@ -39,13 +39,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config, ConfigError, EvalConfig, TrainConfig, load_config
+from ..config import Config, ConfigError, EvalConfig, LogConfig, TrainConfig, load_config
 from ..logs import get_logger
 from ..runtime.checkpoint import COMPLETE, tag_for
 from ..runtime.preemption import NO_STOP, StopRequests, stop_exception
+from .curve import record_step
 
 LOG = get_logger("watch")
-EVAL_DIR = "eval"
+EVAL_DIR = "eval"  # RUN/eval: evaluation/curve.py writes its curve and best step there too
 ENDED = "TRAINING_ENDED"  # RUN/eval/TRAINING_ENDED: the launcher's word that no checkpoint will come
 REPORT = "report.json"
 
@@ -106,9 +107,9 @@ def complete_on_disk(run_dir: Path) -> set[int]:
     return {int(p.name[4:]) for p in root.glob("step*") if p.name[4:].isdigit() and (p / COMPLETE).is_file()}
 
 
-def look(run_dir: Path, cfg: Config, complete: set[int]) -> Progress:
+def look(run_dir: Path, train: TrainConfig, ev: EvalConfig, complete: set[int]) -> Progress:
     done = set(evaluated_steps(run_dir)) | set(map(int, _skipped(run_dir)))
-    return Progress(due_steps(cfg.train, cfg.eval), complete, done)
+    return Progress(due_steps(train, ev), complete, done)
 
 
 def _skipped(run_dir: Path) -> dict[str, str]:
@@ -164,7 +165,7 @@ class Watcher:
         cfg = run_config(self.run_dir)
         if cfg is None:
             return self._idle_too_long(120.0)
-        progress = look(self.run_dir, cfg, self.complete_steps())
+        progress = look(self.run_dir, cfg.train, cfg.eval, self.complete_steps())
         if progress.complete - self.seen_complete:
             self.seen_complete |= progress.complete
             self.last_news = time.monotonic()
@@ -192,7 +193,7 @@ class Watcher:
         cfg = run_config(self.run_dir)
         if cfg is None:  # the trainer has not written it yet
             return False
-        progress = look(self.run_dir, cfg, self.complete_steps())
+        progress = look(self.run_dir, cfg.train, cfg.eval, self.complete_steps())
         for step in progress.lost():
             record_skipped(self.run_dir, step, f"its checkpoint was pruned before the watcher reached it "
                                                f"(train.keep_last={cfg.train.keep_last})")
@@ -201,16 +202,16 @@ class Watcher:
             return False
         if len(waiting) > 1:
             LOG.info(f"{len(waiting)} checkpoints wait ({waiting}): the newest first")
-        self._evaluate(cfg, waiting[0])
+        self._evaluate(waiting[0], cfg.eval, cfg.log)
         return True
 
-    def _evaluate(self, cfg: Config, step: int) -> None:
+    def _evaluate(self, step: int, ev: EvalConfig, log: LogConfig) -> None:
         out = step_dir(self.run_dir, step)
         out.mkdir(parents=True, exist_ok=True)
         LOG.info(f"evaluating the EMA of step {step} -> {out}")
         if not self._export(step, out / "unet"):
             return
-        nproc = self.nproc or cfg.eval.nproc
+        nproc = self.nproc or ev.nproc
         code = self._command(["eval", "--config", str(self.run_dir / "config.yaml"), "--nproc", str(nproc),
                               f"eval.unet={out / 'unet'}", f"eval.out={out}", "eval.during_training=false"])
         if code != 0:
@@ -218,9 +219,7 @@ class Watcher:
             record_skipped(self.run_dir, step, f"`dist-diffusion eval` failed with exit code {code} (its log is "
                                                f"above; rerun the watcher to try again after removing the entry)")
             return
-        from .curve import record_step
-
-        record_step(self.run_dir, cfg, step, json.loads((out / REPORT).read_text()))
+        record_step(self.run_dir, ev, log, step, evaluated_steps(self.run_dir))
 
     def _export(self, step: int, unet: Path) -> bool:
         """The step's EMA as an export (kept: eval reads it, ``export --best`` copies it)."""
@@ -316,13 +315,13 @@ def mark_training_started(run_dir: Path) -> None:
     (eval_root(run_dir) / ENDED).unlink(missing_ok=True)
 
 
-def check_beside_training(cfg: Config) -> None:
+def check_beside_training(ev: EvalConfig) -> None:
     """What the watcher will need, checked before training starts: one line each."""
-    if not cfg.eval.during_training:
+    if not ev.during_training:
         return
     from .features import check_extractor
 
-    if not (cfg.eval.reference or cfg.data.shards):
+    if not ev.reference:  # data.shards may hold latents: the watcher scores images
         raise ConfigError("eval.during_training needs reference images: set eval.reference to image shards "
                           "from prepare (held-out images: prepare with data.holdout_fraction)")
-    check_extractor(cfg.eval)
+    check_extractor(ev)

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from ..config import Config
+from ..config import EvalConfig, LogConfig
 from ..logs import get_logger
 
 LOG = get_logger("watch")
@@ -33,18 +33,18 @@ def figures(report: dict) -> dict:
     return out
 
 
-def record_step(run_dir: Path, cfg: Config, step: int, report: dict) -> dict:
-    """A step's figures into metrics.jsonl and the trackers, then the curve and the best
-    step redrawn from every report so far. Returns the best step's record."""
-    from ..trackers import Trackers
-    from .beside import eval_root, evaluated_steps
+def record_step(run_dir: Path, ev: EvalConfig, log: LogConfig, step: int, reports: dict[int, dict]) -> dict:
+    """Step ``step``'s figures (``reports``: every evaluated step's report, this one's too) into
+    metrics.jsonl and the trackers, then the curve and the best step redrawn from all of
+    them (in RUN/eval). Returns the best step's record."""
+    from ..logs.trackers import Trackers
 
+    report, eval_dir = reports[step], Path(run_dir) / "eval"
     values = figures(report)
     _append_line(Path(run_dir) / "metrics.jsonl", {"step": step, **values})
-    reports = evaluated_steps(run_dir)
-    curve = draw_curve(reports, eval_root(run_dir) / CURVE)
-    best = write_best(reports, cfg.eval.best_metric, eval_root(run_dir) / BEST)
-    trackers = Trackers(cfg.log, Path(run_dir), {}, role="eval")
+    curve = draw_curve(reports, eval_dir / CURVE)
+    best = write_best(reports, ev.best_metric, eval_dir / BEST)
+    trackers = Trackers(log, Path(run_dir), {}, role="eval")
     try:
         trackers.scalars(step, values)
         trackers.image("eval/curve", curve, step)

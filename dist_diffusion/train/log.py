@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..config import LogConfig, TrainConfig
 from ..logs import get_logger
-from ..trackers import Trackers
+from ..logs.trackers import Trackers
 
 LOG = get_logger("train")
 

@@ -20,9 +20,9 @@ import os
 import uuid
 from pathlib import Path
 
-from .config import LogConfig
-from .extras import require
-from .logs import get_logger
+from ..config import LogConfig
+from ..extras import require
+from . import get_logger
 
 LOG = get_logger("trackers")
 IDS_FILE = "trackers.json"
