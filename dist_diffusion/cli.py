@@ -245,6 +245,27 @@ def _export_best(run_dir: Path, out: Path) -> int:
     return 0
 
 
+def _cmd_ema_reconstruct(args: argparse.Namespace) -> int:
+    from .export.posthoc import reconstruct_ema
+
+    out, plan = reconstruct_ema(Path(args.run_dir), Path(args.out), args.sigma_rel, args.step)
+    used = len({s.step for s, _ in plan.terms})
+    print(f"the EMA of sigma_rel {args.sigma_rel:g} at step {plan.target_step}, from {len(plan.terms)} profile "
+          f"snapshots of {used} steps (residual L1 {plan.bound[0]:.2e}), exported to {out} "
+          f"(UNet2DModel.from_pretrained)")
+    return 0
+
+
+def _add_ema_parser(sub) -> None:
+    p = sub.add_parser("ema-reconstruct", help="post-hoc EMA: the EMA of any relative length, rebuilt from the "
+                                               "run's profile snapshots (train.ema.posthoc_sigma_rels), as an export")
+    p.add_argument("--run-dir", required=True, help="the training run directory")
+    p.add_argument("--sigma-rel", type=float, required=True, help="relative EMA length, e.g. 0.07 (EDM2)")
+    p.add_argument("--step", type=_count(1), help="the step the EMA ends at (default: the last snapshot's)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_cmd_ema_reconstruct)
+
+
 def _cmd_watch(args: argparse.Namespace) -> int:
     from .evaluate.beside import Watcher, check_beside_training, run_config
 
@@ -369,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(RUN/eval/best.json, eval.best_metric)")
     p.set_defaults(func=_cmd_export)
     _add_watch_parser(sub)
+    _add_ema_parser(sub)
     _add_sampling_parsers(sub)
     _add_calibrate_parser(sub)
     return parser

@@ -2,9 +2,15 @@
 against its closed-form kernel, EDM2's gamma <-> sigma_rel, and the reconstruction of a
 profile never tracked from snapshots of two others, within the bound the module derives."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from conftest import PIXEL16, make_class_folders, run_dist_diffusion
 
 from dist_diffusion.core.posthoc_ema import (combine, discrete_kernel, error_bound, gamma_from_sigma_rel,
                                              power_beta, power_ema_update_, reconstruction_weights,
@@ -79,3 +85,114 @@ def test_a_partition_reconstructs_to_the_same_bits_as_the_whole():
     whole = combine(snapshots, x)
     parts = torch.cat([combine([s[:600] for s in snapshots], x), combine([s[600:] for s in snapshots], x)])
     assert torch.equal(whole, parts) and whole.dtype == torch.float32
+
+
+# ---- a real run: 2 ranks, ZeRO-3, two profiles, snapshots with every checkpoint ---------------
+
+def train_args(shards, run_dir, max_steps: int) -> list[str]:
+    return ["train", "--config", "configs/tiny.yaml", "--nproc", "2", *PIXEL16, f"data.shards={shards}",
+            f"train.max_steps={max_steps}", "train.ckpt_every=10", "train.keep_last=1", f"train.run_dir={run_dir}",
+            "runtime.zero_stage=3", "train.ema.posthoc_sigma_rels=[0.05,0.1]"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from dist_diffusion.config import DataConfig
+    from dist_diffusion.data.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("posthoc")
+    prepare(make_class_folders(tmp / "src", classes=4, per_class=16), str(tmp / "img16"),
+            DataConfig(resolution=16, samples_per_shard=32), progress=False)
+    return tmp / "img16"
+
+
+@pytest.fixture(scope="module")
+def zero3_run(shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("zero3") / "run"
+    done = run_dist_diffusion(train_args(shards, run_dir, 30), timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_snapshots_outlive_pruned_checkpoints_as_partitions(zero3_run):
+    from dist_diffusion.runtime.checkpoint import COMPLETE
+
+    assert sorted(p.name for p in (zero3_run / "checkpoints").glob("step*")) == ["step00000030"]  # keep_last=1
+    folders = sorted((zero3_run / "ema_snapshots").glob("step*"))
+    assert [f.name for f in folders] == ["step00000010", "step00000020", "step00000030"]
+    for folder in folders:
+        meta = json.loads((folder / COMPLETE).read_text())
+        assert (meta["world_size"], meta["zero_stage"], meta["sigma_rels"]) == (2, 3, [0.05, 0.1])
+        halves = [load_file(str(folder / f"posthoc_ema_rank{r:03d}.safetensors")) for r in range(2)]
+        assert halves[0].keys() == halves[1].keys() and len(halves[0]) > 10
+        name = next(iter(halves[0]))
+        assert halves[0][name].shape == halves[1][name].shape  # each rank its own partition
+    last = zero3_run / "checkpoints/step00000030/posthoc_ema_rank001.safetensors"
+    assert os.path.samefile(last, zero3_run / "ema_snapshots/step00000030/posthoc_ema_rank001.safetensors")
+
+
+@pytest.mark.slow
+def test_partitioned_reconstruction_equals_the_gathered_one_bitwise(zero3_run, tmp_path):
+    from dist_diffusion.export.posthoc import plan, reconstruct_files
+    from dist_diffusion.runtime.ema import join_partitions
+
+    p = plan(zero3_run, 0.07)
+    reconstruct_files(p, tmp_path)  # one rank's partitions at a time
+    parts = [load_file(str(tmp_path / f"ema_rank{r:03d}.safetensors")) for r in range(2)]
+    for name in parts[0]:
+        flat = torch.cat([parts[0][name].flatten(), parts[1][name].flatten()])
+        gathered = [torch.cat([load_file(str(s.folder / f"posthoc_ema_rank{r:03d}.safetensors"))[f"{key}/{name}"]
+                               .flatten() for r in range(2)]) for s, key in p.terms]
+        assert torch.equal(flat, combine(gathered, np.array(p.weights)))
+    assert join_partitions([parts[0][name], parts[1][name]], (flat.numel(),)).shape == flat.shape
+
+
+@pytest.mark.slow
+def test_ema_reconstruct_exports_and_a_tracked_length_reconstructs_to_itself(zero3_run, tmp_path):
+    from diffusers import UNet2DModel
+
+    from dist_diffusion.export.posthoc import plan
+
+    tracked = plan(zero3_run, 0.10)
+    own = [w for (s, key), w in zip(tracked.terms, tracked.weights) if s.step == 30 and key == "sigma_rel_0.1"]
+    assert own[0] == pytest.approx(1.0, abs=1e-6) and tracked.bound[0] < 1e-5
+    done = run_dist_diffusion(["ema-reconstruct", "--run-dir", str(zero3_run), "--sigma-rel", "0.07",
+                               "--out", str(tmp_path / "ema007")])
+    assert done.returncode == 0 and "sigma_rel 0.07 at step 30" in done.stdout, done.stderr[-2000:]
+    record = json.loads((tmp_path / "ema007/dist_diffusion.json").read_text())["posthoc_ema"]
+    assert record["sigma_rel"] == 0.07 and len(record["snapshots"]) == 6
+    assert sum(s["weight"] for s in record["snapshots"]) == pytest.approx(1.0, abs=0.05)
+    UNet2DModel.from_pretrained(tmp_path / "ema007")  # a normal export
+
+
+@pytest.mark.slow
+def test_exact_resume_keeps_the_profiles_bitwise(zero3_run, shards, tmp_path):
+    run_dir = tmp_path / "resumed"
+    for steps in (20, 30):  # stopped at 20, resumed to 30
+        done = run_dist_diffusion(train_args(shards, run_dir, steps), timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    whole, resumed = joined_profiles(zero3_run), joined_profiles(run_dir)
+    assert len(whole) == 2 * 145 and whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def joined_profiles(run_dir) -> dict:
+    """Each profile's parameters at step 30, joined from the two ranks' partitions (the
+    partitions' padding past a parameter's end is not part of it)."""
+    from dist_diffusion.config import load_config
+    from dist_diffusion.train.objectives import objective
+    from dist_diffusion.runtime.ema import join_partitions
+
+    shapes = dict((n, p.shape) for n, p in objective(load_config(run_dir / "config.yaml")).build().named_parameters())
+    parts = [load_file(str(run_dir / f"checkpoints/step00000030/posthoc_ema_rank{r:03d}.safetensors"))
+             for r in range(2)]
+    return {key: join_partitions([part[key] for part in parts], shapes[key.split("/", 1)[1]]) for key in parts[0]}
+
+
+def test_profiles_cannot_start_mid_run(tmp_path):
+    from dist_diffusion.config import ConfigError
+    from dist_diffusion.runtime.checkpoint import _profiles_path
+
+    with pytest.raises(ConfigError, match="cannot start mid-run"):
+        _profiles_path(tmp_path, 0)

@@ -8,7 +8,8 @@ import dataclasses
 from typing import Any, List
 
 from .registry import PROCESSES, SAMPLERS, samplers_of
-from .schema import TRACKERS, Config, ConfigError, DiffusionConfig, EvalConfig, LogConfig, SampleConfig, _most_steps, parse_sampler_entry
+from .schema import (TRACKERS, Config, ConfigError, DiffusionConfig, EvalConfig, LogConfig, SampleConfig,
+                     TrainConfig, _most_steps, parse_sampler_entry)
 from .shapes import latent_downsample, pretrained_vae_config
 
 
@@ -64,6 +65,7 @@ def _cross_problems(cfg: Config) -> List[str]:
     problems += _signal_problems(cfg.train.preempt_signals)
     problems += _interval_problems(s.guidance_interval, d.num_train_timesteps)
     problems += _beside_training_problems(cfg.eval, cfg.log)
+    problems += _posthoc_problems(cfg.train)
     if cfg.runtime.device == "cpu" and cfg.launch.gpus_per_worker > 0:
         problems.append(f"runtime.device=cpu but launch.gpus_per_worker={cfg.launch.gpus_per_worker}; "
                         f"set one of them to match the other")
@@ -144,4 +146,18 @@ def _beside_training_problems(e: EvalConfig, log: LogConfig) -> List[str]:
         problems.append(f"log.trackers has {unknown}: choose from {TRACKERS}")
     if e.during_training and not e.metrics:
         problems.append("eval.during_training needs eval.metrics=true: the curve and the best step are its figures")
+    return problems
+
+
+def _posthoc_problems(t: TrainConfig) -> List[str]:
+    """Profiles of a width a power function can have; snapshots that ride checkpoints."""
+    problems = []
+    bad = [s for s in t.ema.posthoc_sigma_rels if not 0 < s < 0.289]
+    if bad:
+        problems.append(f"train.ema.posthoc_sigma_rels has {bad}: each must be in (0, 0.289) (EDM2 tracks 0.05 and 0.10)")
+    if len(set(t.ema.posthoc_sigma_rels)) != len(t.ema.posthoc_sigma_rels):
+        problems.append(f"train.ema.posthoc_sigma_rels={list(t.ema.posthoc_sigma_rels)} repeats a width")
+    if t.ema.snapshot_every % t.ckpt_every:
+        problems.append(f"train.ema.snapshot_every={t.ema.snapshot_every} must be a multiple of train.ckpt_every="
+                        f"{t.ckpt_every}: a snapshot is taken with a checkpoint")
     return problems

@@ -166,6 +166,19 @@ class S3Config(_Section):
 
 
 @dataclass
+class PostHocEMAConfig(_Section):
+    """Post-hoc EMA (EDM2): power-function EMA profiles tracked beside the EMA and saved as
+    snapshots, from which `dist-diffusion ema-reconstruct` builds the EMA of any relative
+    length after training."""
+
+    posthoc_sigma_rels: List[float] = _f([], "relative widths of the power-function EMA profiles to track (EDM2: "
+                                             "[0.05, 0.10]); empty: off")
+    snapshot_every: int = _f(0, "steps between snapshots of the profiles, a multiple of train.ckpt_every (a snapshot "
+                                "is taken with a checkpoint and kept in RUN/ema_snapshots when the checkpoint is "
+                                "pruned); 0: every checkpoint", ge=0)
+
+
+@dataclass
 class TrainConfig(_Section):
     """The optimisation loop."""
 
@@ -184,6 +197,7 @@ class TrainConfig(_Section):
     ema_half_life_steps: float = _f(0.0, "EMA half-life in steps; overrides ema_decay when > 0",
                                     ge=0.0)
     ema_warmup: bool = _f(True, "ramp the EMA decay up as (1+step)/(10+step) early in training")
+    ema: PostHocEMAConfig = field(default_factory=PostHocEMAConfig)
     seed: int = _f(0, "seed of every training random draw")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step", ge=1)
     log_every: int = _f(10, "steps between log lines", ge=1)

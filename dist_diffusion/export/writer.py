@@ -127,6 +127,16 @@ def _write_index(out: Path, class_name: str, scheduler: str, **entries) -> None:
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def export_ema_files(run_dir: Path, folder: Path, out: Path, provenance: dict) -> Path:
+    """EMA files laid out as a checkpoint's (``folder``: ema_rankNNN files and a COMPLETE
+    naming the ZeRO stage and world size) -> an export of the run's model at ``out``."""
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    goal = objective(cfg)
+    trained = goal.build()
+    trained.load_state_dict(_ema_state(folder, trained))
+    return write_export(goal.exported(trained), cfg, Path(out), provenance)
+
+
 def _ema_state(folder: Path, unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     meta = json.loads((folder / COMPLETE).read_text())
     if meta["zero_stage"] != 3:

@@ -57,6 +57,19 @@ def ema_file(rank: int) -> str:
     return f"ema_rank{rank:03d}.safetensors"
 
 
+def profiles_file(rank: int) -> str:
+    """Rank ``rank``'s post-hoc EMA profiles (train.ema.posthoc_sigma_rels), beside its EMA."""
+    return f"posthoc_ema_rank{rank:03d}.safetensors"
+
+
+def profile_key(sigma_rel: float) -> str:
+    """How a profile's tensors are named in checkpoints and snapshots: <key>/<parameter>."""
+    return f"sigma_rel_{sigma_rel:g}"
+
+
+SNAPSHOTS = "ema_snapshots"  # RUN/ema_snapshots/stepNNNNNNNN: profiles that outlive their checkpoint
+
+
 def writes_ema(rank: int, sharded: bool) -> bool:
     """Whether this rank writes an EMA file: every rank its own partitions under ZeRO-3;
     under ZeRO 0-2 every rank holds the same full copy, so rank 0 alone writes it."""
@@ -94,20 +107,29 @@ def write_parts(engine, ema, root: Path, step: int, state: dict, writer=None) ->
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "universal_checkpoint_info": {}},
                            save_latest=False)
     folder = root / tag
-    ema_state = ema.state_dict() if writes_ema(rank, ema.sharded) else None
-    state_path, ema_path = folder / f"state_rank{rank:03d}.json", folder / ema_file(rank)
+    writes = writes_ema(rank, ema.sharded)
+    tensors = {ema_file(rank): ema.state_dict() if writes else None,
+               profiles_file(rank): ema.profiles_state_dict() if writes and ema.sigma_rels else None}
+    state_path = folder / f"state_rank{rank:03d}.json"
     if writer is None:
-        if ema_state is not None:
-            _save_file(ema_state, str(ema_path))
+        for name, values in tensors.items():
+            if values is not None:
+                _save_file(values, str(folder / name))
         state_path.write_text(json.dumps(state))
         return folder
     from .background import fsync_file, host_copy
 
-    if ema_state is not None:
-        ema_copy = host_copy(ema_state)
-        writer.submit(lambda: (_save_file(ema_copy, str(ema_path)), fsync_file(ema_path)))
+    for name, values in tensors.items():
+        if values is not None:
+            _submit_tensors(writer, host_copy(values), folder / name)
     writer.submit(lambda: (state_path.write_text(json.dumps(state)), fsync_file(state_path), fsync_file(folder)))
     return folder
+
+
+def _submit_tensors(writer, values: dict, path: Path) -> None:
+    from .background import fsync_file
+
+    writer.submit(lambda: (_save_file(values, str(path)), fsync_file(path)))
 
 
 def mark_complete(root: Path, folder: Path, step: int, keep_last: int, meta: dict) -> None:
@@ -170,13 +192,52 @@ def load(engine, ema, root: Path, tag: str, world_size: int) -> list[dict]:
     if old_world == world_size:
         engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         files = ema_files(root / tag)
-        ema.load_state_dict(_load_file(str(root / tag / files[rank if len(files) > 1 else 0])))
+        mine = rank if len(files) > 1 else 0
+        ema.load_state_dict(_load_file(str(root / tag / files[mine])))
+        if ema.sigma_rels:
+            ema.load_profiles(_load_file(str(_profiles_path(root / tag, mine))))
         return [json.loads((root / tag / f"state_rank{rank:03d}.json").read_text())]
     universal = _to_universal(root, tag)
     engine.load_checkpoint(str(root), tag=universal, load_optimizer_states=True, load_lr_scheduler_states=True)
     old = [_load_file(str(root / tag / name)) for name in ema_files(root / tag)]
     ema.load_resharded(old, rank, world_size)
+    if ema.sigma_rels:
+        profiles = [_load_file(str(_profiles_path(root / tag, r))) for r in range(len(old))]
+        for sigma_rel in ema.sigma_rels:
+            ema.load_resharded(profiles, rank, world_size, prefix=profile_key(sigma_rel))
     return [json.loads((root / tag / f"state_rank{r:03d}.json").read_text()) for r in range(old_world)]
+
+
+def _profiles_path(folder: Path, rank: int) -> Path:
+    """A checkpoint's profiles file of ``rank``, or one line: the run tracks profiles this
+    checkpoint lacks (turned on mid-run: a profile must average from step 1)."""
+    path = folder / profiles_file(rank)
+    if not path.is_file():
+        raise ConfigError(f"{folder} has no post-hoc EMA profiles, but train.ema.posthoc_sigma_rels asks for them: "
+                          f"a profile averages from step 1 and cannot start mid-run; resume without them or "
+                          f"start a new train.run_dir")
+    return path
+
+
+def save_snapshot(root: Path, folder: Path, step: int, ema, meta: dict) -> Path:
+    """RUN/ema_snapshots/<tag>: the complete checkpoint ``folder``'s profile files (hard links,
+    so no byte is written twice, and they outlive the checkpoint when it is pruned), then
+    rank 0's COMPLETE with the profiles' widths and exponents. Every rank calls it."""
+    rank = _rank()
+    dest = root.parent / SNAPSHOTS / folder.name
+    dest.mkdir(parents=True, exist_ok=True)
+    if writes_ema(rank, ema.sharded):
+        name = profiles_file(rank)
+        (dest / name).unlink(missing_ok=True)
+        try:
+            os.link(folder / name, dest / name)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(folder / name, dest / name)
+    _barrier()
+    if rank == 0:
+        record = {"step": step, **meta, "sigma_rels": list(ema.sigma_rels), "gammas": list(ema.gammas)}
+        _atomic_write(dest / COMPLETE, json.dumps(record, indent=2))
+    return dest
 
 
 def _to_universal(root: Path, tag: str) -> str:

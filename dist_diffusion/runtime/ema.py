@@ -17,17 +17,26 @@ import math
 import torch
 
 from ..core.ema import ema_update_
+from ..core.posthoc_ema import gamma_from_sigma_rel, power_ema_update_
+from .checkpoint import profile_key
 from .distributed import all_gather_flat
 
 
 class EngineEMA:
-    def __init__(self, engine, zero_stage: int):
+    """The EMA of decay ``ema_decay(...)`` and, with ``sigma_rels``, post-hoc EMA's
+    power-function profiles (core.posthoc_ema), each one flat fp32 buffer of the same
+    tensors; every one is one lerp per step."""
+
+    def __init__(self, engine, zero_stage: int, sigma_rels: tuple[float, ...] = ()):
         self.engine, self.sharded = engine, zero_stage == 3
         named = list(engine.module.named_parameters())
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
         current = self._current()
         self.flat = _flatten(current).float().clone()
         self.shadow = _views(self.flat, current)
+        self.sigma_rels = tuple(sigma_rels)
+        self.gammas = tuple(gamma_from_sigma_rel(s) for s in self.sigma_rels)
+        self.profiles = [self.flat.clone() for _ in self.sigma_rels]  # overwritten at step 1 (beta_1 = 0)
 
     def _current(self) -> list[torch.Tensor]:
         if self.sharded:
@@ -35,38 +44,52 @@ class EngineEMA:
             return [safe_get_local_fp32_param(p) for p in self.params]
         return [p.detach() for p in self.params]
 
-    def update(self, decay: float) -> None:
-        ema_update_([self.flat], [_flatten(self._current())], decay)
+    def update(self, decay: float, step: int = 0) -> None:
+        """After optimizer step ``step`` (1-based; the profiles' clock)."""
+        current = _flatten(self._current())
+        ema_update_([self.flat], [current], decay)
+        for profile, gamma in zip(self.profiles, self.gammas):
+            power_ema_update_(profile, current, step, gamma)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's EMA tensors (partitions under ZeRO-3), for its checkpoint shard
         (copies: safetensors refuses views that share one buffer)."""
         return {n: t.clone() for n, t in zip(self.names, self.shadow)}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = [n for n in self.names if n not in state]
-        if missing:
-            raise ValueError(f"the checkpoint's EMA lacks {len(missing)} parameters (e.g. {missing[0]}); "
-                             f"it was saved from a different model")
-        for name, shadow in zip(self.names, self.shadow):
-            if state[name].shape != shadow.shape:
-                raise ValueError(f"EMA tensor {name} has shape {tuple(state[name].shape)} in the checkpoint "
-                                 f"but {tuple(shadow.shape)} here; the model config or world size changed")
-            shadow.copy_(state[name])
+    def profiles_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's profiles, as ``<profile_key(sigma_rel)>/<parameter>`` (empty: none tracked)."""
+        return {f"{profile_key(s)}/{n}": t.clone() for s, flat in zip(self.sigma_rels, self.profiles)
+                for n, t in zip(self.names, _views(flat, self.shadow))}
 
-    def load_resharded(self, old_shards: list[dict[str, torch.Tensor]], rank: int, world_size: int) -> None:
-        """Load an EMA saved by another number of ranks: full copies (ZeRO 0-2) or
-        partitions (ZeRO-3), cut again for this rank when this run is sharded."""
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        _copy_into(self.names, self.shadow, state, "EMA")
+
+    def load_profiles(self, state: dict[str, torch.Tensor]) -> None:
+        for sigma, flat in zip(self.sigma_rels, self.profiles):
+            key = profile_key(sigma)
+            _copy_into(self.names, _views(flat, self.shadow), {n[len(key) + 1:]: t for n, t in state.items()
+                                                               if n.startswith(key + "/")}, f"profile {key}")
+
+    def load_resharded(self, old_shards: list[dict[str, torch.Tensor]], rank: int, world_size: int,
+                       prefix: str = "") -> None:
+        """Load an EMA (or with ``prefix``, a profile's ``prefix/`` tensors) saved by another
+        number of ranks: full copies (ZeRO 0-2) or partitions (ZeRO-3), cut again for this
+        rank when this run is sharded."""
+        target = self.shadow if not prefix else _views(self.profiles[self._profile_index(prefix)], self.shadow)
+        key = f"{prefix}/" if prefix else ""
         full = {}
         for name, p in zip(self.names, self.params):
-            full[name] = join_partitions([s[name] for s in old_shards], p.ds_shape if self.sharded else p.shape)
+            full[name] = join_partitions([s[key + name] for s in old_shards], p.ds_shape if self.sharded else p.shape)
         if not self.sharded:
-            self.load_state_dict(full)
+            _copy_into(self.names, target, full, prefix or "EMA")
             return
-        for name, shadow in zip(self.names, self.shadow):
+        for name, shadow in zip(self.names, target):
             flat, size = full[name].flatten(), shadow.numel()
             padded = torch.cat([flat, flat.new_zeros(size * world_size - flat.numel())])
             shadow.copy_(padded[rank * size:(rank + 1) * size])
+
+    def _profile_index(self, key: str) -> int:
+        return [profile_key(s) for s in self.sigma_rels].index(key)
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """The whole EMA as a state dict (a collective under ZeRO-3: every rank calls it)."""
@@ -74,6 +97,18 @@ class EngineEMA:
             return dict(zip(self.names, (t.clone() for t in self.shadow)))
         return {n: all_gather_flat(t.flatten())[: p.ds_numel].view(p.ds_shape).clone()
                 for n, t, p in zip(self.names, self.shadow, self.params)}
+
+
+def _copy_into(names: list[str], targets: list[torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise ValueError(f"the checkpoint's {what} lacks {len(missing)} parameters (e.g. {missing[0]}); "
+                         f"it was saved from a different model")
+    for name, target in zip(names, targets):
+        if state[name].shape != target.shape:
+            raise ValueError(f"{what} tensor {name} has shape {tuple(state[name].shape)} in the checkpoint "
+                             f"but {tuple(target.shape)} here; the model config or world size changed")
+        target.copy_(state[name])
 
 
 def join_partitions(parts: list[torch.Tensor], shape) -> torch.Tensor:

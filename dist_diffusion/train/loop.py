@@ -111,7 +111,7 @@ def _loop(run: Run, batches, stops: StopRequests) -> None:
     while state.step < t.max_steps:
         metrics = train_step(run, batches)
         state.step += 1
-        run.ema.update(ema_decay(state.step - 1, t.ema_decay, t.ema_half_life_steps, t.ema_warmup))
+        run.ema.update(ema_decay(state.step - 1, t.ema_decay, t.ema_half_life_steps, t.ema_warmup), state.step)
         run.logger.step(state.step, metrics)
         saved = state.step % t.ckpt_every == 0 or state.step == t.max_steps
         if saved:
@@ -189,8 +189,9 @@ def build_run(cfg: Config) -> Run:
         logger.warning(precision.warning)
     process = make_process(cfg.diffusion).to(device())
     grids = TrainingGrids(goal, cfg.sample, cfg.diffusion, run_dir, env.is_main, vae)
-    return Run(cfg.train, cfg.runtime, cfg.data, cfg.vae, goal, env, engine, EngineEMA(engine, cfg.runtime.zero_stage),
-               process, vae, spec, manifest, logger, grids, resume_tag=resume, elastic=elastic, writer=writer)
+    ema = EngineEMA(engine, cfg.runtime.zero_stage, tuple(cfg.train.ema.posthoc_sigma_rels))
+    return Run(cfg.train, cfg.runtime, cfg.data, cfg.vae, goal, env, engine, ema, process, vae, spec, manifest, logger,
+               grids, resume_tag=resume, elastic=elastic, writer=writer)
 
 
 def _record_placement(run_dir: Path, env) -> None:
@@ -369,6 +370,14 @@ def _refused(run: Run, err: BaseException, root: Path, tag: str) -> BaseExceptio
 
 
 def _report(run: Run, folder: Path) -> None:
+    """After a checkpoint completed (every rank): its post-hoc EMA snapshot when one is due,
+    then the launcher's callback."""
+    step = int(folder.name.removeprefix("step"))
+    every = run.train.ema.snapshot_every
+    if run.ema.sigma_rels and (every == 0 or step % every == 0):
+        meta = {"world_size": run.env.world_size, "zero_stage": run.runtime.zero_stage}
+        snapshot = checkpoint.save_snapshot(folder.parent, folder, step, run.ema, meta)
+        run.logger.info(f"post-hoc EMA snapshot {snapshot}")
     if run.on_checkpoint is not None:
         run.on_checkpoint(int(folder.name.removeprefix("step")), folder)
 
