@@ -303,6 +303,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *(["eval.metrics=false"] if args.command == "sample" and not args.metrics else [])]
     cfg = _load(args.config, overrides)  # validate once, before any worker starts
     _check_device(cfg)
+    if cfg.eval.ema_sigma_rels:
+        return _sweep_ema_lengths(args, overrides, cfg.eval.ema_sigma_rels, cfg.eval.out, cfg.train.run_dir)
     from .evaluate.sample import check_inputs
 
     check_inputs(cfg)
@@ -313,6 +315,33 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .runtime.rank import run_rank
 
     return run_rank(partial(evaluate, cfg))[1]
+
+
+def _sweep_ema_lengths(args: argparse.Namespace, overrides: list[str], sigma_rels: list[float], out: str,
+                       run_dir: str) -> int:
+    """eval.ema_sigma_rels: each length reconstructed, then evaluated like any export, each a
+    command of its own (the reconstruction's tensor math stays out of the process that forks
+    the ranks); then one report and the plot."""
+    import subprocess
+
+    from .evaluate.ema_sweep import EMASweep
+    from .export.posthoc import snapshots
+
+    snapshots(Path(run_dir))  # none: one line now
+    sweep = EMASweep(Path(run_dir), out, sigma_rels)
+    for sigma in sweep.sigma_rels:
+        if sweep.evaluated(sigma):
+            continue
+        steps = [["ema-reconstruct", "--run-dir", run_dir, "--sigma-rel", f"{sigma:g}", "--out", str(sweep.export_dir(sigma))],
+                 [args.command, "--config", args.config, "--nproc", str(args.nproc), *overrides, "eval.ema_sigma_rels=[]",
+                  f"eval.unet={sweep.export_dir(sigma)}", f"eval.out={sweep.folder(sigma)}"]]
+        for argv in steps[int((sweep.export_dir(sigma) / "dist_diffusion.json").is_file()):]:
+            code = subprocess.run([sys.executable, "-m", "dist_diffusion.cli", *argv]).returncode
+            if code:
+                return code
+    sweep.write_report()
+    print(f"{len(sweep.sigma_rels)} EMA lengths evaluated -> {Path(out) / 'report.md'}, {Path(out) / 'fid_vs_ema_length.png'}")
+    return 0
 
 
 def _count(least: int):

@@ -196,3 +196,24 @@ def test_profiles_cannot_start_mid_run(tmp_path):
 
     with pytest.raises(ConfigError, match="cannot start mid-run"):
         _profiles_path(tmp_path, 0)
+
+
+@pytest.mark.slow
+def test_eval_sweeps_ema_lengths_and_plots_fid_against_them(zero3_run, shards, tmp_path):
+    from dist_diffusion.config import load_config
+    from dist_diffusion.core.models import build_classifier
+
+    cfg = load_config(zero3_run / "config.yaml")
+    torch.manual_seed(0)
+    build_classifier(cfg.model, cfg.data).save_pretrained(tmp_path / "classifier")
+    out = tmp_path / "sweep"
+    done = run_dist_diffusion(["eval", "--config", str(zero3_run / "config.yaml"), "--nproc", "2",
+                               "eval.ema_sigma_rels=[0.05,0.07,0.1]", f"eval.classifier={tmp_path / 'classifier'}",
+                               f"eval.reference={shards}", f"eval.out={out}", "sample.num_samples=16",
+                               "eval.samples_per_shard=8", "sample.batch_size=8", "sample.steps=4"], timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = json.loads((out / "report.json").read_text())["results"]
+    assert [r["ema_sigma_rel"] for r in rows] == [0.05, 0.07, 0.1] and all(r["fid"] > 0 for r in rows)
+    assert len({r["fid"] for r in rows}) == 3  # three different EMAs
+    assert (out / "fid_vs_ema_length.png").stat().st_size > 5000 and "| sigma_rel |" in (out / "report.md").read_text()
+    assert json.loads((out / "ema-0.07/unet/dist_diffusion.json").read_text())["posthoc_ema"]["sigma_rel"] == 0.07

@@ -65,7 +65,7 @@ def _cross_problems(cfg: Config) -> List[str]:
     problems += _signal_problems(cfg.train.preempt_signals)
     problems += _interval_problems(s.guidance_interval, d.num_train_timesteps)
     problems += _beside_training_problems(cfg.eval, cfg.log)
-    problems += _posthoc_problems(cfg.train)
+    problems += _posthoc_problems(cfg.train, cfg.eval)
     if cfg.runtime.device == "cpu" and cfg.launch.gpus_per_worker > 0:
         problems.append(f"runtime.device=cpu but launch.gpus_per_worker={cfg.launch.gpus_per_worker}; "
                         f"set one of them to match the other")
@@ -149,12 +149,14 @@ def _beside_training_problems(e: EvalConfig, log: LogConfig) -> List[str]:
     return problems
 
 
-def _posthoc_problems(t: TrainConfig) -> List[str]:
+def _posthoc_problems(t: TrainConfig, e: EvalConfig) -> List[str]:
     """Profiles of a width a power function can have; snapshots that ride checkpoints."""
     problems = []
-    bad = [s for s in t.ema.posthoc_sigma_rels if not 0 < s < 0.289]
-    if bad:
-        problems.append(f"train.ema.posthoc_sigma_rels has {bad}: each must be in (0, 0.289) (EDM2 tracks 0.05 and 0.10)")
+    for key, widths in (("train.ema.posthoc_sigma_rels", t.ema.posthoc_sigma_rels),
+                        ("eval.ema_sigma_rels", e.ema_sigma_rels)):
+        bad = [s for s in widths if not 0 < s < 0.289]
+        if bad:
+            problems.append(f"{key} has {bad}: each must be in (0, 0.289) (EDM2 tracks 0.05 and 0.10)")
     if len(set(t.ema.posthoc_sigma_rels)) != len(t.ema.posthoc_sigma_rels):
         problems.append(f"train.ema.posthoc_sigma_rels={list(t.ema.posthoc_sigma_rels)} repeats a width")
     if t.ema.snapshot_every % t.ckpt_every:

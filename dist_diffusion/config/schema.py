@@ -303,6 +303,9 @@ class EvalConfig(_Section):
     samplers: List[str] = _f([], "sweep: samplers to evaluate, NAME (takes eval.steps) or NAME:STEPS "
                                  "(empty: sample.sampler; ddpm always takes T steps)")
     grid_per_class: int = _f(8, "samples per class row in the grid PNG", ge=1)
+    ema_sigma_rels: List[float] = _f([], "post-hoc EMA: evaluate the EMA of each of these relative lengths, "
+                                         "reconstructed from train.run_dir's profile snapshots (eval.unet is not "
+                                         "used), one report row each and OUT/fid_vs_ema_length.png")
     during_training: bool = _f(False, "evaluate the EMA of the run's checkpoints beside training, as they become "
                                       "complete (`dist-diffusion watch`: local `train` starts it on its own cores, "
                                       "slurm/train_latent.sh as a companion job, the Ray launcher as an actor); "
