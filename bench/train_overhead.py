@@ -11,6 +11,10 @@ is the median over rounds of (framework seconds per step / plain seconds per ste
 noisy neighbour slows both sides of a round alike. Prints `train_overhead_ratio=<x>`
 (goal <= 1.10).
 
+Then the cost of post-hoc EMA (train.ema.posthoc_sigma_rels=[0.05, 0.10]): the same steps with
+the EMA alone and with the EMA and two power-function profiles (one more lerp each per step),
+alternating; prints `train_with_posthoc_ema_ratio` (goal <= 1.05).
+
 Then the cost of checkpoints: the framework's steps with a checkpoint every SAVE_EVERY steps,
 written in the background (train.background_checkpoints) and blocking (each save waits until
 its files are on disk), against the same steps without a save, alternating in rounds that
@@ -38,6 +42,7 @@ from dist_diffusion.core.models import as_denoiser, build_unet  # noqa: E402
 from dist_diffusion.data.prepare import prepare  # noqa: E402
 from dist_diffusion.train import build_run, stream_batches, train_step  # noqa: E402
 from dist_diffusion.train.loop import finish_pending, save  # noqa: E402
+from dist_diffusion.runtime.ema import EngineEMA  # noqa: E402
 
 STEPS = 10
 ROUNDS = 7
@@ -71,7 +76,7 @@ def framework_loop(run, batches, saves: str = "none") -> float:
     for _ in range(STEPS):
         train_step(run, batches)
         run.state.step += 1
-        run.ema.update(ema_decay(run.state.step, 0.9999))
+        run.ema.update(ema_decay(run.state.step, 0.9999), run.state.step)
         if saves != "none" and run.state.step % SAVE_EVERY == 0:
             save(run)
             if saves == "blocking":
@@ -85,6 +90,21 @@ def checkpoint_rounds(run, batches) -> list[tuple[float, float, float]]:
     framework_loop(run, batches, "background")  # warm-up: the first save creates the folders
     return [(framework_loop(run, batches), framework_loop(run, batches, "background"),
              framework_loop(run, batches, "blocking")) for _ in range(ROUNDS)]
+
+
+def profile_rounds(run, batches) -> list[tuple[float, float]]:
+    """(the EMA alone, the EMA and two post-hoc EMA profiles) seconds per step, alternating:
+    the same engine and steps, the EMA object swapped between rounds."""
+    plain = run.ema
+    profiled = EngineEMA(run.engine, run.runtime.zero_stage, (0.05, 0.10))
+    rounds = []
+    for _ in range(ROUNDS):
+        run.ema = plain
+        alone = framework_loop(run, batches)
+        run.ema = profiled
+        rounds.append((alone, framework_loop(run, batches)))
+    run.ema = plain
+    return rounds
 
 
 def median(values: list[float]) -> float:
@@ -106,6 +126,7 @@ def main() -> None:
         framework_loop(run, batches), plain_loop(cfg, run)  # warm-up both
         rounds = [(framework_loop(run, batches), plain_loop(cfg, run)) for _ in range(ROUNDS)]
         saving = checkpoint_rounds(run, batches)
+        profiles = profile_rounds(run, batches)
         run.logger.close()
     print("rounds (framework_s, plain_s): " + " ".join(f"({f:.3f},{p:.3f})" for f, p in rounds))
     print(f"train_overhead_ratio={median([f / p for f, p in rounds]):.3f}")
@@ -114,7 +135,11 @@ def main() -> None:
     per_save = STEPS / SAVE_EVERY
     print(f"background_save_cost_s={median([(b - n) * STEPS / per_save for n, b, _ in saving]):.3f}")
     print(f"blocking_save_cost_s={median([(k - n) * STEPS / per_save for n, _, k in saving]):.3f}")
+    print("post-hoc EMA rounds (ema_s, ema_and_2_profiles_s per step): "
+          + " ".join(f"({a:.3f},{b:.3f})" for a, b in profiles))
+    print(f"posthoc_profiles_cost_ms_per_step={1000 * median([b - a for a, b in profiles]):.2f}")
     print(f"train_with_background_checkpoints_ratio={median([b / n for n, b, _ in saving]):.3f}")
+    print(f"train_with_posthoc_ema_ratio={median([b / a for a, b in profiles]):.3f}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def test_short_demo_runs_every_stage_and_holds_itself_to_the_bar(tmp_path):
     report = json.loads((run_dir / "report.json").read_text())
     assert list(report["stages"]) == ["stack up", "digits", "prepare", "train classifier", "export classifier",
                                       "train vae", "export vae", "encode", "train unet", "export unet",
-                                      "eval untrained", "sample + eval", "stack down"]
+                                      "eval untrained", "choose ema length", "sample + eval", "stack down"]
     assert [r["guidance_scale"] for r in report["results"]] == [1.0, 3.0]
     for row in report["results"]:
         assert row["sampler"] == "unipc" and row["steps"] == 4 and row["num_samples"] == 40
@@ -32,7 +32,11 @@ def test_short_demo_runs_every_stage_and_holds_itself_to_the_bar(tmp_path):
     during = report["during_training"]  # evaluated beside training: the last step (15) is always due
     assert [s["step"] for s in during["steps"]] == [15] and during["best"]["step"] == 15
     assert during["steps"][0]["num_samples"] == 200 and during["steps"][0]["fid_domain"] > 0
-    for name in ("real.png", "samples_cfg1.png", "samples_cfg3.png", "loss.png", "fid_curve.png"):
+    ema = report["posthoc_ema"]  # the EMA length chosen after training, from the profiles' snapshots
+    assert [r["sigma_rel"] for r in ema["lengths"]] == [0.05, 0.1, 0.15, 0.2] and ema["chosen"] in (0.05, 0.1, 0.15, 0.2)
+    assert min(r["fid_domain"] for r in ema["lengths"]) == next(r["fid_domain"] for r in ema["lengths"]
+                                                                 if r["sigma_rel"] == ema["chosen"])
+    for name in ("real.png", "samples_cfg1.png", "samples_cfg3.png", "loss.png", "fid_curve.png", "fid_vs_ema_length.png"):
         assert Image.open(run_dir / name).size[0] > 100
     assert "| CFG |" in (run_dir / "report.md").read_text() and "quality bar MISSED" in out.stdout
     assert "[stack down]" in out.stdout

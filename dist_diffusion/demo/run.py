@@ -49,6 +49,11 @@ UNET_OVERRIDES = ["data.samples_per_shard=256", "data.hflip=false", "data.num_wo
                   "train.log_every=10"]
 VAE_OVERRIDES = ["data.hflip=false", "data.num_workers=1", "train.warmup_steps=20"]
 CLASSIFIER_OVERRIDES = ["data.num_workers=1"]
+# Post-hoc EMA: EDM2's two profiles tracked, a snapshot with every checkpoint; after
+# training these relative lengths are reconstructed and scored, and the best one is the
+# EMA the demo samples (the run's fixed EMA, half-life 50 steps of 600, is about 0.12).
+POSTHOC_OVERRIDES = ["train.ema.posthoc_sigma_rels=[0.05,0.1]", "train.ema.snapshot_every=0"]
+EMA_LENGTHS = (0.05, 0.1, 0.15, 0.2)
 HOLDOUT_FRACTION = 0.2  # of the images: the reference of FID and the judge's test set
 FLOOR_MULTIPLE = 3.0  # domain FID at the highest scale within this multiple of real data's own
 
@@ -119,7 +124,7 @@ class DemoRuns:
         self.nproc, self.dataset = str(args.nproc), dataset or DATASETS[args.dataset]
         classes = f"model.num_classes={self.dataset.num_classes}"
         vae_steps = self.dataset.vae_steps if args.vae_steps is None else args.vae_steps
-        self.unet = [*UNET_OVERRIDES, f"train.max_steps={self.dataset.unet_steps}", classes,
+        self.unet = [*UNET_OVERRIDES, *POSTHOC_OVERRIDES, f"train.max_steps={self.dataset.unet_steps}", classes,
                      *self.dataset.unet_overrides, *args.overrides]
         self.vae = [*VAE_OVERRIDES, classes, f"train.max_steps={vae_steps}",
                     f"train.ckpt_every={vae_steps}", f"train.run_dir={out / 'vae'}"]
@@ -130,9 +135,10 @@ class DemoRuns:
                      "sample.batch_size=100"]
         # evaluation beside training: the watcher shares this machine's cores with the trainer
         # (a 2-core machine has none to give it alone), so eval.cpus asks for all of them
+        self.quick_eval = [f"sample.num_samples={args.beside_samples}", "eval.samples_per_shard=100",
+                           "sample.batch_size=100", "eval.guidance_scales=[3]"]  # beside training, and of EMA lengths
         self.beside = ["eval.during_training=true", "eval.every_steps=150", f"eval.cpus={len(os.sched_getaffinity(0))}",
-                       f"sample.num_samples={args.beside_samples}", "eval.samples_per_shard=100",
-                       "sample.batch_size=100", "eval.guidance_scales=[3]"]
+                       *self.quick_eval]
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,9 @@ def _run_stages(cfg: Config, runs: DemoRuns, out: Path, stages: dict) -> dict:
     untrained = stage(stages, "eval untrained", lambda: evaluate(
         out / "eval_untrained", [*judged, f"eval.unet={_untrained_unet(cfg, out)}", "eval.guidance_scales=[3]"],
         runs.nproc, recipe))
+    ema = stage(stages, "choose ema length", lambda: choose_ema_length(out, [*judged, *runs.quick_eval], runs.nproc,
+                                                                      recipe))
+    unet_dir = Path(ema["export"])
     results = stage(stages, "sample + eval", lambda: evaluate(
         out / "eval", [*judged, f"eval.unet={unet_dir}", f"eval.guidance_scales=[1,{cfg.sample.guidance_scale:g}]"],
         runs.nproc, recipe))
@@ -199,13 +208,33 @@ def _run_stages(cfg: Config, runs: DemoRuns, out: Path, stages: dict) -> dict:
     plot_loss(out / "unet/metrics.jsonl", out / "loss.png")
     shutil.copy(out / "unet/eval/curve.png", out / "fid_curve.png")
     judging = json.loads((out / "eval/report.json").read_text())
-    return {"dataset": runs.dataset.name, "during_training": during_training(out / "unet"), "what": runs.dataset.what, "accuracy_bar": runs.dataset.accuracy_bar,
+    during = during_training(out / "unet")
+    ema["fixed_ema_fid_domain"] = during["steps"][-1]["fid_domain"]  # the same N, scale and seeds
+    return {"dataset": runs.dataset.name, "during_training": during, "posthoc_ema": ema,
+            "what": runs.dataset.what, "accuracy_bar": runs.dataset.accuracy_bar,
             "results": [_demo_row(r) for r in results], "fid_domain_untrained": untrained[0]["fid"],
             "fid_real_floor": judging["fid_real_floor"], "fid_real_floor_n": judging["fid_real_floor_n"],
             "classifier_heldout_accuracy": judging["classifier_accuracy"]["top1"],
             "vae": json.loads((data.vae / "dist_diffusion.json").read_text())["reconstruction"],
             "loss_first": losses[0], "loss_last": losses[-1], "num_real_images": data.manifest["source_files"],
             "num_heldout_images": data.manifest["holdout"]["num_samples"]}
+
+
+def choose_ema_length(out: Path, overrides: list[str], nproc: str, recipe: str) -> dict:
+    """Post-hoc EMA: each of EMA_LENGTHS reconstructed from the UNet run's snapshots and
+    scored (the evaluation-during-training settings: 200 samples at CFG 3); the best by FID
+    is the EMA the demo samples."""
+    sweep = out / "eval_ema"
+    shutil.rmtree(sweep, ignore_errors=True)
+    lengths = ",".join(f"{s:g}" for s in EMA_LENGTHS)
+    _cli("eval", "--config", recipe, "--nproc", nproc, *overrides, f"train.run_dir={out / 'unet'}",
+         f"eval.ema_sigma_rels=[{lengths}]", f"eval.out={sweep}")
+    rows = json.loads((sweep / "report.json").read_text())["results"]
+    best = min(rows, key=lambda r: r["fid"])
+    shutil.copy(sweep / "fid_vs_ema_length.png", out / "fid_vs_ema_length.png")
+    return {"lengths": [{"sigma_rel": r["ema_sigma_rel"], "fid_domain": r["fid"], "class_accuracy": r["class_accuracy"],
+                         "num_samples": r["num_samples"], "guidance_scale": r["guidance_scale"]} for r in rows],
+            "chosen": best["ema_sigma_rel"], "export": str(sweep / f"ema-{best['ema_sigma_rel']:g}" / "unet")}
 
 
 def during_training(run_dir: Path) -> dict:
@@ -292,6 +321,7 @@ def write_demo_report(report: dict, out: Path) -> None:
               f"held-out images. VAE: reconstruction PSNR {report['vae']['psnr_db']:.1f} dB on held-out images.", "",
               f"Untrained model (step 0, CFG 3): domain FID {report['fid_domain_untrained']:.3f}.", "",
               *_during_training_lines(report["during_training"]),
+              *_posthoc_lines(report["posthoc_ema"]),
               "| stage | seconds |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in report["stages"].items()], "",
               "Quality bar:", *[f"- [{'x' if ok else ' '}] {name}" for name, ok in report["quality"]["checks"].items()]]
     text = "\n".join(lines) + "\n"
@@ -299,7 +329,7 @@ def write_demo_report(report: dict, out: Path) -> None:
     print(text)
     verdict = "met" if report["quality"]["passed"] else "MISSED"
     print(f"[done] {report['total_seconds']:.0f}s; quality bar {verdict}; files in {out}: report.md, "
-          f"report.json, real.png, samples_cfg*.png, loss.png, fid_curve.png")
+          f"report.json, real.png, samples_cfg*.png, loss.png, fid_curve.png, fid_vs_ema_length.png")
 
 
 def _during_training_lines(during: dict) -> list[str]:
@@ -311,6 +341,15 @@ def _during_training_lines(during: dict) -> list[str]:
              f"checkpoint; fid_curve.png):", "", "| step | domain FID | class accuracy |", "|---|---|---|"]
     lines += [f"| {s['step']} | {s['fid_domain']:.3f} | {s['class_accuracy']:.3f} |" for s in steps]
     return lines + ["", f"Best step by {best['metric']}: {best['step']} (`dist-diffusion export --best`).", ""]
+
+
+def _posthoc_lines(ema: dict) -> list[str]:
+    first = ema["lengths"][0]
+    lines = [f"Post-hoc EMA ({first['num_samples']} samples at CFG {first['guidance_scale']:g} per length; "
+             f"fid_vs_ema_length.png):", "", "| sigma_rel | domain FID | class accuracy |", "|---|---|---|"]
+    lines += [f"| {r['sigma_rel']:g} | {r['fid_domain']:.3f} | {r['class_accuracy']:.3f} |" for r in ema["lengths"]]
+    return lines + ["", f"The demo samples the EMA of sigma_rel {ema['chosen']:g}, the best by FID; the run's fixed "
+                        f"EMA scored {ema['fixed_ema_fid_domain']:.3f} at the last step with the same samples.", ""]
 
 
 def _prepare_data(cfg: Config, dataset, out: Path, url: str, stages: dict) -> dict:
