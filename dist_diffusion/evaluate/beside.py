@@ -147,6 +147,7 @@ class Watcher:
         self.seen_complete: set[int] = set()
         self.stops = StopRequests(["SIGTERM", "SIGUSR1"])
         self.child: subprocess.Popen | None = None
+        self.trackers = None  # opened at the first evaluated step, kept for the watcher's life
 
     def run(self) -> dict:
         """Evaluate until nothing is left to come; returns what was evaluated and skipped."""
@@ -159,6 +160,8 @@ class Watcher:
                         time.sleep(self.poll_s)
             finally:
                 self.stops.close()
+                if self.trackers is not None:
+                    self.trackers.close()
         return {"evaluated": sorted(evaluated_steps(self.run_dir)), "skipped": _skipped(self.run_dir)}
 
     def _finished(self) -> bool:
@@ -219,7 +222,11 @@ class Watcher:
             record_skipped(self.run_dir, step, f"`dist-diffusion eval` failed with exit code {code} (its log is "
                                                f"above; rerun the watcher to try again after removing the entry)")
             return
-        record_step(self.run_dir, ev, log, step, evaluated_steps(self.run_dir))
+        if self.trackers is None:
+            from ..logs.trackers import Trackers  # torch (TensorBoard's writer): once there is something to log
+
+            self.trackers = Trackers(log, self.run_dir, {}, role="eval")
+        record_step(self.run_dir, ev.best_metric, step, evaluated_steps(self.run_dir), self.trackers)
 
     def _export(self, step: int, unet: Path) -> bool:
         """The step's EMA as an export (kept: eval reads it, ``export --best`` copies it)."""

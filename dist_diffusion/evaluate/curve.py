@@ -8,7 +8,6 @@ import json
 import os
 from pathlib import Path
 
-from ..config import EvalConfig, LogConfig
 from ..logs import get_logger
 
 LOG = get_logger("watch")
@@ -33,26 +32,20 @@ def figures(report: dict) -> dict:
     return out
 
 
-def record_step(run_dir: Path, ev: EvalConfig, log: LogConfig, step: int, reports: dict[int, dict]) -> dict:
+def record_step(run_dir: Path, best_metric: str, step: int, reports: dict[int, dict], trackers) -> dict:
     """Step ``step``'s figures (``reports``: every evaluated step's report, this one's too) into
-    metrics.jsonl and the trackers, then the curve and the best step redrawn from all of
-    them (in RUN/eval). Returns the best step's record."""
-    from ..logs.trackers import Trackers
-
+    metrics.jsonl and ``trackers`` (logs.trackers.Trackers), then the curve and the best step
+    redrawn from all of them (in RUN/eval). Returns the best step's record."""
     report, eval_dir = reports[step], Path(run_dir) / "eval"
     values = figures(report)
     _append_line(Path(run_dir) / "metrics.jsonl", {"step": step, **values})
     curve = draw_curve(reports, eval_dir / CURVE)
-    best = write_best(reports, ev.best_metric, eval_dir / BEST)
-    trackers = Trackers(log, Path(run_dir), {}, role="eval")
-    try:
-        trackers.scalars(step, values)
-        trackers.image("eval/curve", curve, step)
-        grid = Path(report["results"][0]["samples"]) / "grid.png"
-        if grid.is_file():
-            trackers.image("eval/samples", grid, step)
-    finally:
-        trackers.close()
+    best = write_best(reports, best_metric, eval_dir / BEST)
+    trackers.scalars(step, values)
+    trackers.image("eval/curve", curve, step)
+    grid = Path(report["results"][0]["samples"]) / "grid.png"
+    if grid.is_file():
+        trackers.image("eval/samples", grid, step)
     first = report["results"][0]
     LOG.info(f"step {step}: {point_name(first)} " + " ".join(
         f"{f} {first[f]:.4g}" for f in FIGURES if first.get(f) is not None) +
