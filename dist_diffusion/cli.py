@@ -197,7 +197,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _check_device(cfg) -> None:
     """A GPU that was asked for and is missing, or a missing extra: one line here, before
     any rank starts."""
-    from .extras import require
+    from .extras import require, require_trackers
 
     nvidia = Path("/proc/driver/nvidia/version").exists()  # auto on a GPU node must find CUDA usable
     if cfg.runtime.device == "cuda" or cfg.launch.gpus_per_worker > 0 or cfg.runtime.device == "auto" and nvidia:
@@ -206,8 +206,7 @@ def _check_device(cfg) -> None:
         check_cuda_usable(cfg.runtime.device, cfg.launch.gpus_per_worker > 0)
     if cfg.eval.metrics and cfg.eval.features == "inception":
         require("torch_fidelity", "eval", "eval.features=inception")
-    for tracker in set(cfg.log.trackers) - {"tensorboard"}:  # not found out after the first steps
-        require(tracker, tracker, f"log.trackers: [{tracker}]")
+    require_trackers(cfg.log.trackers)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -31,3 +31,10 @@ def require(module: str, extra: str, purpose: str) -> ModuleType:
     except ImportError:
         raise MissingExtra(f"{purpose} needs the {module.split('.')[0]} package, which is not installed; "
                            f"{install_hint(extra)}") from None
+
+
+def require_trackers(trackers: list[str]) -> None:
+    """Each tracker of ``log.trackers`` beyond TensorBoard (core) is installed: one line per
+    missing one, before any worker starts rather than in rank 0 after its first steps."""
+    for tracker in sorted(set(trackers) - {"tensorboard"}):
+        require(tracker, tracker, f"log.trackers: [{tracker}]")

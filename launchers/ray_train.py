@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without install
 
 from dist_diffusion.config import Config, ConfigError, derive, load_config, to_yaml  # noqa: E402
-from dist_diffusion.extras import require  # noqa: E402
+from dist_diffusion.extras import require, require_trackers  # noqa: E402
 
 
 def train_worker(loop_config: dict) -> None:
@@ -142,6 +142,7 @@ def config_from_argv(argv: list[str] | None, doc: str, prog: str) -> Config:
     try:
         require("ray.train", "ray", "launchers/ray_train.py")
         cfg = load_config(config, overrides)
+        require_trackers(cfg.log.trackers)
         connect_and_check(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -192,6 +193,13 @@ def start_evaluator(cfg: Config):
     return ray.remote(EvalBeside).options(**options).remote(cfg.train.run_dir, cfg.eval.nproc)
 
 
+def finish_evaluator(evaluator) -> dict | None:
+    """Training ended: the evaluator evaluates what is left; what it did (None: no evaluator)."""
+    import ray
+
+    return ray.get(evaluator.finish.remote()) if evaluator is not None else None
+
+
 def make_trainer(cfg: Config, evaluator=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -208,8 +216,6 @@ def make_trainer(cfg: Config, evaluator=None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import ray
-
     from dist_diffusion.errors import expected, one_line
     from dist_diffusion.evaluate.beside import check_beside_training
     from dist_diffusion.train.checks import preflight
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = make_trainer(cfg, evaluator).fit()
     finally:
-        evaluated = ray.get(evaluator.finish.remote()) if evaluator is not None else None
+        evaluated = finish_evaluator(evaluator)
     print(json.dumps({"step": (result.metrics or {}).get("step"), "checkpoint": str(result.checkpoint.path)
                       if result.checkpoint else None, "run_dir": cfg.train.run_dir,
                       **({"evaluated": evaluated} if evaluated is not None else {})}))

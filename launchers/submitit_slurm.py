@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from dist_diffusion.config import Config, ConfigError, derive, load_config  # noqa: E402
-from dist_diffusion.extras import MissingExtra, require  # noqa: E402
+from dist_diffusion.extras import MissingExtra, require, require_trackers  # noqa: E402
 
 try:
     submitit = require("submitit", "slurm", "launchers/submitit_slurm.py")
@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        require_trackers(cfg.log.trackers)
         if not args.local:
             check_partition(cfg.launch.partition)
         preflight(cfg)

@@ -27,7 +27,7 @@ class FolderEngine:
 def _two_nodes(rank: int, store: str, roots: list[str], sharded: bool) -> None:
     os.environ["LOCAL_RANK"] = "0"  # one rank per node: each is its node's local rank 0
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    ema = SimpleNamespace(sharded=sharded, state_dict=lambda: {"w": torch.full((2,), float(rank))})
+    ema = SimpleNamespace(sharded=sharded, state_dict=lambda: {"w": torch.full((2,), float(rank))}, sigma_rels=())
     root = Path(roots[rank])
     (root / "step00000001").mkdir(parents=True, exist_ok=True)  # debris of a save that never completed
     for step in STEPS:
@@ -97,7 +97,7 @@ def timed_run(minutes: float, saves: list[int], now: list[float]):
                                             "train.preempt_check_every=2", f"train.ckpt_every_minutes={minutes}"])
     state = SimpleNamespace(step=0)
     state.save = lambda *a: (saves.append(state.step), Path(f"step{state.step}"))[1]
-    return SimpleNamespace(train=cfg.train, runtime=cfg.runtime, objective=SimpleNamespace(draws_grids=False), state=state, ema=SimpleNamespace(update=lambda decay: None), spec=None,
+    return SimpleNamespace(train=cfg.train, runtime=cfg.runtime, objective=SimpleNamespace(draws_grids=False), state=state, ema=SimpleNamespace(update=lambda decay, step: None, sigma_rels=()), spec=None,
                            engine=None, env=SimpleNamespace(world_size=1, rank=0, is_main=True),
                            logger=SimpleNamespace(step=lambda *a: None, info=lambda *a: None,
                                                   flush_samples=lambda: None), on_checkpoint=None,

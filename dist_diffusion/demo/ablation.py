@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     runs = demo.DemoRuns(out, argparse.Namespace(overrides=[*args.overrides, f"train.max_steps={args.unet_steps}"],
                                                  vae_steps=args.vae_steps, classifier_steps=args.classifier_steps,
-                                                 eval_samples=args.samples, nproc=args.nproc, dataset="digits",
-                                                 beside_samples=0))
+                                                 eval_samples=args.samples, nproc=args.nproc, dataset="digits"))
     cfg = load_config("configs/tiny.yaml", runs.unet)  # every recipe validated before anything starts
     for model in SCHEDULE:
         load_config("configs/tiny.yaml", [*runs.unet, *model_overrides(model, None)])

@@ -135,7 +135,8 @@ class DemoRuns:
                      "sample.batch_size=100"]
         # evaluation beside training: the watcher shares this machine's cores with the trainer
         # (a 2-core machine has none to give it alone), so eval.cpus asks for all of them
-        self.quick_eval = [f"sample.num_samples={args.beside_samples}", "eval.samples_per_shard=100",
+        beside_samples = getattr(args, "beside_samples", 200)  # drivers that build args themselves (the ablation)
+        self.quick_eval = [f"sample.num_samples={beside_samples}", "eval.samples_per_shard=100",
                            "sample.batch_size=100", "eval.guidance_scales=[3]"]  # beside training, and of EMA lengths
         self.beside = ["eval.during_training=true", "eval.every_steps=150", f"eval.cpus={len(os.sched_getaffinity(0))}",
                        *self.quick_eval]
