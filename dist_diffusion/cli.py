@@ -270,10 +270,10 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 
     if not args.run_dir and not (args.check and args.config):
         raise ConfigError("watch needs --run-dir RUN (or --check --config CONFIG to check a recipe)")
-    if args.config:  # a launcher's check before training: the recipe, not a stored config
-        check_beside_training(load_config(args.config, args.overrides).eval)
-    elif run_config(Path(args.run_dir)) is not None:
-        check_beside_training(run_config(Path(args.run_dir)).eval)
+    # a launcher's check before training: the recipe; else the run's stored config, if written yet
+    cfg = load_config(args.config, args.overrides) if args.config else run_config(Path(args.run_dir))
+    if cfg is not None:
+        check_beside_training(cfg.eval)
     if args.check:
         return 0
     summary = Watcher(Path(args.run_dir), args.nproc or None, args.poll_seconds, args.until_marked).run()

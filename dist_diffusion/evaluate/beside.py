@@ -154,9 +154,13 @@ class Watcher:
         eval_root(self.run_dir).mkdir(parents=True, exist_ok=True)
         with _only_watcher(self.run_dir):
             try:
-                while not self._finished():
+                while True:
+                    cfg = run_config(self.run_dir)  # one look a round: the config, then the checkpoints
+                    progress = look(self.run_dir, cfg.train, cfg.eval, self.complete_steps()) if cfg else None
+                    if self._finished(progress, cfg.eval.idle_minutes if cfg else None):
+                        break
                     self._stop_if_asked()
-                    if not self._evaluate_next():
+                    if progress is None or not self._evaluate_next(progress, cfg.train.keep_last, cfg.eval, cfg.log):
                         time.sleep(self.poll_s)
             finally:
                 self.stops.close()
@@ -164,17 +168,15 @@ class Watcher:
                     self.trackers.close()
         return {"evaluated": sorted(evaluated_steps(self.run_dir)), "skipped": _skipped(self.run_dir)}
 
-    def _finished(self) -> bool:
-        cfg = run_config(self.run_dir)
-        if cfg is None:
+    def _finished(self, progress: Progress | None, idle_minutes: float | None) -> bool:
+        if progress is None:  # the trainer has not written its config yet
             return self._idle_too_long(120.0)
-        progress = look(self.run_dir, cfg.train, cfg.eval, self.complete_steps())
         if progress.complete - self.seen_complete:
             self.seen_complete |= progress.complete
             self.last_news = time.monotonic()
         if self.training_ended() and not progress.waiting() or not self.until_marked and progress.finished():
             return True
-        return self._idle_too_long(cfg.eval.idle_minutes)
+        return self._idle_too_long(idle_minutes)
 
     def complete_steps(self) -> set[int]:
         """The complete checkpoints there are to evaluate: here, those on disk."""
@@ -191,21 +193,17 @@ class Watcher:
                     f"again with `dist-diffusion watch --run-dir {self.run_dir}` when training resumes)")
         return True
 
-    def _evaluate_next(self) -> bool:
+    def _evaluate_next(self, progress: Progress, keep_last: int, ev: EvalConfig, log: LogConfig) -> bool:
         """Evaluate the newest waiting step; False when none waits."""
-        cfg = run_config(self.run_dir)
-        if cfg is None:  # the trainer has not written it yet
-            return False
-        progress = look(self.run_dir, cfg.train, cfg.eval, self.complete_steps())
         for step in progress.lost():
             record_skipped(self.run_dir, step, f"its checkpoint was pruned before the watcher reached it "
-                                               f"(train.keep_last={cfg.train.keep_last})")
+                                               f"(train.keep_last={keep_last})")
         waiting = progress.waiting()
         if not waiting:
             return False
         if len(waiting) > 1:
             LOG.info(f"{len(waiting)} checkpoints wait ({waiting}): the newest first")
-        self._evaluate(waiting[0], cfg.eval, cfg.log)
+        self._evaluate(waiting[0], ev, log)
         return True
 
     def _evaluate(self, step: int, ev: EvalConfig, log: LogConfig) -> None:
